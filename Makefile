@@ -1,0 +1,61 @@
+# mailrelay: the two commands a newcomer needs are `make up` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SYSTEM_STAMP := $(VENV)/.system-deps
+
+.PHONY: up test lint typecheck imports pytest install system-deps helm crds clean fuzz-long bench
+
+## up: create the virtualenv on first use and run the quickstart topology on this machine
+up: install
+	$(BIN)/mailrelay up -f examples/quickstart
+
+## install: the virtualenv with the project and its development tools
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+## system-deps: Debian packages (postfix, swaks, graphviz) and the helm binary the tests use
+system-deps: $(SYSTEM_STAMP)
+
+$(SYSTEM_STAMP): scripts/install-system-deps.sh scripts/install-helm.sh | $(STAMP)
+	bash scripts/install-system-deps.sh
+	bash scripts/install-helm.sh $(BIN)
+	touch $@
+
+## test: everything CI runs: ruff, mypy --strict, import-linter and the whole pytest suite
+test: install system-deps lint typecheck imports pytest
+
+lint:
+	$(BIN)/ruff check relay operator tests bench
+	$(BIN)/ruff format --check relay operator tests bench
+
+typecheck:
+	$(BIN)/mypy
+
+imports:
+	$(BIN)/lint-imports
+
+pytest:
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not fuzz_long"
+
+## crds: regenerate the Helm chart's CRD templates from crds/
+crds: install
+	$(BIN)/python scripts/sync_chart_crds.py
+
+## fuzz-long: the long property-based fuzzing run (>= 100,000 examples per target)
+fuzz-long: install
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q -m fuzz_long -p no:timeout
+
+## bench: the Postfix side-by-side benchmark (see bench/README.md)
+bench: install system-deps
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .mailrelay .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,51 @@
+"""The `mailrelay` command line: one click group, with the data-plane commands defined in relay
+modules and the control-plane commands (operator, render, check, up, graph) contributed by the
+operator package through the ``mailrelay.commands`` entry-point group, so that this package
+never imports the operator (DESIGN.md section 2).
+
+Usage errors exit with status 2 and a message that says what to do; this module holds no logic
+beyond parsing arguments and printing results.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import entry_points
+
+import click
+
+from relay import __version__
+
+
+class _Group(click.Group):
+    """Loads contributed commands lazily, so `mailrelay relay` does not import kopf."""
+
+    def _contributed(self) -> dict[str, object]:
+        return {ep.name: ep for ep in entry_points(group="mailrelay.commands")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._contributed()))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+        point = self._contributed().get(cmd_name)
+        if point is None:
+            return None
+        loaded = point.load()  # type: ignore[attr-defined]
+        return loaded if isinstance(loaded, click.Command) else None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mailrelay")
+def main() -> None:
+    """mailrelay: Kubernetes-native SMTP relays.
+
+    \b
+    Run a topology on this machine:   mailrelay up -f examples/quickstart
+    Send a message (the user agent):  mailrelay send --server 127.0.0.1:2587 ...
+    Run one relay from a config:      mailrelay relay --config relay.yaml
+    Inspect a relay's queue:          mailrelay queue list --config relay.yaml
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

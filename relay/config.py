@@ -1,0 +1,458 @@
+"""The relay configuration: the one contract between the operator and the relay process.
+
+The operator renders a `RelayConfig` into a ConfigMap (``relay.yaml``); `mailrelay up` renders the
+same model into files on this machine; `mailrelay relay --config FILE` loads it. Field names on
+disk are camelCase, like the CRDs they come from (DESIGN.md section 1); durations are strings
+with a unit (``"5m"``) or seconds, sizes are Kubernetes quantities (``"25Mi"``) or bytes.
+
+This module decides what a valid configuration is and how it is parsed and written. It does no
+I/O beyond reading and writing the file it is given, and it never imports the operator, kopf or
+any relay adapter: the operator may import it (and only it, plus value types).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+CONFIG_VERSION = 1
+
+# --------------------------------------------------------------------------- value formats
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|k|K|M|G|T)?\s*$")
+_QUANTITY_UNITS = {
+    None: 1,
+    "k": 1000,
+    "K": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+    "Ki": 1024,
+    "Mi": 1024**2,
+    "Gi": 1024**3,
+    "Ti": 1024**4,
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``"2s"``, ``"5m"``, ``"1h"``, ``"5d"``, ``"250ms"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration must be a string like '5m' or a number of seconds")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            number, unit = match.groups()
+            return float(number) * _DURATION_UNITS[unit or "s"]
+    raise ValueError(f"invalid duration {value!r}: use a number with a unit s, m, h or d, e.g. '5m'")
+
+
+def parse_quantity(value: object) -> int:
+    """Bytes from a Kubernetes quantity (``"25Mi"``, ``"10M"``) or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("a size must be a quantity like '25Mi' or a number of bytes")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        match = _QUANTITY.match(value)
+        if match:
+            number, unit = match.groups()
+            return int(float(number) * _QUANTITY_UNITS[unit])
+    raise ValueError(f"invalid size {value!r}: use a Kubernetes quantity such as '25Mi' or a number of bytes")
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact string for a duration, the inverse of `parse_duration`."""
+    for unit in ("d", "h", "m", "s"):
+        size = _DURATION_UNITS[unit]
+        if seconds >= size and float(seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    if float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    return f"{round(seconds * 1000)}ms"
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+]
+ByteSize = Annotated[int, BeforeValidator(parse_quantity)]
+
+_DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def normalize_domain_pattern(pattern: str) -> str:
+    """Lower-case a domain pattern and check its form: ``name``, ``*.name`` or ``*``."""
+    value = pattern.strip().lower().rstrip(".")
+    if value == "*":
+        return value
+    name = value[2:] if value.startswith("*.") else value
+    try:
+        name = name.encode("idna").decode("ascii") if not name.isascii() else name
+    except UnicodeError as exc:
+        raise ValueError(f"invalid domain pattern {pattern!r}") from exc
+    labels = name.split(".")
+    if not name or not all(_DOMAIN_LABEL.match(label) for label in labels):
+        raise ValueError(f"invalid domain pattern {pattern!r}: use a name, '*.name' or '*'")
+    return ("*." + name) if value.startswith("*.") else name
+
+
+DomainPattern = Annotated[str, BeforeValidator(lambda v: normalize_domain_pattern(str(v)))]
+
+
+class _Model(BaseModel):
+    """Frozen, strict about unknown fields, camelCase on disk, snake_case in Python."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+    )
+
+
+# --------------------------------------------------------------------------- listeners, TLS, auth
+
+ListenerMode = Literal["relay", "submission"]
+TlsMode = Literal["none", "starttls", "implicit"]
+AuthMode = Literal["none", "optional", "required"]
+
+
+class ListenerConfig(_Model):
+    """One SMTP listener. `mode` relay is an MTA (port 25); submission is an MSA (RFC 6409)."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=15)
+    host: str = "0.0.0.0"
+    port: int = Field(ge=1, le=65535)
+    mode: ListenerMode = "relay"
+    tls: TlsMode = "none"
+    auth: AuthMode = "none"
+
+    @model_validator(mode="after")
+    def _submission_needs_auth(self) -> ListenerConfig:
+        if self.mode == "submission" and self.auth == "none":
+            raise ValueError(f"listener {self.name!r}: a submission listener needs auth optional or required")
+        return self
+
+
+class TlsConfig(_Model):
+    """Certificate and key files (PEM), as a kubernetes.io/tls Secret mounts them."""
+
+    cert_file: Path
+    key_file: Path
+
+
+class AuthConfig(_Model):
+    """The users file: one ``user:hash`` per line (see relay.auth for the hash formats)."""
+
+    users_file: Path
+    max_failures: int = Field(
+        default=5, ge=1, description="failed AUTH attempts before the session is dropped"
+    )
+
+
+# --------------------------------------------------------------------------- limits, queue, dns
+
+
+class LimitsConfig(_Model):
+    """Per-session and per-message limits, each with the reply code the front uses."""
+
+    max_message_size: ByteSize = Field(default=25 * 1024**2, ge=1024)  # 552 5.3.4
+    max_recipients: int = Field(default=100, ge=1)  # 452 4.5.3
+    max_hops: int = Field(default=100, ge=2, le=1000)  # 554 5.4.6 (RFC 5321 6.3)
+    max_command_line: int = Field(default=2048, ge=512)  # 500 5.5.2
+    max_errors: int = Field(default=10, ge=1)  # 421 4.7.0
+    idle_timeout: Duration = 300.0  # RFC 5321 4.5.3.2: at least 5 minutes
+    max_connections: int = Field(default=1000, ge=1)  # 421 4.7.0
+    max_connections_per_client: int = Field(default=50, ge=1)  # 421 4.7.0
+
+
+class RetryPolicyConfig(_Model):
+    """Exponential backoff between min and max; after maxLifetime a deferred recipient bounces."""
+
+    min_backoff: Duration = 300.0
+    max_backoff: Duration = 3600.0
+    max_lifetime: Duration = 5 * 86400.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RetryPolicyConfig:
+        if self.min_backoff > self.max_backoff:
+            raise ValueError("minBackoff must not exceed maxBackoff")
+        return self
+
+
+class QueueConfig(_Model):
+    """Where the spool lives and how the scheduler drains it."""
+
+    directory: Path = Path("/var/spool/mailrelay")
+    retry: RetryPolicyConfig = RetryPolicyConfig()
+    max_concurrency: int = Field(default=100, ge=1, description="deliveries in flight per process")
+    max_per_destination: int = Field(default=20, ge=1, description="connections per next hop")
+    connect_timeout: Duration = 30.0
+    data_timeout: Duration = 600.0  # RFC 5321 4.5.3.2.6: wait 10 minutes after the final dot
+    command_timeout: Duration = 300.0
+
+
+def _parse_nameserver(value: object) -> str:
+    text = str(value).strip()
+    host, port = text, None
+    if text.startswith("["):  # [v6]:port
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":") or None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ValueError(f"invalid nameserver {text!r}: use 'ip' or 'ip:port'") from exc
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"invalid nameserver port in {text!r}")
+    return text
+
+
+Nameserver = Annotated[str, BeforeValidator(_parse_nameserver)]
+
+
+class DnsConfig(_Model):
+    """Resolver override; an empty list uses the system resolver (/etc/resolv.conf)."""
+
+    nameservers: list[Nameserver] = []
+    timeout: Duration = 5.0
+
+
+class MetricsConfig(_Model):
+    """The HTTP endpoint serving /metrics, /healthz and /readyz."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=9090, ge=0, le=65535)
+
+
+# --------------------------------------------------------------------------- routes and next hops
+
+HopTls = Literal["none", "starttls", "implicit"]
+
+
+class RelayHop(_Model):
+    """Another MailRelay; the renderer resolves its name to the Service host and port."""
+
+    kind: Literal["relay"] = "relay"
+    name: str
+    host: str
+    port: int = Field(default=25, ge=1, le=65535)
+
+
+class SmarthostHop(_Model):
+    """A provider's submission server. `authFile` holds ``username`` and ``password`` lines."""
+
+    kind: Literal["smarthost"] = "smarthost"
+    host: str
+    port: int = Field(default=587, ge=1, le=65535)
+    tls: HopTls = "starttls"
+    insecure_skip_verify: bool = False
+    ca_file: Path | None = None
+    auth_file: Path | None = None
+
+
+class MxHop(_Model):
+    """Direct delivery to the recipient domain's MX hosts (RFC 5321 5.1)."""
+
+    kind: Literal["mx"] = "mx"
+    port: int = Field(default=25, ge=1, le=65535)
+    tls: Literal["none", "opportunistic"] = "opportunistic"
+
+
+class WebhookGateway(_Model):
+    """POST each message to an HTTP endpoint."""
+
+    url: str = Field(pattern=r"^https?://")
+    format: Literal["json", "rfc822"] = "json"
+    auth_header_file: Path | None = None  # file content is the Authorization header value
+    insecure_skip_verify: bool = False
+    ca_file: Path | None = None
+    timeout: Duration = 30.0
+
+
+class MaildirGateway(_Model):
+    """Store each message in a Maildir; `layout` perDomain uses ``{domain}/{local}`` folders."""
+
+    path: Path
+    layout: Literal["perRecipient", "single"] = "perRecipient"
+
+
+class PipeGateway(_Model):
+    """Run a command with the message on stdin and the envelope in the environment."""
+
+    command: list[str] = Field(min_length=1)
+    timeout: Duration = 60.0
+
+
+class GatewayHop(_Model):
+    """A mail gateway to a system that does not speak SMTP: exactly one of the three."""
+
+    kind: Literal["gateway"] = "gateway"
+    webhook: WebhookGateway | None = None
+    maildir: MaildirGateway | None = None
+    pipe: PipeGateway | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> GatewayHop:
+        chosen = [n for n in ("webhook", "maildir", "pipe") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                f"a gateway needs exactly one of webhook, maildir, pipe (got {chosen or 'none'})"
+            )
+        return self
+
+
+class RejectHop(_Model):
+    """Refuse matching recipients at RCPT time with this reply."""
+
+    kind: Literal["reject"] = "reject"
+    code: int = Field(default=550, ge=400, le=599)
+    message: str = "5.7.1 Recipient rejected by routing policy"
+
+
+NextHop = Annotated[
+    RelayHop | SmarthostHop | MxHop | GatewayHop | RejectHop,
+    Field(discriminator="kind"),
+]
+
+
+class MatchConfig(_Model):
+    """Empty lists match everything."""
+
+    recipient_domains: list[DomainPattern] = []
+    sender_domains: list[DomainPattern] = []
+
+
+class RouteConfig(_Model):
+    """One resolved RelayRoute. The relay orders routes by priority (desc), then name."""
+
+    name: str
+    priority: int = 0
+    match: MatchConfig = MatchConfig()
+    next_hop: NextHop
+    failover: list[NextHop] = []
+
+
+# --------------------------------------------------------------------------- the whole relay
+
+
+class RelayConfig(_Model):
+    """Everything one relay process needs. `version` lets a relay refuse a config it cannot read."""
+
+    version: Literal[1] = 1
+    hostname: str = Field(min_length=1, max_length=253)
+    listeners: list[ListenerConfig] = Field(min_length=1)
+    tls: TlsConfig | None = None
+    auth: AuthConfig | None = None
+    trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    accept_domains: list[DomainPattern] = []
+    limits: LimitsConfig = LimitsConfig()
+    queue: QueueConfig = QueueConfig()
+    dns: DnsConfig = DnsConfig()
+    routes: list[RouteConfig] = []
+    metrics: MetricsConfig = MetricsConfig()
+    workers: int = Field(default=1, ge=1, le=64, description="processes sharing each listener port")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("trusted_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [ipaddress.ip_network(str(v), strict=False) for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RelayConfig:
+        names = [listener.name for listener in self.listeners]
+        if len(set(names)) != len(names):
+            raise ValueError("listener names must be unique")
+        ports = [(listener.host, listener.port) for listener in self.listeners]
+        if len(set(ports)) != len(ports):
+            raise ValueError("two listeners use the same host and port")
+        for listener in self.listeners:
+            if listener.tls != "none" and self.tls is None:
+                raise ValueError(f"listener {listener.name!r} uses TLS but no tls certificate is configured")
+            if listener.auth != "none" and self.auth is None:
+                raise ValueError(f"listener {listener.name!r} uses AUTH but no auth usersFile is configured")
+        route_names = [route.name for route in self.routes]
+        if len(set(route_names)) != len(route_names):
+            raise ValueError("route names must be unique")
+        return self
+
+    def ordered_routes(self) -> list[RouteConfig]:
+        """Routes in the order they are tried: higher priority first, ties broken by name."""
+        return sorted(self.routes, key=lambda route: (-route.priority, route.name))
+
+
+# --------------------------------------------------------------------------- files
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the field and the problem."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem: ``listeners.0.port: Input should be less than or equal to 65535``."""
+    lines = []
+    for problem in error.errors():
+        location = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"{location}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any) -> RelayConfig:
+    """Validate a decoded document; raise ConfigError naming each bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a mapping at the top level")
+    try:
+        return RelayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from exc
+
+
+def load_config(path: Path) -> RelayConfig:
+    """Read and validate a YAML (or JSON) config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}:\n{exc}") from exc
+
+
+def dump_config(config: RelayConfig) -> str:
+    """The YAML document the operator puts into the ConfigMap; `parse_config` reads it back."""
+    data = config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

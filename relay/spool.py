@@ -1,0 +1,391 @@
+"""The durable message queue on disk: Postfix's queue directories, one file per message.
+
+Layout under the queue directory::
+
+    tmp/        partial writes; discarded by recovery
+    incoming/   accepted and durable, waiting to be claimed
+    active/     claimed by a scheduler (rename is the atomic claim between worker processes)
+    deferred/   waiting for a retry; the file's mtime is the next attempt time
+    hold/       held by an operator (`mailrelay queue hold`)
+    corrupt/    quarantined: unreadable files, never deleted automatically
+
+A queue file is ``MRQ1 <json QueueEntry>\\n`` followed by the message content. State changes
+write a whole new file (tmp, fsync, rename) and then remove the old name, so a crash at any
+point leaves at least one complete copy; recovery removes the stale one.
+
+`store` returns only after the file and its directory entry are on disk (write temp, fsync,
+rename, fsync the directory: the rule that lets the front answer 250). Directory fsyncs are
+group-committed: concurrent stores share one. Blocking calls run in a thread pool, never on the
+event loop. The spool decides nothing about delivery; the scheduler does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from relay.model import Message, QueueEntry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAGIC = b"MRQ1 "
+STATES = ("incoming", "active", "deferred", "hold", "corrupt")
+_ALL_DIRS = ("tmp", *STATES)
+
+
+class SpoolError(Exception):
+    """The spool cannot store or change a message; the cause is chained (an OSError)."""
+
+
+class SpoolFullError(SpoolError):
+    """No space left (ENOSPC/EDQUOT): the front answers 452 4.3.1."""
+
+
+class SpoolReadOnlyError(SpoolError):
+    """The file system is read-only or not writable (EROFS/EACCES): the front answers 451 4.3.0."""
+
+
+class CorruptEntryError(SpoolError):
+    """A queue file that cannot be parsed; it has been moved to corrupt/."""
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What `Spool.recover` did on start."""
+
+    requeued: int  # active -> incoming
+    discarded_partial: int  # tmp files removed
+    quarantined: int  # unreadable files moved to corrupt/
+    duplicates_removed: int  # stale copies left by a crash between rename and unlink
+
+
+def new_queue_id() -> str:
+    """A sortable, unique queue id: microsecond time plus randomness, e.g. ``18B3F2A9C1D04E7A3F``."""
+    return f"{time.time_ns() // 1000:013X}{secrets.randbits(24):06X}"
+
+
+def _classify(exc: OSError) -> SpoolError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFullError(f"spool full: {exc.strerror}")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return SpoolReadOnlyError(f"spool not writable: {exc.strerror}")
+    return SpoolError(f"spool I/O error: {exc.strerror or exc}")
+
+
+def encode(entry: QueueEntry, content: bytes) -> bytes:
+    header = json.dumps(entry.to_json(), separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return MAGIC + header + b"\n" + content
+
+
+def decode(data: bytes) -> Message:
+    if not data.startswith(MAGIC):
+        raise ValueError("not a mailrelay queue file")
+    newline = data.find(b"\n")
+    if newline < 0:
+        raise ValueError("truncated queue file header")
+    entry = QueueEntry.from_json(json.loads(data[len(MAGIC) : newline]))
+    content = data[newline + 1 :]
+    if entry.size and len(content) != entry.size:
+        raise ValueError(f"truncated queue file: {len(content)} of {entry.size} bytes")
+    return Message(entry=entry, content=content)
+
+
+def read_header(path: Path) -> QueueEntry:
+    """Only the header of a queue file (cheap for `queue list`)."""
+    with path.open("rb") as handle:
+        line = handle.readline(1 << 20)
+    if not line.startswith(MAGIC) or not line.endswith(b"\n"):
+        raise ValueError("not a mailrelay queue file")
+    return QueueEntry.from_json(json.loads(line[len(MAGIC) :]))
+
+
+class _DirectorySync:
+    """Group commit for directory fsyncs: one fsync covers every rename finished before it began."""
+
+    def __init__(self, path: Path, executor: ThreadPoolExecutor, enabled: bool) -> None:
+        self._path = path
+        self._executor = executor
+        self._enabled = enabled
+        self._requested = 0
+        self._completed = 0
+        self._running: asyncio.Future[None] | None = None
+
+    def _fsync(self) -> None:
+        fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _start(self) -> asyncio.Future[None]:
+        covers = self._requested
+        running = asyncio.get_running_loop().run_in_executor(self._executor, self._fsync)
+
+        def finished(future: asyncio.Future[None]) -> None:
+            # Runs before any awaiter resumes: callbacks fire in the order they were added.
+            if self._running is future:
+                self._running = None
+            if not future.cancelled() and future.exception() is None:
+                self._completed = max(self._completed, covers)
+
+        running.add_done_callback(finished)
+        self._running = running
+        return running
+
+    async def sync(self) -> None:
+        """Return once a directory fsync that began after this call has finished."""
+        if not self._enabled:
+            return
+        self._requested += 1
+        target = self._requested
+        while self._completed < target:
+            running = self._running
+            if running is not None and running.done():
+                await asyncio.sleep(0)  # its completion callback has not run yet
+                continue
+            await asyncio.shield(running or self._start())
+
+
+class Spool:
+    """One relay's queue directory. Safe to share between worker processes of one relay."""
+
+    def __init__(self, directory: Path, *, fsync: bool = True, threads: int = 8) -> None:
+        self.directory = Path(directory)
+        self.fsync = fsync
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool")
+        self._dir_sync = {
+            state: _DirectorySync(self.directory / state, self._executor, fsync) for state in STATES
+        }
+
+    # ----------------------------------------------------------------- setup
+
+    def prepare(self) -> None:
+        """Create the directories (idempotent)."""
+        for name in _ALL_DIRS:
+            (self.directory / name).mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def path(self, state: str, queue_id: str) -> Path:
+        if state not in STATES or not queue_id.isalnum():
+            raise ValueError(f"bad queue reference {state}/{queue_id}")
+        return self.directory / state / queue_id
+
+    def recover(self) -> RecoveryReport:
+        """Run once on start, before any scheduler: make the on-disk state consistent again."""
+        self.prepare()
+        discarded = 0
+        for leftover in (self.directory / "tmp").iterdir():
+            leftover.unlink(missing_ok=True)
+            discarded += 1
+        duplicates = 0
+        requeued = 0
+        quarantined = 0
+        settled = {p.name for state in ("deferred", "hold") for p in (self.directory / state).iterdir()}
+        for path in list((self.directory / "active").iterdir()):
+            if path.name in settled or (self.directory / "incoming" / path.name).exists():
+                path.unlink(missing_ok=True)
+                duplicates += 1
+                continue
+            try:
+                read_header(path)
+            except (OSError, ValueError, KeyError):
+                os.replace(path, self.directory / "corrupt" / path.name)
+                quarantined += 1
+                continue
+            os.replace(path, self.directory / "incoming" / path.name)
+            requeued += 1
+        for path in list((self.directory / "deferred").iterdir()):
+            if (self.directory / "hold" / path.name).exists():
+                path.unlink(missing_ok=True)
+                duplicates += 1
+        for state in STATES:
+            self._fsync_dir_now(self.directory / state)
+        report = RecoveryReport(requeued, discarded, quarantined, duplicates)
+        if requeued or discarded or quarantined or duplicates:
+            log.info("spool recovered: %s", report)
+        return report
+
+    def _fsync_dir_now(self, path: Path) -> None:
+        if not self.fsync:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ----------------------------------------------------------------- blocking primitives
+
+    def _write_file(self, state: str, entry: QueueEntry, content: bytes, mtime: float | None) -> None:
+        """Write tmp, fsync, set mtime, rename into `state`. Raises SpoolError."""
+        tmp = self.directory / "tmp" / f"{entry.queue_id}.{os.getpid()}.{secrets.token_hex(3)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(encode(entry, content))
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if self.fsync:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            if mtime is not None:
+                os.utime(tmp, (mtime, mtime))
+            os.replace(tmp, self.path(state, entry.queue_id))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _classify(exc) from exc
+
+    def _read(self, path: Path) -> Message:
+        data = path.read_bytes()
+        try:
+            return decode(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            quarantine = self.directory / "corrupt" / path.name
+            with contextlib.suppress(OSError):
+                os.replace(path, quarantine)
+            raise CorruptEntryError(
+                f"queue file {path.name} is unreadable ({exc}); moved to corrupt/"
+            ) from exc
+
+    def _claim(self, queue_id: str, sources: tuple[str, ...]) -> Message | None:
+        target = self.path("active", queue_id)
+        for state in sources:
+            try:
+                os.rename(self.path(state, queue_id), target)
+            except FileNotFoundError:
+                continue
+            return self._read(target)
+        return None
+
+    # ----------------------------------------------------------------- async API for the hot path
+
+    async def _run(self, func: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    async def store(self, entry: QueueEntry, content: bytes) -> None:
+        """Make a new message durable in incoming/. Returns only once it is on disk."""
+        await self._run(self._write_file, "incoming", entry.with_changes(size=len(content)), content, None)
+        try:
+            await self._dir_sync["incoming"].sync()
+        except OSError as exc:
+            raise _classify(exc) from exc
+
+    async def claim(self, queue_id: str) -> Message | None:
+        """Move a message from incoming/ or deferred/ to active/ and read it; None if another
+        process claimed it first or it is gone. Raises CorruptEntryError for unreadable files."""
+        return await self._run(self._claim, queue_id, ("incoming", "deferred"))
+
+    async def defer(self, entry: QueueEntry, content: bytes) -> None:
+        """Rewrite a claimed message into deferred/ (mtime = next attempt), then drop active/."""
+        await self._run(self._write_file, "deferred", entry, content, entry.next_attempt)
+        await self._dir_sync["deferred"].sync()
+        await self._run(self._unlink, "active", entry.queue_id)
+
+    async def complete(self, queue_id: str) -> None:
+        """Every recipient has a final outcome (and any DSN is queued): remove the message."""
+        await self._run(self._unlink, "active", queue_id)
+
+    def _unlink(self, state: str, queue_id: str) -> None:
+        try:
+            self.path(state, queue_id).unlink(missing_ok=True)
+        except OSError as exc:
+            raise _classify(exc) from exc
+
+    # ----------------------------------------------------------------- inspection and admin (sync)
+
+    def ids(self, state: str) -> list[str]:
+        try:
+            return sorted(p.name for p in (self.directory / state).iterdir())
+        except FileNotFoundError:
+            return []
+
+    def depth(self) -> dict[str, int]:
+        counts = {}
+        for state in STATES:
+            try:
+                with os.scandir(self.directory / state) as entries:
+                    counts[state] = sum(1 for _ in entries)
+            except FileNotFoundError:
+                counts[state] = 0
+        return counts
+
+    def scan_deferred(self) -> Iterator[tuple[str, float]]:
+        """(queue id, next attempt) for every deferred message, from directory entries only."""
+        try:
+            with os.scandir(self.directory / "deferred") as entries:
+                for item in entries:
+                    try:
+                        yield item.name, item.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+        except FileNotFoundError:
+            return
+
+    def locate(self, queue_id: str) -> tuple[str, Path] | None:
+        for state in STATES:
+            path = self.path(state, queue_id)
+            if path.exists():
+                return state, path
+        return None
+
+    def read(self, queue_id: str) -> tuple[str, Message] | None:
+        found = self.locate(queue_id)
+        if found is None:
+            return None
+        state, path = found
+        return state, decode(path.read_bytes())
+
+    def entries(self, state: str) -> Iterator[QueueEntry]:
+        for queue_id in self.ids(state):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                yield read_header(self.path(state, queue_id))
+
+    def retry_now(self, queue_id: str) -> bool:
+        """Make a deferred or held message due now (moves it to incoming/)."""
+        for state in ("deferred", "hold"):
+            try:
+                os.rename(self.path(state, queue_id), self.path("incoming", queue_id))
+            except FileNotFoundError:
+                continue
+            self._fsync_dir_now(self.directory / "incoming")
+            return True
+        return False
+
+    def hold(self, queue_id: str) -> bool:
+        """Park a waiting message in hold/ so no scheduler picks it up."""
+        for state in ("incoming", "deferred"):
+            try:
+                os.rename(self.path(state, queue_id), self.path("hold", queue_id))
+            except FileNotFoundError:
+                continue
+            self._fsync_dir_now(self.directory / "hold")
+            return True
+        return False
+
+    def delete(self, queue_id: str) -> bool:
+        """Remove a waiting message without delivery or DSN (an operator's decision)."""
+        for state in ("incoming", "deferred", "hold", "corrupt"):
+            try:
+                self.path(state, queue_id).unlink()
+            except FileNotFoundError:
+                continue
+            self._fsync_dir_now(self.directory / state)
+            return True
+        return False

@@ -1,0 +1,138 @@
+"""relay.spool: durable store, atomic claims, deferral and crash recovery on a real directory."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from relay.model import Envelope, QueueEntry, Recipient
+from relay.spool import (
+    CorruptEntryError,
+    Spool,
+    SpoolError,
+    SpoolFullError,
+    SpoolReadOnlyError,
+    _classify,
+    encode,
+    new_queue_id,
+)
+
+CONTENT = b"Subject: hi\r\n\r\nbody\r\n"
+
+
+def make_entry(queue_id: str | None = None) -> QueueEntry:
+    rcpts = (Recipient("a@example.com"), Recipient("b@example.com", notify=("FAILURE",)))
+    return QueueEntry(
+        queue_id=queue_id or new_queue_id(),
+        envelope=Envelope(mail_from="s@example.org", recipients=rcpts),
+        arrival=1_700_000_000.0,
+        pending=rcpts,
+    )
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "q")
+    s.prepare()
+    yield s
+    s.close()
+
+
+async def test_store_claim_complete(spool: Spool) -> None:
+    entry = make_entry()
+    await spool.store(entry, CONTENT)
+    assert spool.ids("incoming") == [entry.queue_id]
+    message = await spool.claim(entry.queue_id)
+    assert message is not None
+    assert message.content == CONTENT
+    assert message.entry.pending == entry.pending
+    assert message.entry.size == len(CONTENT)
+    assert await spool.claim(entry.queue_id) is None  # already active
+    await spool.complete(entry.queue_id)
+    assert spool.depth() == dict.fromkeys(("incoming", "active", "deferred", "hold", "corrupt"), 0)
+
+
+async def test_concurrent_stores_are_all_durable(spool: Spool) -> None:
+    entries = [make_entry() for _ in range(50)]
+    await asyncio.gather(*(spool.store(e, CONTENT) for e in entries))
+    assert sorted(spool.ids("incoming")) == sorted(e.queue_id for e in entries)
+
+
+async def test_only_one_claim_wins(spool: Spool) -> None:
+    entry = make_entry()
+    await spool.store(entry, CONTENT)
+    results = await asyncio.gather(*(spool.claim(entry.queue_id) for _ in range(10)))
+    assert sum(r is not None for r in results) == 1
+
+
+async def test_defer_keeps_due_time_in_mtime(spool: Spool) -> None:
+    entry = make_entry()
+    await spool.store(entry, CONTENT)
+    message = await spool.claim(entry.queue_id)
+    assert message is not None
+    later = message.entry.with_changes(attempts=1, next_attempt=2_000_000_000.0, pending=entry.pending[:1])
+    await spool.defer(later, message.content)
+    assert spool.ids("active") == []
+    assert list(spool.scan_deferred()) == [(entry.queue_id, 2_000_000_000.0)]
+    again = await spool.claim(entry.queue_id)
+    assert again is not None and again.entry.attempts == 1 and len(again.entry.pending) == 1
+
+
+def test_recover_requeues_active_drops_partial_and_quarantines(spool: Spool) -> None:
+    good = make_entry()
+    (spool.directory / "active" / good.queue_id).write_bytes(encode(good, CONTENT))
+    (spool.directory / "tmp" / "half-written").write_bytes(b"MRQ1 {")
+    (spool.directory / "active" / "BROKEN1").write_bytes(b"garbage")
+    stale = make_entry()
+    (spool.directory / "active" / stale.queue_id).write_bytes(encode(stale, CONTENT))
+    (spool.directory / "deferred" / stale.queue_id).write_bytes(encode(stale, CONTENT))
+    report = spool.recover()
+    assert (report.requeued, report.discarded_partial, report.quarantined, report.duplicates_removed) == (
+        1,
+        1,
+        1,
+        1,
+    )
+    assert spool.ids("incoming") == [good.queue_id]
+    assert spool.ids("corrupt") == ["BROKEN1"]
+    assert spool.ids("deferred") == [stale.queue_id]
+    assert spool.ids("active") == []
+
+
+async def test_truncated_file_is_quarantined_on_claim(spool: Spool) -> None:
+    entry = make_entry().with_changes(size=len(CONTENT))
+    data = encode(entry, CONTENT)
+    (spool.directory / "incoming" / entry.queue_id).write_bytes(data[:-5])
+    with pytest.raises(CorruptEntryError):
+        await spool.claim(entry.queue_id)
+    assert spool.ids("corrupt") == [entry.queue_id]
+
+
+async def test_admin_hold_retry_delete(spool: Spool) -> None:
+    entry = make_entry()
+    await spool.store(entry, CONTENT)
+    assert spool.hold(entry.queue_id)
+    assert spool.ids("hold") == [entry.queue_id]
+    assert spool.retry_now(entry.queue_id)
+    assert spool.ids("incoming") == [entry.queue_id]
+    assert spool.delete(entry.queue_id)
+    assert spool.locate(entry.queue_id) is None
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (errno.ENOSPC, SpoolFullError),
+        (errno.EDQUOT, SpoolFullError),
+        (errno.EROFS, SpoolReadOnlyError),
+        (errno.EACCES, SpoolReadOnlyError),
+        (errno.EIO, SpoolError),
+    ],
+)
+def test_os_errors_map_to_spool_errors(code: int, kind: type[SpoolError]) -> None:
+    error = _classify(OSError(code, os.strerror(code)))
+    assert type(error) is kind
