@@ -1,0 +1,33 @@
+"""Prometheus metric definitions shared by every part of the relay process.
+
+Only the metric objects live here (names, help, labels), so the front, the scheduler and the
+gateways count into the same series. Serving them over HTTP (with /healthz and /readyz) is the
+job of the process shell, not of this module.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ACCEPTED = Counter("mailrelay_messages_accepted", "Messages answered 250 after DATA", ["listener"])
+REJECTED = Counter(
+    "mailrelay_rejected",
+    "Commands or messages refused, by reason (relay_denied, size, syntax, loop, recipients, auth, ...)",
+    ["reason"],
+)
+DELIVERED = Counter("mailrelay_recipients_delivered", "Recipients delivered to a next hop", ["route"])
+DEFERRED = Counter(
+    "mailrelay_recipients_deferred", "Recipient attempts deferred (4xx, unreachable)", ["route"]
+)
+BOUNCED = Counter("mailrelay_recipients_bounced", "Recipients bounced (5xx, lifetime expired)", ["route"])
+DELIVERY_SECONDS = Histogram(
+    "mailrelay_delivery_seconds",
+    "Time from acceptance to final delivery of a recipient",
+    ["route"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 86400),
+)
+QUEUE_DEPTH = Gauge("mailrelay_queue_messages", "Messages in the spool by state", ["state"])
+CONFIG_RELOADS = Counter(
+    "mailrelay_config_reloads", "Configuration reloads by result (ok, invalid)", ["result"]
+)
+SESSIONS = Gauge("mailrelay_smtp_sessions", "Open SMTP sessions", ["listener"])
