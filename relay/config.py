@@ -265,7 +265,8 @@ class RelayHop(_Model):
 
 
 class SmarthostHop(_Model):
-    """A provider's submission server. `authFile` holds ``username`` and ``password`` lines."""
+    """A provider's submission server. `credentialsDir` is a mounted kubernetes.io/basic-auth
+    Secret: a directory holding the files ``username`` and ``password``."""
 
     kind: Literal["smarthost"] = "smarthost"
     host: str
@@ -273,7 +274,7 @@ class SmarthostHop(_Model):
     tls: HopTls = "starttls"
     insecure_skip_verify: bool = False
     ca_file: Path | None = None
-    auth_file: Path | None = None
+    credentials_dir: Path | None = None
 
 
 class MxHop(_Model):
