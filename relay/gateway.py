@@ -21,6 +21,7 @@ delivery. Three transports:
          "raw": "<base64 of the whole message exactly as queued (CRLF lines)>"}
 
       Header values are decoded to Unicode; the order and repetitions of the message are kept.
+      ``text`` and ``html`` have LF line endings; ``raw`` is untouched.
 
     ``rfc822`` (``Content-Type: message/rfc822``): the raw message as the body, the envelope in
       ``X-Mailrelay-From``, ``X-Mailrelay-To`` (comma-separated) and ``X-Mailrelay-Queue-Id``
@@ -163,9 +164,10 @@ def _decoded_text(part: Message) -> str | None:
         return None
     charset = part.get_content_charset() or "utf-8"
     try:
-        return payload.decode(charset, errors="replace")
+        text = payload.decode(charset, errors="replace")
     except LookupError:  # unknown charset name
-        return payload.decode("utf-8", errors="replace")
+        text = payload.decode("utf-8", errors="replace")
+    return text.replace("\r\n", "\n")
 
 
 def webhook_json(queue_id: str, mail_from: str, recipients: Sequence[str], content: bytes) -> bytes:
