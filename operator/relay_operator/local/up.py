@@ -1,0 +1,546 @@
+"""The supervisor of `mailrelay up`: relay processes on this machine instead of pods.
+
+Given a `Plan` (relay_operator.local.plan: per relay, per replica a rendered config file and a
+metrics port), it starts one process per replica (``python -m relay relay --config FILE``, each
+in its own process group and set to receive SIGTERM if the supervisor dies, via
+PR_SET_PDEATHSIG), prefixes their output (``[edge-0] ...``), restarts a crashed process with
+exponential backoff, polls each process's /readyz and /metrics for the live table, re-plans when
+a manifest file changes (route changes: configs rewritten atomically plus SIGHUP, so the
+relay reloads without a restart; listener changes: that relay's processes restart one at a
+time) and, on SIGINT or SIGTERM, sends SIGTERM to every relay, waits for the drain and kills
+stragglers after a timeout. It never exits leaving a child running.
+
+It decides nothing about mail: what each relay does comes from the rendered configs; what a
+process is comes from the plan. It must not import the relay runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TextIO
+
+import aiohttp
+
+from relay_operator.local.layout import StateDir, count_queued, write_atomically, write_secret
+from relay_operator.local.plan import Plan, RelayPlan, ReplicaPlan
+from relay_operator.local.table import (
+    MetricsSample,
+    ProcessView,
+    RelayView,
+    build_rows,
+    parse_metrics,
+    render_table,
+)
+
+_PR_SET_PDEATHSIG = 1
+FAST_POLL = 0.25  # seconds between readiness polls while a process is not ready yet
+TABLE_INTERVAL = 2.0  # seconds between table refreshes
+WATCH_INTERVAL = 0.5  # seconds between manifest file checks
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 10.0  # a process that ran this long resets its restart backoff
+
+
+def relay_command(config_file: Path) -> list[str]:
+    """How a relay process is started: the same entry point a pod runs."""
+    return [sys.executable, "-m", "relay", "relay", "--config", str(config_file)]
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec hook: ask the kernel for SIGTERM when the supervisor dies (even by SIGKILL),
+    and exit at once if it already died between fork and prctl."""
+
+    def hook() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return hook
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
+
+
+class Console:
+    """Owns stdout: prefixed log lines, and the status table (redrawn in place on a terminal,
+    printed as ``[status]`` lines when it changed otherwise)."""
+
+    def __init__(self, stream: TextIO, tty: bool | None = None) -> None:
+        self._stream = stream
+        self._tty = stream.isatty() if tty is None else tty
+        self._table: list[str] = []
+        self._shown = 0
+        self._last_plain: list[str] = []
+
+    def _erase(self) -> None:
+        if self._tty and self._shown:
+            self._stream.write(f"\x1b[{self._shown}F\x1b[J")
+            self._shown = 0
+
+    def _draw(self) -> None:
+        if self._tty and self._table:
+            self._stream.write("\n".join(self._table) + "\n")
+            self._shown = len(self._table)
+
+    def line(self, text: str) -> None:
+        self._erase()
+        self._stream.write(text.rstrip("\n") + "\n")
+        self._draw()
+        self._stream.flush()
+
+    def lines(self, prefix: str, texts: Sequence[str]) -> None:
+        self._erase()
+        for text in texts:
+            self._stream.write(f"{prefix}{text}\n")
+        self._draw()
+        self._stream.flush()
+
+    def table(self, lines: list[str]) -> None:
+        if self._tty:
+            self._erase()
+            self._table = lines
+            self._draw()
+        elif lines != self._last_plain:
+            self._last_plain = lines
+            for text in lines:
+                self._stream.write(f"[status] {text}\n")
+        self._stream.flush()
+
+
+class Replica:
+    """One relay process and its restarts: the local stand-in for one pod."""
+
+    def __init__(self, plan: ReplicaPlan, console: Console) -> None:
+        self.plan = plan
+        self._console = console
+        self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self.ready = False
+        self.sample: MetricsSample | None = None
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._started_once = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        process = self.process
+        return process.pid if process is not None and process.returncode is None else None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"replica {self.plan.name}")
+
+    async def wait_started(self) -> None:
+        await self._started_once.wait()
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        return await asyncio.create_subprocess_exec(
+            *relay_command(self.plan.config_file),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),
+            env=env,
+        )
+
+    async def _pump(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        prefix = f"[{self.plan.name}] "
+        while True:
+            line = await process.stdout.readline()
+            if not line:
+                return
+            self._console.lines(prefix, [line.decode("utf-8", "replace").rstrip()])
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = BACKOFF_MIN
+        while not self._stopping.is_set():
+            started = loop.time()
+            try:
+                process = await self._spawn()
+            except OSError as exc:
+                self._console.line(f"[up] {self.plan.name}: cannot start: {exc}")
+                code = None
+            else:
+                self.process = process
+                self._started_once.set()
+                pump = asyncio.create_task(self._pump(process))
+                code = await process.wait()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(pump, timeout=2.0)
+                pump.cancel()
+            self.ready = False
+            self.sample = None
+            if self._stopping.is_set():
+                break
+            if loop.time() - started >= STABLE_AFTER:
+                backoff = BACKOFF_MIN
+            self.restarts += 1
+            why = describe_exit(code) if code is not None else "spawn failed"
+            self._console.line(f"[up] {self.plan.name} exited ({why}); restarting in {backoff:g}s")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+        self._started_once.set()
+
+    def reload(self) -> None:
+        """Ask the process to re-read its config file (the relay also watches the file)."""
+        pid = self.pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    def _signal_group(self, signum: int) -> None:
+        process = self.process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signum)
+
+    async def stop(self, timeout: float) -> bool:  # noqa: ASYNC109 (the drain grace period)
+        """SIGTERM, wait up to `timeout` for the drain, then SIGKILL. True if it drained."""
+        self._stopping.set()
+        drained = True
+        process = self.process
+        if process is not None and process.returncode is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout=timeout)
+            except TimeoutError:
+                drained = False
+                self._console.line(f"[up] {self.plan.name} did not stop within {timeout:g}s: killing it")
+                self._signal_group(signal.SIGKILL)
+                await process.wait()
+        if self._task is not None:
+            await self._task
+        self.ready = False
+        return drained
+
+    def kill_now(self) -> None:
+        self._stopping.set()
+        self._signal_group(signal.SIGKILL)
+
+    def view(self) -> ProcessView:
+        return ProcessView(
+            name=self.plan.name,
+            pid=self.pid,
+            ready=self.ready,
+            metrics_port=self.plan.metrics_port,
+            sample=self.sample,
+            restarts=self.restarts,
+        )
+
+
+class RelayGroup:
+    """The processes of one MailRelay."""
+
+    def __init__(self, plan: RelayPlan, console: Console) -> None:
+        self.plan = plan
+        self.replicas: list[Replica] = [Replica(replica, console) for replica in plan.replicas]
+
+    def view(self) -> RelayView:
+        return RelayView(
+            relay=self.plan.relay_id,
+            listeners=self.plan.listeners,
+            processes=[replica.view() for replica in self.replicas],
+            replicas=len(self.plan.replicas),
+        )
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    state: StateDir
+    drain_timeout: float = 30.0
+    status_interval: float = TABLE_INTERVAL
+
+
+Planner = Callable[[], "Plan | list[str]"]
+
+
+class Supervisor:
+    """Runs a plan until SIGINT/SIGTERM; re-plans when a watched manifest changes."""
+
+    def __init__(self, planner: Planner, first: Plan, options: UpOptions, console: Console) -> None:
+        self._planner = planner
+        self._plan = first
+        self._options = options
+        self._console = console
+        self._groups: dict[str, RelayGroup] = {}
+        self._stop = asyncio.Event()
+        self._kill = asyncio.Event()
+        self._all_ready = False
+        self._http: aiohttp.ClientSession | None = None
+        self._changing = asyncio.Lock()
+
+    # ------------------------------------------------------------------ files
+
+    def _materialise(self, plan: Plan) -> dict[str, bool]:
+        """Write Secrets and configs; per relay, whether any of its config files changed."""
+        changed: dict[str, bool] = {}
+        for relay in plan.relays:
+            for directory, data in relay.secrets.items():
+                write_secret(directory, data)
+            wrote = False
+            for replica in relay.replicas:
+                replica.spool_dir.mkdir(parents=True, exist_ok=True)
+                wrote |= write_atomically(replica.config_file, replica.config_yaml.encode())
+            changed[relay.relay_id] = wrote
+            self._warn_orphans(relay)
+        return changed
+
+    def _warn_orphans(self, relay: RelayPlan) -> None:
+        state = self._options.state
+        index = len(relay.replicas)
+        while state.replica_dir(relay.namespace, relay.name, index).exists():
+            waiting = count_queued(state.spool_dir(relay.namespace, relay.name, index))
+            if waiting:
+                self._console.line(
+                    f"[up] {relay.name}-{index} is beyond replicas={len(relay.replicas)} and its spool "
+                    f"still holds {waiting} message(s): raise replicas to deliver them"
+                )
+            index += 1
+
+    # ------------------------------------------------------------------ processes
+
+    def _start_group(self, relay: RelayPlan) -> None:
+        group = RelayGroup(relay, self._console)
+        self._groups[relay.relay_id] = group
+        for replica in group.replicas:
+            replica.start()
+
+    async def _apply(self, plan: Plan) -> None:
+        """Bring the running processes in line with a new plan, as the operator would."""
+        old = {relay.relay_id: relay for relay in self._plan.relays}
+        self._plan = plan
+        changed = self._materialise(plan)
+        for relay_id in set(old) - {relay.relay_id for relay in plan.relays}:
+            removed = self._groups.pop(relay_id)
+            self._console.line(f"[up] {relay_id} removed from the manifests: stopping it")
+            await asyncio.gather(*(r.stop(self._options.drain_timeout) for r in removed.replicas))
+        for relay in plan.relays:
+            group = self._groups.get(relay.relay_id)
+            if group is None:
+                self._console.line(f"[up] {relay.relay_id} added: starting {len(relay.replicas)} process(es)")
+                self._start_group(relay)
+                continue
+            previous = old[relay.relay_id]
+            group.plan = relay
+            if previous.restart_key != relay.restart_key:
+                await self._roll(group, relay)
+                continue
+            await self._scale(group, relay)
+            if changed[relay.relay_id]:
+                self._console.line(f"[up] {relay.relay_id}: configuration changed, reloading (no restart)")
+                for replica in group.replicas:
+                    replica.reload()
+
+    async def _scale(self, group: RelayGroup, relay: RelayPlan) -> None:
+        for replica, plan in zip(group.replicas, relay.replicas, strict=False):
+            replica.plan = plan
+        while len(group.replicas) > len(relay.replicas):
+            extra = group.replicas.pop()
+            self._console.line(f"[up] {relay.relay_id}: scaling down, stopping {extra.plan.name}")
+            await extra.stop(self._options.drain_timeout)
+        for plan in relay.replicas[len(group.replicas) :]:
+            self._console.line(f"[up] {relay.relay_id}: scaling up, starting {plan.name}")
+            replica = Replica(plan, self._console)
+            group.replicas.append(replica)
+            replica.start()
+
+    async def _roll(self, group: RelayGroup, relay: RelayPlan) -> None:
+        """Listener (or other restart-only) changes: replace processes one at a time."""
+        self._console.line(f"[up] {relay.relay_id}: listeners changed, restarting its processes")
+        old = list(group.replicas)
+        group.replicas = []
+        for index, plan in enumerate(relay.replicas):
+            if index < len(old):
+                await old[index].stop(self._options.drain_timeout)
+            replica = Replica(plan, self._console)
+            group.replicas.append(replica)
+            replica.start()
+        for stale in old[len(relay.replicas) :]:
+            await stale.stop(self._options.drain_timeout)
+
+    def _replicas(self) -> list[Replica]:
+        return [replica for group in self._groups.values() for replica in group.replicas]
+
+    # ------------------------------------------------------------------ polling
+
+    async def _probe(self, replica: Replica) -> None:
+        assert self._http is not None
+        if replica.pid is None:
+            replica.ready = False
+            return
+        base = f"http://127.0.0.1:{replica.plan.metrics_port}"
+        timeout = aiohttp.ClientTimeout(total=1.5)
+        try:
+            async with self._http.get(f"{base}/readyz", timeout=timeout) as answer:
+                replica.ready = answer.status == 200
+            async with self._http.get(f"{base}/metrics", timeout=timeout) as answer:
+                if answer.status == 200:
+                    replica.sample = parse_metrics(await answer.text())
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            replica.ready = False
+
+    def _views(self) -> list[RelayView]:
+        return [group.view() for group in self._groups.values()]
+
+    def _write_status(self, views: list[RelayView]) -> None:
+        data = {
+            "pid": os.getpid(),
+            "time": time.time(),
+            "ready": self._all_ready,
+            "relays": [
+                {
+                    "relay": view.relay,
+                    "replicas": view.replicas,
+                    "listeners": [asdict(listener) for listener in view.listeners],
+                    "processes": [
+                        {
+                            "name": p.name,
+                            "pid": p.pid,
+                            "ready": p.ready,
+                            "metricsPort": p.metrics_port,
+                            "restarts": p.restarts,
+                            "metrics": asdict(p.sample) if p.sample else None,
+                        }
+                        for p in view.processes
+                    ],
+                }
+                for view in views
+            ],
+        }
+        write_atomically(self._options.state.status_file, (json.dumps(data, indent=1) + "\n").encode())
+
+    async def _poll_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_table = 0.0
+        while not self._stop.is_set():
+            replicas = self._replicas()
+            await asyncio.gather(*(self._probe(replica) for replica in replicas))
+            ready = bool(replicas) and all(replica.ready for replica in replicas)
+            views = self._views()
+            if ready and not self._all_ready:
+                self._console.line(f"[up] ready: {len(replicas)} relay process(es) accept mail")
+            self._all_ready = ready
+            self._write_status(views)
+            now = loop.time()
+            if now - last_table >= self._options.status_interval:
+                last_table = now
+                self._console.table(render_table(build_rows(views)))
+            interval = self._options.status_interval if ready else FAST_POLL
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+
+    # ------------------------------------------------------------------ manifests
+
+    @staticmethod
+    def _snapshot(paths: Sequence[Path]) -> dict[Path, tuple[int, int]]:
+        seen: dict[Path, tuple[int, int]] = {}
+        for path in paths:
+            with contextlib.suppress(OSError):
+                info = path.stat()
+                seen[path] = (info.st_mtime_ns, info.st_size)
+        return seen
+
+    async def _watch_loop(self) -> None:
+        before = self._snapshot(self._plan.watched())
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=WATCH_INTERVAL)
+            now = self._snapshot(self._plan.watched())
+            if now == before or self._stop.is_set():
+                continue
+            before = now
+            result = self._planner()
+            if isinstance(result, list):
+                self._console.line("[up] the changed manifests are invalid; still running the previous ones:")
+                for problem in result:
+                    self._console.line(f"[up]   {problem}")
+                continue
+            async with self._changing:
+                await self._apply(result)
+            before = self._snapshot(self._plan.watched())
+
+    # ------------------------------------------------------------------ life cycle
+
+    def _on_signal(self) -> None:
+        if self._stop.is_set():
+            self._console.line("[up] second interrupt: killing every relay process now")
+            self._kill.set()
+            for replica in self._replicas():
+                replica.kill_now()
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._on_signal)
+        self._materialise(self._plan)
+        self._http = aiohttp.ClientSession()
+        try:
+            for relay in self._plan.relays:
+                self._start_group(relay)
+            tasks = [
+                asyncio.create_task(self._poll_loop(), name="poll"),
+                asyncio.create_task(self._watch_loop(), name="watch"),
+            ]
+            stop = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stop and task.exception() is not None:
+                    self._console.line(f"[up] internal error: {task.exception()!r}; stopping")
+            self._stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await self._shutdown()
+            await self._http.close()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+        return 0
+
+    async def _shutdown(self) -> None:
+        async with self._changing:
+            replicas = self._replicas()
+            if not replicas:
+                return
+            self._console.line(
+                f"[up] stopping: draining {len(replicas)} relay process(es) "
+                f"(up to {self._options.drain_timeout:g}s; Ctrl-C again to kill)"
+            )
+            results = await asyncio.gather(*(r.stop(self._options.drain_timeout) for r in replicas))
+            self._all_ready = False
+            with contextlib.suppress(OSError):
+                self._write_status(
+                    [
+                        replace(view, processes=[replace(p, pid=None, ready=False) for p in view.processes])
+                        for view in self._views()
+                    ]
+                )
+            killed = results.count(False)
+            self._console.line(
+                f"[up] stopped: {len(replicas) - killed} drained"
+                + (f", {killed} killed after the timeout" if killed else "")
+                + "; queued mail stays in the spools for the next `mailrelay up`"
+            )
