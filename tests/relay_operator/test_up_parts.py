@@ -1,0 +1,148 @@
+"""The pure and file-level parts of `mailrelay up`: metrics parsing, the table, the state dir."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from relay_operator.local.layout import (
+    StateDir,
+    StateDirBusyError,
+    count_queued,
+    locked,
+    write_atomically,
+    write_secret,
+)
+from relay_operator.local.table import (
+    ListenerView,
+    MetricsSample,
+    ProcessView,
+    RelayView,
+    build_rows,
+    parse_metrics,
+    render_table,
+)
+
+
+def _exposition() -> str:
+    registry = CollectorRegistry()
+    accepted = Counter("mailrelay_messages_accepted", "x", ["listener"], registry=registry)
+    delivered = Counter("mailrelay_recipients_delivered", "x", ["route"], registry=registry)
+    deferred = Counter("mailrelay_recipients_deferred", "x", ["route"], registry=registry)
+    bounced = Counter("mailrelay_recipients_bounced", "x", ["route"], registry=registry)
+    depth = Gauge("mailrelay_queue_messages", "x", ["state"], registry=registry)
+    sessions = Gauge("mailrelay_smtp_sessions", "x", ["listener"], registry=registry)
+    accepted.labels("smtp").inc(3)
+    accepted.labels("submission").inc(2)
+    delivered.labels("a").inc(4)
+    delivered.labels("b").inc(1)
+    deferred.labels("a").inc(2)
+    bounced.labels("b").inc(1)
+    for state, value in {"incoming": 1, "active": 2, "deferred": 3, "hold": 4, "corrupt": 5}.items():
+        depth.labels(state).set(value)
+    sessions.labels("smtp").set(7)
+    return generate_latest(registry).decode()
+
+
+def test_parse_metrics_sums_the_series_the_table_shows() -> None:
+    assert parse_metrics(_exposition()) == MetricsSample(
+        queued=6, held=4, accepted=5, delivered=5, deferred=2, bounced=1, sessions=7
+    )
+    assert parse_metrics("") == MetricsSample()
+
+
+def test_rows_sum_processes_and_count_ready_ones() -> None:
+    sample = MetricsSample(queued=1, delivered=2, deferred=3, bounced=4)
+    view = RelayView(
+        relay="mail/edge",
+        listeners=[
+            ListenerView("smtp", "relay", "127.0.0.1:2525"),
+            ListenerView("submission", "submission", "127.0.0.1:2587"),
+        ],
+        processes=[
+            ProcessView("edge-0", 10, True, 9000, sample),
+            ProcessView("edge-1", 11, False, 9001, sample),
+        ],
+        replicas=2,
+    )
+    down = RelayView(
+        "mail/x", [ListenerView("smtp", "relay", "127.0.0.1:1")], [ProcessView("x-0", None, False, 1)]
+    )
+    lines = render_table(build_rows([view, down]))
+    assert lines[0].split() == [
+        "RELAY",
+        "LISTENER",
+        "ADDRESS",
+        "READY",
+        "QUEUE",
+        "DELIVERED",
+        "DEFERRED",
+        "BOUNCED",
+    ]
+    assert lines[1].split() == ["mail/edge", "smtp", "(relay)", "127.0.0.1:2525", "1/2", "2", "4", "6", "8"]
+    assert lines[2].split() == ["submission", "(submission)", "127.0.0.1:2587"]
+    assert lines[3].split() == ["mail/x", "smtp", "(relay)", "127.0.0.1:1", "0/1", "-", "-", "-", "-"]
+
+
+def test_secret_becomes_files_like_a_mounted_volume(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    directory = state.secret_dir("mail", "edge", "edge-users")
+    write_secret(directory, {"users": b"alice:{PLAIN}x\n", "extra": b"1"})
+    assert (directory / "users").read_bytes() == b"alice:{PLAIN}x\n"
+    assert stat.S_IMODE((directory / "users").stat().st_mode) == 0o600
+    write_secret(directory, {"users": b"bob:{PLAIN}y\n"})
+    assert sorted(p.name for p in directory.iterdir()) == ["users"]
+    with pytest.raises(ValueError, match="invalid Secret key"):
+        write_secret(directory, {"../escape": b""})
+
+
+def test_atomic_write_reports_whether_anything_changed(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "relay.yaml"
+    assert write_atomically(target, b"one") is True
+    inode = target.stat().st_ino
+    assert write_atomically(target, b"one") is False
+    assert target.stat().st_ino == inode
+    assert write_atomically(target, b"two") is True
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in target.parent.iterdir()] == ["relay.yaml"]
+
+
+def test_count_queued_counts_waiting_queue_files(tmp_path: Path) -> None:
+    for state, count in {"incoming": 2, "deferred": 1, "hold": 5, "tmp": 3}.items():
+        (tmp_path / state).mkdir()
+        for index in range(count):
+            (tmp_path / state / str(index)).write_bytes(b"x")
+    assert count_queued(tmp_path) == 3
+    assert count_queued(tmp_path / "missing") == 0
+
+
+def test_state_dir_lock_refuses_a_second_supervisor(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    with locked(state):
+        holder = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from pathlib import Path;"
+                "from relay_operator.local.layout import StateDir, locked, StateDirBusyError\n"
+                "try:\n"
+                "    with locked(StateDir(Path(sys.argv[1]))): pass\n"
+                "except StateDirBusyError as e:\n"
+                "    print(e); sys.exit(3)\n",
+                str(state.root),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert holder.returncode == 3, holder.stderr
+        assert f"pid {os.getpid()}" in holder.stdout
+    with locked(state):
+        pass
+    assert StateDirBusyError.__doc__
