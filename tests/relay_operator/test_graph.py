@@ -122,5 +122,5 @@ def test_graphviz_renders_the_dot_source(tmp_path: Path, suffix: str, magic: byt
 
 
 def test_unknown_image_suffix_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(GraphvizError, match="choose a .svg, .png or .dot"):
+    with pytest.raises(GraphvizError, match=r"choose a \.svg, \.png or \.dot"):
         render_image("digraph {}", tmp_path / "x.gif")
