@@ -49,14 +49,14 @@ def from_reply(
     relayed: bool = False,
 ) -> RecipientOutcome:
     """The outcome of an SMTP reply (RCPT, or the reply after DATA) for one recipient."""
-    status, _ = split_enhanced(code, text)
+    status, rest = split_enhanced(code, text)
     disposition = disposition_for(code)
     return RecipientOutcome(
         recipient=recipient,
         disposition=disposition,
         code=code,
         status=status,
-        text=" ".join(text.split()),
+        text=" ".join(rest.split()),
         remote_mta=remote_mta,
         relayed=relayed and disposition is Disposition.DELIVERED,
     )
