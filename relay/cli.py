@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 import click
 
 from relay import __version__
+from relay.cli_send import send_command
 
 
 class _Group(click.Group):
@@ -49,3 +50,6 @@ def main() -> None:
     Inspect a relay's queue:          mailrelay queue list --config relay.yaml
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+main.add_command(send_command)
