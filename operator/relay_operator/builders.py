@@ -1,0 +1,347 @@
+"""The Kubernetes objects one MailRelay becomes, built from its `topology.RelayPlan`.
+
+`build_objects` returns, in apply order: ServiceAccount, ConfigMap (``relay.yaml``), headless
+Service, client Service, StatefulSet (a volume claim template for the spool per pod) and
+PodDisruptionBudget. Each `build_<kind>()` is a pure function of the plan and `BuildOptions`;
+the caller (the reconcile path, `mailrelay render`) applies or prints them. Owner references are
+passed in (the reconcile path has the MailRelay's uid; `render` has none and omits them).
+
+Rules that shape the pods:
+- routes live only in the ConfigMap, mounted as a directory (not subPath) so the kubelet
+  updates the file and the relay reloads it; the pod template carries `rollout-hash`, which
+  covers only listeners, TLS/AUTH and process settings, so a route edit never rolls the pods;
+- non-root, read-only root filesystem, no privilege escalation, all capabilities dropped,
+  RuntimeDefault seccomp; ports below 1024 are allowed by the namespaced, "safe" sysctl
+  ``net.ipv4.ip_unprivileged_port_start`` instead of a capability;
+- a termination grace period long enough for a DATA transfer to finish (RFC 5321 4.5.3.2.6
+  allows a client 10 minutes after the final dot; the relay stops accepting at SIGTERM and
+  finishes what is in flight);
+- the spool volume claims are retained when the relay is scaled down or deleted: queued mail
+  is never deleted by the operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from relay import __version__
+from relay_operator import naming
+from relay_operator.topology import RelayPlan
+
+DEFAULT_IMAGE = f"ghcr.io/mailrelay/mailrelay:{__version__}"
+DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = {
+    "requests": {"cpu": "100m", "memory": "128Mi"},
+    "limits": {"memory": "512Mi"},
+}
+RELAY_UID = 10001  # the image's mailrelay user (Dockerfile)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Operator-wide settings (from the operator's flags or the Helm values)."""
+
+    image: str = DEFAULT_IMAGE
+    image_pull_policy: str | None = None
+    termination_grace_period_seconds: int = 120
+
+
+def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The controller ownerReference to a MailRelay body (needs metadata.uid)."""
+    metadata = body["metadata"]
+    return {
+        "apiVersion": body.get("apiVersion", naming.API_VERSION),
+        "kind": body.get("kind", naming.MAILRELAY_KIND),
+        "name": metadata["name"],
+        "uid": metadata["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(
+    plan: RelayPlan,
+    name: str,
+    owners: Sequence[Mapping[str, Any]],
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": plan.relay.key.namespace,
+        "labels": naming.labels(plan.relay.key.name),
+    }
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    if owners:
+        metadata["ownerReferences"] = [dict(owner) for owner in owners]
+    return metadata
+
+
+def build_serviceaccount(plan: RelayPlan, owners: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The relay pods' identity; they need no API access, so no token is mounted."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(plan, naming.serviceaccount_name(plan.relay.key.name), owners),
+        "automountServiceAccountToken": False,
+    }
+
+
+def build_configmap(plan: RelayPlan, owners: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The rendered relay configuration (routes included)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(
+            plan,
+            naming.configmap_name(plan.relay.key.name),
+            owners,
+            {naming.CONFIG_HASH_ANNOTATION: plan.config_hash},
+        ),
+        "data": {naming.CONFIG_KEY: plan.config_yaml},
+    }
+
+
+def _listener_ports(plan: RelayPlan) -> list[tuple[str, int, int]]:
+    """(name, service port, container port) per listener."""
+    return [
+        (listener.name, listener.port, plan.context.listener_port(listener.port))
+        for listener in plan.relay.spec.listeners
+    ]
+
+
+def build_headless_service(plan: RelayPlan, owners: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The StatefulSet's governing Service: stable DNS names per pod, metrics for scraping."""
+    name = plan.relay.key.name
+    ports = [
+        {"name": port_name, "port": container, "targetPort": port_name, "protocol": "TCP"}
+        for port_name, _, container in _listener_ports(plan)
+    ]
+    ports.append(
+        {
+            "name": naming.METRICS_PORT_NAME,
+            "port": plan.context.metrics_port,
+            "targetPort": naming.METRICS_PORT_NAME,
+            "protocol": "TCP",
+        }
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(plan, naming.headless_service_name(name), owners),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": naming.selector_labels(name),
+            "ports": ports,
+        },
+    }
+
+
+def build_client_service(plan: RelayPlan, owners: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The Service clients and other relays use: one port per listener."""
+    name = plan.relay.key.name
+    service = plan.relay.spec.service
+    spec: dict[str, Any] = {
+        "type": service.type,
+        "selector": naming.selector_labels(name),
+        "ports": [
+            {"name": port_name, "port": port, "targetPort": port_name, "protocol": "TCP"}
+            for port_name, port, _ in _listener_ports(plan)
+        ],
+    }
+    if service.type != "ClusterIP":
+        # Keep the client's address: relay permission depends on it (trustedNetworks).
+        spec["externalTrafficPolicy"] = "Local"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(plan, naming.client_service_name(name), owners, service.annotations or None),
+        "spec": spec,
+    }
+
+
+def build_poddisruptionbudget(plan: RelayPlan, owners: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """At most one relay pod away at a time during voluntary disruptions (node drains)."""
+    name = plan.relay.key.name
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(plan, naming.pdb_name(name), owners),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": naming.selector_labels(name)}},
+    }
+
+
+def _secret_volumes(plan: RelayPlan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for use in plan.secrets:
+        volume = naming.secret_volume_name(use.purpose, use.secret)
+        if volume in seen:
+            continue
+        seen.add(volume)
+        volumes.append({"name": volume, "secret": {"secretName": use.secret, "defaultMode": 0o440}})
+        mounts.append({"name": volume, "mountPath": str(use.mount_dir), "readOnly": True})
+    return volumes, mounts
+
+
+def _quantity(value: str | int) -> str:
+    return str(value)
+
+
+def build_statefulset(
+    plan: RelayPlan, options: BuildOptions = BuildOptions(), owners: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    """The relay pods: one spool volume claim per pod, config and Secrets mounted as files."""
+    relay = plan.relay
+    spec = relay.spec
+    name = relay.key.name
+    context = plan.context
+    secret_volumes, secret_mounts = _secret_volumes(plan)
+    container_ports = [
+        {"name": port_name, "containerPort": container, "protocol": "TCP"}
+        for port_name, _, container in _listener_ports(plan)
+    ]
+    container_ports.append(
+        {"name": naming.METRICS_PORT_NAME, "containerPort": context.metrics_port, "protocol": "TCP"}
+    )
+    resources: Mapping[str, Any] = DEFAULT_RESOURCES
+    if spec.resources is not None and (spec.resources.requests or spec.resources.limits):
+        resources = {
+            key: {k: _quantity(v) for k, v in value.items()}
+            for key, value in (("requests", spec.resources.requests), ("limits", spec.resources.limits))
+            if value
+        }
+    container: dict[str, Any] = {
+        "name": naming.CONTAINER_NAME,
+        "image": spec.image or options.image,
+        "command": ["mailrelay"],
+        "args": ["relay", "--config", str(context.config_file)],
+        "ports": container_ports,
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": naming.METRICS_PORT_NAME},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": naming.METRICS_PORT_NAME},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+        "resources": {key: dict(value) for key, value in resources.items()},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "config", "mountPath": str(context.config_dir), "readOnly": True},
+            {"name": naming.SPOOL_VOLUME, "mountPath": str(context.data_dir)},
+            {"name": "tmp", "mountPath": "/tmp"},
+            *secret_mounts,
+        ],
+    }
+    pull_policy = spec.image_pull_policy or options.image_pull_policy
+    if pull_policy:
+        container["imagePullPolicy"] = pull_policy
+    pod_security: dict[str, Any] = {
+        "runAsNonRoot": True,
+        "runAsUser": RELAY_UID,
+        "runAsGroup": RELAY_UID,
+        "fsGroup": RELAY_UID,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    lowest = min(port for _, _, port in _listener_ports(plan))
+    if lowest < 1024:
+        pod_security["sysctls"] = [{"name": "net.ipv4.ip_unprivileged_port_start", "value": str(lowest)}]
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": naming.serviceaccount_name(name),
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": options.termination_grace_period_seconds,
+        "securityContext": pod_security,
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": naming.configmap_name(name)}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+            *secret_volumes,
+        ],
+        "affinity": {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": naming.selector_labels(name)},
+                        },
+                    }
+                ]
+            }
+        },
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": ref.name} for ref in spec.image_pull_secrets]
+    claim_spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": _quantity(spec.queue.storage.size)}},
+    }
+    if spec.queue.storage.storage_class_name:
+        claim_spec["storageClassName"] = spec.queue.storage.storage_class_name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(plan, naming.statefulset_name(name), owners),
+        "spec": {
+            "serviceName": naming.headless_service_name(name),
+            "replicas": spec.replicas,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": naming.selector_labels(name)},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
+            "template": {
+                "metadata": {
+                    "labels": naming.labels(name),
+                    "annotations": {
+                        **spec.pod_annotations,
+                        naming.ROLLOUT_HASH_ANNOTATION: plan.rollout_hash,
+                    },
+                },
+                "spec": pod_spec,
+            },
+            "volumeClaimTemplates": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": naming.SPOOL_VOLUME, "labels": naming.labels(name)},
+                    "spec": claim_spec,
+                }
+            ],
+        },
+    }
+
+
+def build_objects(
+    plan: RelayPlan, options: BuildOptions = BuildOptions(), owners: Sequence[Mapping[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """Every object for one valid MailRelay, in the order to apply them."""
+    if plan.config is None:
+        raise ValueError(f"MailRelay {plan.relay.key} has no rendered config: {plan.problems}")
+    return [
+        build_serviceaccount(plan, owners),
+        build_configmap(plan, owners),
+        build_headless_service(plan, owners),
+        build_client_service(plan, owners),
+        build_statefulset(plan, options, owners),
+        build_poddisruptionbudget(plan, owners),
+    ]
