@@ -646,6 +646,17 @@ def plan_namespace(
                 Problem(ObjectRef("RelayRoute", namespace, route_name), "RoutingLoop", text, "warning")
             )
 
+    for unused in sorted(routes.values(), key=lambda r: r.key.name):
+        if not any(unused in chosen for chosen in selected.values()):
+            problems.append(
+                Problem(
+                    _ref("RelayRoute", unused.key),
+                    "NotSelected",
+                    "no MailRelay's routeSelector selects this route",
+                    "warning",
+                )
+            )
+
     relay_plans: dict[str, RelayPlan] = {}
     for name, relay in sorted(relays.items()):
         context = context_of(relay.key)
