@@ -65,6 +65,8 @@ class _Handler:
         return reply or "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.sink.data_delay:
+            await asyncio.sleep(self.sink.data_delay)
         if self.sink.data_replies:
             reply = self.sink.data_replies.pop(0)
             if not reply.startswith("2"):
@@ -75,7 +77,7 @@ class _Handler:
         content = envelope.original_content or b""
         self.sink.messages.append(
             Received(
-                mail_from=envelope.mail_from or "",
+                mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
                 mail_options=list(envelope.mail_options),
                 rcpt_tos=list(envelope.rcpt_tos),
                 rcpt_options=list(envelope.rcpt_options),
@@ -133,6 +135,7 @@ class SmtpSink:
         implicit_tls_context: ssl.SSLContext | None = None,
         users: dict[str, str] | None = None,
         hostname: str = "sink.test",
+        data_delay: float = 0.0,
     ) -> None:
         assert host.startswith("127."), "test sinks listen on loopback only"
         self.host = host
@@ -146,6 +149,7 @@ class SmtpSink:
         self.implicit_tls_context = implicit_tls_context
         self.users = users
         self.hostname = hostname
+        self.data_delay = data_delay
         self.messages: list[Received] = []
         self.connections = 0
         self.arrived = asyncio.Event()
