@@ -69,11 +69,11 @@ def _spec_block(document: str, origin: str) -> str:
     return block.replace("{{", '{{ "{{" }}')
 
 
-def render_crd_template(source: Path) -> str:
-    """The chart template for one CRD source file."""
+def render_crd_template(source: Path, text: str | None = None) -> str:
+    """The chart template for one CRD source file (``text``: its content, if not read from disk)."""
     origin = source.relative_to(ROOT).as_posix()
     rendered: list[str] = []
-    for document in _documents(source.read_text()):
+    for document in _documents(source.read_text() if text is None else text):
         body = yaml.safe_load(document)
         if body.get("kind") != "CustomResourceDefinition":
             raise SyncError(f"{origin}: not a CustomResourceDefinition: {body.get('kind')!r}")
