@@ -1,8 +1,13 @@
 """Envelope address parsing: split a mailbox into local part and domain, judge its real
-destination. Pure functions, RFC 5321 4.1.2 grammar; no DNS, no I/O.
+destination and decide relay permission (no open relay). Pure functions, RFC 5321 4.1.2
+grammar; no DNS, no I/O. Called by relay.front at RCPT time and by routing.
 """
 
 from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 def split_address(address: str) -> tuple[str, str]:
@@ -41,3 +46,94 @@ def domain_matches(domain: str, pattern: str) -> bool:
     if pattern.startswith("*."):
         return domain.endswith(pattern[1:])
     return domain == pattern
+
+
+# --------------------------------------------------------------------------- relay permission
+#
+# Who may use this relay to reach a recipient (RFC 5321 3.6.1, RFC 5068 section 3): a client in a
+# trusted network, an authenticated client, or anyone when the recipient's *real* destination is
+# one of our accept domains. The real destination is what a later hop would make of the address:
+# a local part that still carries a routing character (``u%victim@ours``, ``victim!u@ours``,
+# ``"u@victim"@ours``) would be relayed on by a lenient next hop, so an untrusted client may not
+# use one. Source routes (``@a,@b:u@c``) are stripped by the syntax check before this point (RFC
+# 5321 4.1.1.3 / Appendix C: a server SHOULD ignore them), so the mailbox judged is ``u@c``.
+
+ROUTING_CHARACTERS = frozenset("@%!")
+
+
+def dequote_local_part(local: str) -> str:
+    """The local part as a string: ``"a\\"b"`` becomes ``a"b``; a dot-string is unchanged."""
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        out = []
+        escaped = False
+        for char in local[1:-1]:
+            if escaped:
+                out.append(char)
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            else:
+                out.append(char)
+        return "".join(out)
+    return local
+
+
+def has_routing_characters(local: str) -> bool:
+    """Whether a local part (quoted or not) would route on: it contains ``@``, ``%`` or ``!``."""
+    return any(char in ROUTING_CHARACTERS for char in dequote_local_part(local))
+
+
+def is_address_literal(domain: str) -> bool:
+    return domain.startswith("[")
+
+
+def accept_domain_matches(domain: str, accept_domains: Sequence[str]) -> bool:
+    """Whether a recipient domain is one we accept mail for from anyone.
+
+    The pattern ``*`` is never honoured here: it would make an open relay (log it at start-up).
+    Address literals never match a domain pattern.
+    """
+    if not domain or is_address_literal(domain):
+        return False
+    return any(pattern != "*" and domain_matches(domain, pattern) for pattern in accept_domains)
+
+
+def client_is_trusted(
+    client_ip: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    """Whether the client address lies in one of the trusted networks (IPv4-mapped IPv6 too)."""
+    try:
+        address = ipaddress.ip_address(client_ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address.version == net.version and address in net for net in networks)
+
+
+@dataclass(frozen=True)
+class RelayDecision:
+    """Whether a recipient may be accepted, and why (the reason is a metric label)."""
+
+    allowed: bool
+    reason: str  # trusted | authenticated | accept_domain | relay_denied | routing_characters
+
+
+def relay_permission(
+    local: str,
+    domain: str,
+    *,
+    trusted: bool,
+    authenticated: bool,
+    accept_domains: Sequence[str],
+) -> RelayDecision:
+    """Decide relay permission for one recipient mailbox ``local@domain`` (already parsed)."""
+    if trusted:
+        return RelayDecision(True, "trusted")
+    if authenticated:
+        return RelayDecision(True, "authenticated")
+    if not accept_domain_matches(domain, accept_domains):
+        return RelayDecision(False, "relay_denied")
+    if has_routing_characters(local):
+        return RelayDecision(False, "routing_characters")
+    return RelayDecision(True, "accept_domain")

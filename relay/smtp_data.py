@@ -1,0 +1,128 @@
+"""The DATA phase: find the end of the message, undo dot-stuffing, normalise line ends, enforce
+the line and size limits. Pure and incremental: `DataDecoder.feed` takes the bytes after the
+354 reply in chunks of any size (a line, 64 KiB, one byte) and says where the message ended, so
+the front can read the socket in big chunks instead of line by line (NOTES.md: line-by-line
+reading is the main cost of large mail in aiosmtpd).
+
+Rules (RFC 5321 4.1.4, 4.5.2 and 2.3.8; RFC 5322 2.1.1):
+
+- Only ``<CRLF>.<CRLF>`` ends the message. ``<LF>.<LF>``, ``<CR>.<CR>``, ``<LF>.<CRLF>`` and
+  ``<CRLF>.<LF>`` do not (SMTP smuggling, CVE-2023-51764 family): they stay content.
+- A bare CR or bare LF inside the content is normalised to CRLF, so nothing ambiguous reaches
+  the spool or a next hop (which dot-stuffs the normalised lines again). This is Postfix's
+  ``smtpd_forbid_bare_newline = normalize`` choice; rejecting would refuse old Unix mailers.
+- A NUL anywhere refuses the message with ``554 5.6.0`` (RFC 5321 forbids it in content and a
+  next hop might truncate at it).
+- A line longer than 998 octets (without CRLF, after dot-unstuffing and normalising) refuses
+  the message with ``554 5.6.0``; more than the size limit refuses it with ``552 5.3.4``. The
+  client's data is still read to its end before the reply (RFC 5321 4.2.5 implies it), but
+  nothing more is kept in memory once a problem is found.
+
+No I/O, never async.
+"""
+
+from __future__ import annotations
+
+import re
+
+from relay import status
+from relay.status import Reply
+
+END = b"\r\n.\r\n"
+MAX_LINE = 998
+_ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
+
+
+class DataDecoder:
+    """Incremental decoder for one DATA transfer. Feed chunks until `feed` returns >= 0."""
+
+    def __init__(self, max_size: int, max_line: int = MAX_LINE) -> None:
+        self.max_size = max_size
+        self.max_line = max_line
+        self.size = 0  # octets of decoded content kept so far
+        self.received = 0  # octets read from the client (for logs)
+        self.problem: Reply | None = None
+        self.normalized = False  # a bare CR or LF was turned into CRLF
+        self._parts: list[bytes] = []
+        self._partial = b""  # an incomplete last line, starting at a line start if _line_start
+        self._line_start = True
+        self.done = False
+
+    # ------------------------------------------------------------------ public
+
+    def feed(self, chunk: bytes) -> int:
+        """Consume `chunk`; return how many of its bytes belong to the message (end marker
+        included) once the end was found, or -1 when more data is needed. Bytes after the
+        returned offset are the client's next (pipelined) commands."""
+        if self.done:
+            raise RuntimeError("feed after end of data")
+        self.received += len(chunk)
+        carried = len(self._partial)
+        data = self._partial + chunk if carried else chunk
+        if self._line_start and data.startswith(b".\r\n"):
+            end = 0
+        else:
+            found = data.find(END)
+            end = found + 2 if found >= 0 else -1
+        if end >= 0:
+            self._take(data[:end])
+            self._partial = b""
+            self.done = True
+            return end + 3 - carried
+        last = data.rfind(b"\r\n")
+        if last >= 0:
+            self._take(data[: last + 2])
+            self._partial = data[last + 2 :]
+            self._line_start = True
+        else:
+            self._partial = data
+        if self.problem is not None and len(self._partial) > 4:
+            # Keep just enough to recognise an end marker that spans the next chunk.
+            self._partial = self._partial[-4:]
+            self._line_start = False
+        elif self.size + len(self._partial) > self.max_size:
+            self._fail(status.SIZE_EXCEEDED)
+            self._partial = self._partial[-4:]
+            self._line_start = False
+        return -1
+
+    def content(self) -> bytes:
+        """The decoded message (CRLF lines), once `feed` has found the end and no problem."""
+        if not self.done or self.problem is not None:
+            raise RuntimeError("no content: data incomplete or refused")
+        return b"".join(self._parts)
+
+    # ------------------------------------------------------------------ internals
+
+    def _fail(self, reply: Reply) -> None:
+        if self.problem is None:
+            self.problem = reply
+        self._parts.clear()
+
+    def _take(self, region: bytes) -> None:
+        """Process complete lines (`region` ends with CRLF or is empty; it starts at a line
+        start unless a problem already truncated the stream)."""
+        if not region or self.problem is not None:
+            return
+        if not self._line_start:  # only after a problem, handled above; defensive
+            return
+        if b"\x00" in region:
+            self._fail(status.DATA_NUL)
+            return
+        # Dot-unstuffing (RFC 5321 4.5.2): a leading dot on any CRLF line is removed.
+        if region[:1] == b".":
+            region = region[1:]
+        if b"\r\n." in region:
+            region = region.replace(b"\r\n.", b"\r\n")
+        crlf = region.count(b"\r\n")
+        if region.count(b"\r") != crlf or region.count(b"\n") != crlf:
+            region = _ANY_NEWLINE.sub(b"\r\n", region)
+            self.normalized = True
+        if len(region) > self.max_line + 2 and max(map(len, region.split(b"\r\n"))) > self.max_line:
+            self._fail(status.DATA_LINE_TOO_LONG)
+            return
+        self.size += len(region)
+        if self.size > self.max_size:
+            self._fail(status.SIZE_EXCEEDED)
+            return
+        self._parts.append(region)
