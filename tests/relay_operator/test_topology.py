@@ -1,0 +1,373 @@
+"""relay_operator.topology: selection, resolution, loops, conflicts and the rendered RelayConfig."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+
+from relay.config import GatewayHop, RejectHop, RelayHop, SmarthostHop
+from relay_operator import topology
+from relay_operator.spec import ObjectKey
+from relay_operator.topology import NamespacePlan, RenderContext
+from tests.relay_operator import crd_tools
+
+
+def relay(name: str, *, selector: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    body = crd_tools.relay_body(**spec)
+    body["metadata"]["name"] = name
+    body["spec"]["hostname"] = f"{name}.example.com"
+    body["spec"]["routeSelector"] = selector if selector is not None else {"matchLabels": {"relay": name}}
+    return body
+
+
+def route(name: str, on: str, hop: dict[str, Any], *, priority: int = 0, **spec: Any) -> dict[str, Any]:
+    body = crd_tools.route_body(nextHop=hop, priority=priority, **spec)
+    body["metadata"]["name"] = name
+    body["metadata"]["labels"] = {"relay": on}
+    return body
+
+
+def to(target: str) -> dict[str, Any]:
+    return {"relay": {"name": target}}
+
+
+def plan(relays: list[dict[str, Any]], routes: list[dict[str, Any]], **kwargs: Any) -> NamespacePlan:
+    return topology.plan_namespace("mail", relays, routes, **kwargs)
+
+
+def reasons(result: NamespacePlan, kind: str, name: str) -> list[str]:
+    return [p.reason for p in result.problems_for(kind, name)]
+
+
+def test_samples_plan_without_problems() -> None:
+    docs = [b for _, b in crd_tools.samples()]
+    result = plan(
+        [d for d in docs if d["kind"] == "MailRelay"], [d for d in docs if d["kind"] == "RelayRoute"]
+    )
+    assert result.problems == ()
+    assert all(p.valid for p in result.relays.values())
+    assert [r.key.name for r in result.relays["edge"].routes] == [
+        "legacy-reject",
+        "corp-to-internal",
+        "partners-mx",
+        "outbound-smarthost",
+    ]
+    assert result.routes["corp-to-internal"].relays == ("edge",)
+
+
+def test_route_order_and_selection() -> None:
+    result = plan(
+        [relay("a"), relay("none", selector={}), relay("nosel")],
+        [
+            route("z-low", "a", {"mx": {}}, priority=1),
+            route("b-high", "a", {"mx": {}}, priority=9, match={"recipientDomains": ["x.example"]}),
+            route("a-high", "a", {"mx": {}}, priority=9, match={"recipientDomains": ["y.example"]}),
+            route("other", "b", {"mx": {}}),
+        ],
+    )
+    assert [r.key.name for r in result.relays["a"].routes] == ["a-high", "b-high", "z-low"]
+    # An empty selector selects every route of the namespace; a missing one selects none.
+    assert len(result.relays["none"].routes) == 4
+    body = relay("nosel")
+    del body["spec"]["routeSelector"]
+    assert plan([body], [route("r", "nosel", {"mx": {}})]).relays["nosel"].routes == ()
+    config = result.relays["a"].config
+    assert config is not None
+    assert [r.name for r in config.ordered_routes()] == ["a-high", "b-high", "z-low"]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ("*", "x.example", True),
+        ("x.example", "x.example", True),
+        ("x.example", "y.example", False),
+        ("*.x.example", "a.x.example", True),
+        ("*.x.example", "x.example", False),
+        ("*.x.example", "*.a.x.example", True),
+        ("*.x.example", "*.y.example", False),
+        ("a.x.example", "*.y.example", False),
+    ],
+)
+def test_patterns_overlap(a: str, b: str, overlap: bool) -> None:
+    assert topology.patterns_overlap(a, b) is overlap
+    assert topology.patterns_overlap(b, a) is overlap
+
+
+def test_two_relay_loop_is_named() -> None:
+    result = plan(
+        [relay("edge"), relay("internal")],
+        [
+            route("corp", "edge", to("internal"), match={"recipientDomains": ["corp.example"]}),
+            route("out", "internal", to("edge")),
+        ],
+    )
+    (problem,) = [p for p in result.problems_for("MailRelay", "edge")]
+    assert problem.reason == "RoutingLoop" and problem.severity == "error"
+    assert "corp.example: edge -> internal -> edge" in problem.message
+    assert "edge: corp, internal: out" in problem.message
+    assert reasons(result, "MailRelay", "internal") == ["RoutingLoop"]
+    assert reasons(result, "RelayRoute", "out") == ["RoutingLoop"]
+    assert not result.relays["edge"].valid
+
+
+def test_three_relay_loop_through_failover_and_self_loop() -> None:
+    result = plan(
+        [relay("a"), relay("b"), relay("c"), relay("d")],
+        [
+            route("a-b", "a", to("b")),
+            route("b-c", "b", {"mx": {}}, failover=[to("c")]),
+            route("c-a", "c", to("a")),
+            route("d-d", "d", to("d")),
+        ],
+    )
+    loops = {p.message.split(": ", 1)[1].split(" (")[0] for p in result.errors}
+    assert loops == {"a -> b -> c -> a", "d -> d"}
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        # disjoint domains: corp goes to b, b sends only other.example back
+        [
+            route("a-b", "a", to("b"), match={"recipientDomains": ["corp.example"]}),
+            route("b-a", "b", to("a"), match={"recipientDomains": ["*.other.example"]}),
+        ],
+        # b handles corp itself at a higher priority than its catch-all back to a
+        [
+            route("a-b", "a", to("b"), match={"recipientDomains": ["corp.example"]}),
+            route("b-store", "b", {"mx": {}}, priority=10, match={"recipientDomains": ["corp.example"]}),
+            route("b-a", "b", to("a")),
+        ],
+        # b sends back only mail from one sender domain, and a routes only other senders to b
+        [
+            route("a-b", "a", to("b"), match={"senderDomains": ["x.example"]}),
+            route("b-a", "b", to("a"), match={"senderDomains": ["y.example"]}),
+        ],
+    ],
+    ids=["disjoint-domains", "higher-priority-terminates", "disjoint-senders"],
+)
+def test_no_false_loops(routes: list[dict[str, Any]]) -> None:
+    result = plan([relay("a"), relay("b")], routes)
+    assert [p for p in result.problems if p.reason == "RoutingLoop"] == []
+
+
+def test_loop_only_for_one_sender_is_found() -> None:
+    result = plan(
+        [relay("a"), relay("b")],
+        [route("a-b", "a", to("b")), route("b-a", "b", to("a"), match={"senderDomains": ["x.example"]})],
+    )
+    assert "RoutingLoop" in reasons(result, "MailRelay", "a")
+
+
+def test_unknown_relay_defers_mail_and_keeps_failover() -> None:
+    result = plan(
+        [relay("a")],
+        [
+            route("gone", "a", to("ghost"), match={"recipientDomains": ["g.example"]}),
+            route(
+                "gone-fo", "a", to("ghost"), failover=[{"mx": {}}], match={"recipientDomains": ["h.example"]}
+            ),
+        ],
+    )
+    assert reasons(result, "RelayRoute", "gone") == ["UnknownRelay"]
+    assert result.routes["gone"].problems[0].severity == "error"
+    config = result.relays["a"].config
+    assert config is not None
+    routes = {r.name: r for r in config.routes}
+    assert isinstance(routes["gone"].next_hop, RejectHop) and routes["gone"].next_hop.code == 451
+    assert routes["gone-fo"].next_hop.kind == "mx" and routes["gone-fo"].failover == []
+    # The relay itself stays usable: the broken route is the route's problem.
+    assert result.relays["a"].valid
+
+
+def test_target_without_relay_listener_is_unresolved() -> None:
+    submission_only = relay(
+        "msa",
+        listeners=[{"name": "sub", "port": 587, "mode": "submission", "auth": "required"}],
+        auth={"secretName": "users"},
+    )
+    result = plan([relay("a"), submission_only], [route("to-msa", "a", to("msa"))])
+    assert reasons(result, "RelayRoute", "to-msa") == ["NoRelayListener"]
+
+
+def test_conflicting_routes_are_a_warning_on_both() -> None:
+    result = plan(
+        [relay("a")],
+        [
+            route("one", "a", {"mx": {}}, priority=5, match={"recipientDomains": ["*.corp.example"]}),
+            route("two", "a", {"mx": {}}, priority=5, match={"recipientDomains": ["x.corp.example"]}),
+            route("three", "a", {"mx": {}}, priority=6, match={"recipientDomains": ["x.corp.example"]}),
+            route("four", "a", {"mx": {}}, priority=5, match={"recipientDomains": ["other.example"]}),
+        ],
+    )
+    assert reasons(result, "RelayRoute", "one") == ["Conflict"]
+    assert reasons(result, "RelayRoute", "two") == ["Conflict"]
+    assert "RelayRoute two" in result.routes["one"].problems[0].message
+    assert "one wins" in result.routes["one"].problems[0].message
+    assert reasons(result, "RelayRoute", "three") == []
+    assert reasons(result, "RelayRoute", "four") == []
+    assert all(p.severity == "warning" for p in result.problems)
+
+
+def test_cluster_resolution_uses_service_name_and_first_relay_listener() -> None:
+    target = relay(
+        "internal",
+        listeners=[
+            {"name": "sub", "port": 587, "mode": "submission", "auth": "required"},
+            {"name": "smtp", "port": 2525},
+            {"name": "smtp2", "port": 25},
+        ],
+        auth={"secretName": "u"},
+    )
+    result = plan([relay("edge"), target], [route("r", "edge", to("internal"))])
+    config = result.relays["edge"].config
+    assert config is not None
+    hop = config.routes[0].next_hop
+    assert isinstance(hop, RelayHop)
+    assert (hop.name, hop.host, hop.port) == ("internal", "internal.mail.svc.cluster.local", 2525)
+    other = plan(
+        [relay("edge"), target],
+        [route("r", "edge", to("internal"))],
+        resolver=topology.cluster_resolver("k8s.corp"),
+    ).relays["edge"]
+    assert other.config is not None and other.config.routes[0].next_hop.host == "internal.mail.svc.k8s.corp"  # type: ignore[union-attr]
+
+
+def test_local_contexts_and_resolver_for_up(tmp_path: Path) -> None:
+    offsets = {"edge": 10000, "internal": 20000}
+
+    def context_for(key: ObjectKey) -> RenderContext:
+        base = PurePosixPath(str(tmp_path)) / key.name
+        return RenderContext(
+            config_dir=base / "config",
+            tls_dir=base / "tls",
+            auth_dir=base / "auth",
+            secrets_dir=base / "secrets",
+            data_dir=base / "data",
+            listener_host="127.0.0.1",
+            metrics_host="127.0.0.1",
+            metrics_port=0,
+            port_offset=offsets[key.name],
+        )
+
+    edge = relay(
+        "edge",
+        listeners=[{"name": "smtp", "port": 25, "tls": "starttls"}],
+        tls={"secretName": "edge-tls"},
+        auth={"secretName": "edge-users", "key": "htpasswd"},
+    )
+    routes = [
+        route("in", "edge", to("internal"), priority=9, match={"recipientDomains": ["corp.example"]}),
+        route(
+            "out",
+            "edge",
+            {"smarthost": {"host": "smtp.example.net", "authSecretRef": {"name": "creds"}}},
+            failover=[
+                {"gateway": {"webhook": {"url": "https://h.example/", "authSecretRef": {"name": "tok"}}}}
+            ],
+        ),
+        route("cap", "internal", {"gateway": {"maildir": {"path": "qa/inbox"}}}),
+    ]
+    result = plan(
+        [edge, relay("internal")],
+        routes,
+        context_for=context_for,
+        resolver=topology.context_resolver(context_for),
+    )
+    assert result.problems == ()
+    config = result.relays["edge"].config
+    assert config is not None
+    assert (config.listeners[0].host, config.listeners[0].port) == ("127.0.0.1", 10025)
+    assert config.tls is not None and config.tls.cert_file == tmp_path / "edge/tls/tls.crt"
+    assert config.auth is not None and config.auth.users_file == tmp_path / "edge/auth/htpasswd"
+    assert config.queue.directory == tmp_path / "edge/data/queue"
+    assert (config.metrics.host, config.metrics.port) == ("127.0.0.1", 0)
+    routes_by_name = {r.name: r for r in config.routes}
+    assert routes_by_name["in"].next_hop == RelayHop(name="internal", host="127.0.0.1", port=20025)
+    smarthost = routes_by_name["out"].next_hop
+    assert (
+        isinstance(smarthost, SmarthostHop) and smarthost.credentials_dir == tmp_path / "edge/secrets/creds"
+    )
+    webhook = routes_by_name["out"].failover[0]
+    assert isinstance(webhook, GatewayHop) and webhook.webhook is not None
+    assert webhook.webhook.auth_header_file == tmp_path / "edge/secrets/tok/authorization"
+    internal = result.relays["internal"].config
+    assert internal is not None
+    maildir = internal.routes[0].next_hop
+    assert isinstance(maildir, GatewayHop) and maildir.maildir is not None
+    assert maildir.maildir.path == tmp_path / "internal/data/maildir/qa/inbox"
+    uses = {(u.secret, u.purpose): u for u in result.relays["edge"].secrets}
+    assert set(uses) == {
+        ("edge-tls", "tls"),
+        ("edge-users", "auth"),
+        ("creds", "smarthost"),
+        ("tok", "webhook"),
+    }
+    assert uses[("creds", "smarthost")].keys == ("username", "password")
+    assert uses[("edge-users", "auth")].keys == ("htpasswd",)
+
+
+def test_relay_config_refusals_become_problems() -> None:
+    result = plan([relay("a", dns={"nameservers": ["not-an-ip"]})], [])
+    (problem,) = result.problems
+    assert problem.reason == "ConfigRejected" and "nameserver" in problem.message
+    assert result.relays["a"].config is None and not result.relays["a"].valid
+    clash = plan([relay("b", listeners=[{"name": "smtp", "port": 9090}])], [])
+    assert reasons(clash, "MailRelay", "b") == ["PortConflict"]
+
+
+def test_invalid_documents_and_unselected_routes() -> None:
+    broken = relay("a")
+    broken["spec"]["listeners"] = []
+    result = plan([broken], [route("r", "a", {}), route("lonely", "nobody", {"mx": {}})])
+    assert set(result.invalid_relays) == {"a"}
+    assert reasons(result, "MailRelay", "a") == ["InvalidSpec"]
+    assert reasons(result, "RelayRoute", "r") == ["InvalidSpec"]
+    assert result.routes["r"].route is None
+    assert reasons(result, "RelayRoute", "lonely") == ["NotSelected"]
+
+
+def _rollout(relays: list[dict[str, Any]], routes: list[dict[str, Any]]) -> tuple[str, str]:
+    relay_plan = plan(relays, routes).relays["a"]
+    return relay_plan.rollout_hash, relay_plan.config_hash
+
+
+def test_rollout_hash_ignores_routes_but_not_listeners_or_tls() -> None:
+    base = _rollout([relay("a")], [route("r", "a", {"mx": {}})])
+    changed_route = _rollout([relay("a")], [route("r", "a", {"mx": {"port": 2525}})])
+    assert changed_route[0] == base[0] and changed_route[1] != base[1]
+    changed_listener = _rollout([relay("a", listeners=[{"name": "smtp", "port": 2525}])], [])
+    assert changed_listener[0] != base[0]
+    with_tls = _rollout(
+        [relay("a", listeners=[{"name": "smtp", "port": 25, "tls": "starttls"}], tls={"secretName": "one"})],
+        [],
+    )
+    other_secret = _rollout(
+        [relay("a", listeners=[{"name": "smtp", "port": 25, "tls": "starttls"}], tls={"secretName": "two"})],
+        [],
+    )
+    assert len({base[0], with_tls[0], other_secret[0]}) == 3
+
+
+def test_secret_problems() -> None:
+    body = relay(
+        "a",
+        listeners=[{"name": "smtp", "port": 25, "tls": "starttls"}],
+        tls={"secretName": "tls"},
+        auth={"secretName": "u"},
+    )
+    relay_plan = plan([body], []).relays["a"]
+    secrets: dict[str, dict[str, bytes]] = {"tls": {"tls.crt": b"x"}}
+    found = topology.secret_problems(relay_plan, secrets.get)
+    assert [(p.reason, p.severity) for p in found] == [
+        ("SecretKeyMissing", "error"),
+        ("SecretMissing", "error"),
+    ]
+    assert "has no key tls.key" in found[0].message
+    assert (
+        topology.secret_problems(relay_plan, lambda _n: None, missing_severity="warning")[0].severity
+        == "warning"
+    )
