@@ -24,6 +24,7 @@ import struct
 import threading
 from collections.abc import Iterable
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -46,6 +47,7 @@ class DnsServer:
         self.host = host
         self.port = 0
         self.queries: list[tuple[str, str]] = []
+        self.tcp_queries = 0
         self._records: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
         self._servfail: set[dns.name.Name] = set()
         self._drop: set[dns.name.Name] = set()
@@ -93,8 +95,10 @@ class DnsServer:
 
     # ----------------------------------------------------------------- answering
 
-    def answer(self, wire: bytes) -> bytes | None:
-        """The response to one query in wire format, or None to drop it."""
+    def answer(self, wire: bytes, tcp: bool = False) -> bytes | None:
+        """The response to one query in wire format, or None to drop it. Over UDP an answer
+        larger than the client's buffer (512 octets, or its EDNS size) is truncated (TC set),
+        so the client must retry over TCP (RFC 1035 4.2.1, RFC 7766)."""
         try:
             query = dns.message.from_wire(wire)
         except Exception:
@@ -105,6 +109,8 @@ class DnsServer:
         qname, qtype = question.name, question.rdtype
         with self._lock:
             self.queries.append((str(qname), dns.rdatatype.to_text(qtype)))
+            if tcp:
+                self.tcp_queries += 1
             if qname in self._drop:
                 return None
             response = dns.message.make_response(query)
@@ -122,7 +128,16 @@ class DnsServer:
                     response.set_rcode(dns.rcode.NXDOMAIN)
                 soa = dns.rrset.from_text(qname.parent() if len(qname) > 1 else qname, 60, "IN", "SOA", _SOA)
                 response.authority.append(soa)
-        return response.to_wire()
+        if tcp:
+            return response.to_wire()
+        limit = max(512, query.payload) if query.edns >= 0 else 512
+        try:
+            return response.to_wire(max_size=limit)
+        except dns.exception.TooBig:
+            response.answer.clear()
+            response.authority.clear()
+            response.flags |= dns.flags.TC
+            return response.to_wire()
 
     # ----------------------------------------------------------------- sockets
 
@@ -150,7 +165,7 @@ class DnsServer:
                         if not chunk:
                             return
                         data += chunk
-                    reply = server.answer(data)
+                    reply = server.answer(data, tcp=True)
                     if reply is None:
                         return
                     conn.sendall(struct.pack("!H", len(reply)) + reply)

@@ -1,0 +1,447 @@
+"""relay.delivery: the pooled SMTP client against real aiosmtpd servers on loopback (trustme
+certificates for TLS)."""
+
+from __future__ import annotations
+
+import email
+import email.message
+import email.policy
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from relay.config import QueueConfig, SmarthostHop
+from relay.delivery import (
+    SmtpClient,
+    SmtpTarget,
+    SmtpTransport,
+    downgrade_8bit,
+    orcpt_param,
+    target_for_hop,
+    xtext,
+)
+from relay.model import (
+    DeliveryRequest,
+    Disposition,
+    Envelope,
+    Message,
+    QueueEntry,
+    Recipient,
+    RecipientOutcome,
+)
+from tests.relay.smtpsink import SmtpSink
+from tests.relay.test_scheduler import free_port
+
+CONTENT = b"From: s@sender.test\r\nSubject: hi\r\n\r\nhello\r\n.leading dot\r\n"
+QUEUE = QueueConfig(connect_timeout=2, command_timeout=5, data_timeout=5)
+
+
+def request(
+    recipients: Sequence[str | Recipient], content: bytes = CONTENT, **envelope: Any
+) -> DeliveryRequest:
+    rcpts = tuple(r if isinstance(r, Recipient) else Recipient(r) for r in recipients)
+    envelope.setdefault("mail_from", "s@sender.test")
+    entry = QueueEntry("Q1", Envelope(recipients=rcpts, **envelope), 0.0, rcpts)
+    return DeliveryRequest(Message(entry, content), rcpts)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[SmtpClient]:
+    c = SmtpClient("relay.test", QUEUE)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def sinks() -> AsyncIterator[list[SmtpSink]]:
+    started: list[SmtpSink] = []
+    yield started
+    for sink in started:
+        await sink.stop()
+
+
+async def start(sinks: list[SmtpSink], **kwargs: Any) -> SmtpSink:
+    sink = await SmtpSink(**kwargs).start()
+    sinks.append(sink)
+    return sink
+
+
+def dispositions(outcomes: Sequence[RecipientOutcome]) -> list[tuple[str, str]]:
+    return [(o.disposition.value, o.status) for o in outcomes]
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+async def test_delivers_with_exact_content_and_one_outcome_per_recipient(
+    client: SmtpClient, sinks: list[SmtpSink]
+) -> None:
+    sink = await start(sinks)
+    outcomes = await client.deliver(SmtpTarget("127.0.0.1", sink.port), request(["a@d.test", "b@d.test"]))
+    assert dispositions(outcomes) == [("delivered", "2.0.0"), ("delivered", "2.0.0")]
+    assert sink.messages[0].content == CONTENT  # dot-stuffing undone by the server
+    assert sink.messages[0].rcpt_tos == ["a@d.test", "b@d.test"]
+    assert outcomes[0].remote_mta == "127.0.0.1"
+
+
+async def test_per_recipient_rcpt_results(client: SmtpClient, sinks: list[SmtpSink]) -> None:
+    sink = await start(
+        sinks, rcpt_replies={"bad@d.test": "550 5.1.1 no such user", "busy@d.test": "452 4.2.2 full"}
+    )
+    outcomes = await client.deliver(
+        SmtpTarget("127.0.0.1", sink.port), request(["ok@d.test", "bad@d.test", "busy@d.test"])
+    )
+    assert dispositions(outcomes) == [("delivered", "2.0.0"), ("bounced", "5.1.1"), ("deferred", "4.2.2")]
+    assert outcomes[1].code == 550 and outcomes[1].text == "no such user"
+    assert sink.messages[0].rcpt_tos == ["ok@d.test"]
+
+
+async def test_all_recipients_refused_sends_no_data_and_keeps_the_connection(
+    client: SmtpClient, sinks: list[SmtpSink]
+) -> None:
+    sink = await start(sinks, rcpt_replies={"bad@d.test": "550 5.1.1 no such user"})
+    target = SmtpTarget("127.0.0.1", sink.port)
+    assert dispositions(await client.deliver(target, request(["bad@d.test"]))) == [("bounced", "5.1.1")]
+    assert dispositions(await client.deliver(target, request(["ok@d.test"]))) == [("delivered", "2.0.0")]
+    assert len(sink.messages) == 1
+    assert sink.connections == 1
+
+
+async def test_data_reply_applies_to_every_accepted_recipient(
+    client: SmtpClient, sinks: list[SmtpSink]
+) -> None:
+    sink = await start(sinks, data_replies=["554 5.6.0 content rejected"])
+    outcomes = await client.deliver(SmtpTarget("127.0.0.1", sink.port), request(["a@d.test", "b@d.test"]))
+    assert dispositions(outcomes) == [("bounced", "5.6.0"), ("bounced", "5.6.0")]
+
+
+async def test_connection_pool_reuses_one_connection_with_rset(
+    client: SmtpClient, sinks: list[SmtpSink]
+) -> None:
+    sink = await start(sinks)
+    target = SmtpTarget("127.0.0.1", sink.port)
+    for i in range(5):
+        outcomes = await client.deliver(target, request([f"r{i}@d.test"]))
+        assert outcomes[0].disposition is Disposition.DELIVERED
+    assert len(sink.messages) == 5
+    assert sink.connections == 1
+    assert client.connections_opened == 1
+    assert client.idle_connections() == 1
+
+
+async def test_broken_pooled_connection_is_replaced(client: SmtpClient, sinks: list[SmtpSink]) -> None:
+    sink = await start(sinks)
+    target = SmtpTarget("127.0.0.1", sink.port)
+    await client.deliver(target, request(["a@d.test"]))
+    for pool in client._pools.values():  # the server side goes away while the connection idles
+        for connection in pool.idle:
+            assert connection.smtp.transport is not None
+            connection.smtp.transport.abort()
+    outcomes = await client.deliver(target, request(["b@d.test"]))
+    assert outcomes[0].disposition is Disposition.DELIVERED
+    assert sink.connections == 2
+
+
+async def test_connection_refused_defers_4_4_1(client: SmtpClient) -> None:
+    outcomes = await client.deliver(SmtpTarget("127.0.0.1", free_port()), request(["a@d.test", "b@d.test"]))
+    assert dispositions(outcomes) == [("deferred", "4.4.1"), ("deferred", "4.4.1")]
+
+
+async def test_waits_data_timeout_not_command_timeout_after_final_dot(sinks: list[SmtpSink]) -> None:
+    """RFC 5321 4.5.3.2.6: a slow answer after the final dot must not be given up on (a retry
+    would deliver a duplicate)."""
+    sink = await start(sinks, data_delay=0.8)
+    client = SmtpClient("relay.test", QueueConfig(connect_timeout=2, command_timeout=0.3, data_timeout=10))
+    try:
+        outcomes = await client.deliver(SmtpTarget("127.0.0.1", sink.port), request(["a@d.test"]))
+    finally:
+        await client.close()
+    assert dispositions(outcomes) == [("delivered", "2.0.0")]
+    assert len(sink.messages) == 1
+
+
+async def test_data_timeout_expiry_defers_4_4_2(sinks: list[SmtpSink]) -> None:
+    sink = await start(sinks, data_delay=1.0)
+    client = SmtpClient("relay.test", QueueConfig(connect_timeout=2, command_timeout=2, data_timeout=0.2))
+    try:
+        outcomes = await client.deliver(SmtpTarget("127.0.0.1", sink.port), request(["a@d.test"]))
+    finally:
+        await client.close()
+    assert dispositions(outcomes) == [("deferred", "4.4.2")]
+
+
+# --------------------------------------------------------------------------- DSN parameters
+
+
+async def test_dsn_parameters_passed_when_advertised(client: SmtpClient, sinks: list[SmtpSink]) -> None:
+    sink = await start(sinks, dsn=True)
+    rcpt = Recipient("a@d.test", notify=("SUCCESS", "FAILURE"), orcpt="rfc822;A+x@d.test")
+    outcomes = await client.deliver(
+        SmtpTarget("127.0.0.1", sink.port), request([rcpt, "b@d.test"], ret="HDRS", envid="id=1 x")
+    )
+    assert [o.relayed for o in outcomes] == [False, False]
+    received = sink.messages[0]
+    assert received.dsn_mail == {"RET": "HDRS", "ENVID": "id+3D1+20x"}
+    assert received.dsn_rcpt == {"a@d.test": {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;A+2Bx@d.test"}}
+
+
+async def test_no_dsn_parameters_and_relayed_without_the_extension(
+    client: SmtpClient, sinks: list[SmtpSink]
+) -> None:
+    sink = await start(sinks, dsn=False)  # would answer 555 to unknown parameters
+    rcpt = Recipient("a@d.test", notify=("SUCCESS",), orcpt="rfc822;a@d.test")
+    outcomes = await client.deliver(
+        SmtpTarget("127.0.0.1", sink.port), request([rcpt], ret="FULL", envid="x")
+    )
+    assert dispositions(outcomes) == [("delivered", "2.0.0")]
+    assert outcomes[0].relayed is True
+    assert sink.messages[0].mail_options == [f"SIZE={len(CONTENT)}"]
+
+
+# --------------------------------------------------------------------------- 8BITMIME / SMTPUTF8
+
+EIGHT_BIT = (
+    "From: s@sender.test\r\nSubject: hi\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nGrüße, café\r\n"
+).encode()
+
+
+async def test_8bit_sent_with_body_8bitmime_when_supported(client: SmtpClient, sinks: list[SmtpSink]) -> None:
+    sink = await start(sinks)
+    outcomes = await client.deliver(
+        SmtpTarget("127.0.0.1", sink.port), request(["a@d.test"], content=EIGHT_BIT, body="8BITMIME")
+    )
+    assert outcomes[0].disposition is Disposition.DELIVERED
+    assert "BODY=8BITMIME" in sink.messages[0].mail_options
+    assert sink.messages[0].content == EIGHT_BIT
+
+
+async def test_8bit_converted_for_server_without_8bitmime(client: SmtpClient, sinks: list[SmtpSink]) -> None:
+    sink = await start(sinks, eightbit=False)
+    outcomes = await client.deliver(
+        SmtpTarget("127.0.0.1", sink.port), request(["a@d.test"], content=EIGHT_BIT, body="8BITMIME")
+    )
+    assert outcomes[0].disposition is Disposition.DELIVERED
+    received = sink.messages[0]
+    assert received.content.isascii()
+    assert not any(o.startswith("BODY=") for o in received.mail_options)
+    parsed = email.message_from_bytes(received.content, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    assert parsed["Content-Transfer-Encoding"] == "quoted-printable"
+    assert parsed.get_content().replace("\r\n", "\n") == "Grüße, café\n"
+    assert parsed["Subject"] == "hi"
+
+
+async def test_8bit_header_cannot_be_converted_bounces_5_6_3(
+    client: SmtpClient, sinks: list[SmtpSink]
+) -> None:
+    sink = await start(sinks, eightbit=False)
+    content = "From: s@sender.test\r\nSubject: Grüße\r\n\r\nbody\r\n".encode()
+    outcomes = await client.deliver(
+        SmtpTarget("127.0.0.1", sink.port), request(["a@d.test"], content=content)
+    )
+    assert dispositions(outcomes) == [("bounced", "5.6.3")]
+    assert sink.messages == []
+
+
+async def test_smtputf8_message_bounces_5_6_7_at_server_without_it(
+    client: SmtpClient, sinks: list[SmtpSink]
+) -> None:
+    sink = await start(sinks, smtputf8=False)
+    outcomes = await client.deliver(
+        SmtpTarget("127.0.0.1", sink.port), request(["jürgen@d.test"], smtputf8=True, body="8BITMIME")
+    )
+    assert dispositions(outcomes) == [("bounced", "5.6.7")]
+    assert sink.messages == []
+
+
+async def test_smtputf8_passed_when_supported(client: SmtpClient, sinks: list[SmtpSink]) -> None:
+    sink = await start(sinks, smtputf8=True)
+    outcomes = await client.deliver(
+        SmtpTarget("127.0.0.1", sink.port), request(["jürgen@d.test"], smtputf8=True)
+    )
+    assert dispositions(outcomes) == [("delivered", "2.0.0")]
+    assert "SMTPUTF8" in sink.messages[0].mail_options
+    assert sink.messages[0].rcpt_tos == ["jürgen@d.test"]
+
+
+async def test_ascii_message_with_smtputf8_flag_goes_to_server_without_it(
+    client: SmtpClient, sinks: list[SmtpSink]
+) -> None:
+    sink = await start(sinks, smtputf8=False)
+    outcomes = await client.deliver(SmtpTarget("127.0.0.1", sink.port), request(["a@d.test"], smtputf8=True))
+    assert dispositions(outcomes) == [("delivered", "2.0.0")]
+    assert "SMTPUTF8" not in sink.messages[0].mail_options
+
+
+# --------------------------------------------------------------------------- TLS and AUTH
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "smarthost.test").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+async def test_starttls_verified_with_ca_file(
+    client: SmtpClient, sinks: list[SmtpSink], server_context: ssl.SSLContext, ca_file: Path
+) -> None:
+    sink = await start(sinks, starttls_context=server_context)
+    hop = SmarthostHop(host="127.0.0.1", port=sink.port, tls="starttls", ca_file=ca_file)
+    outcomes = await SmtpTransport(client, target_for_hop(hop)).deliver(request(["a@d.test"]))
+    assert dispositions(outcomes) == [("delivered", "2.0.0")]
+    assert sink.messages[0].tls is True
+
+
+async def test_starttls_unverifiable_certificate_defers(
+    client: SmtpClient, sinks: list[SmtpSink], server_context: ssl.SSLContext
+) -> None:
+    sink = await start(sinks, starttls_context=server_context)
+    hop = SmarthostHop(host="127.0.0.1", port=sink.port, tls="starttls")  # system store: unknown CA
+    outcomes = await client.deliver(target_for_hop(hop), request(["a@d.test"]))
+    assert dispositions(outcomes) == [("deferred", "4.7.5")]
+    assert sink.messages == []
+
+
+async def test_starttls_insecure_skip_verify(
+    client: SmtpClient, sinks: list[SmtpSink], server_context: ssl.SSLContext
+) -> None:
+    sink = await start(sinks, starttls_context=server_context)
+    hop = SmarthostHop(host="127.0.0.1", port=sink.port, tls="starttls", insecure_skip_verify=True)
+    outcomes = await client.deliver(target_for_hop(hop), request(["a@d.test"]))
+    assert dispositions(outcomes) == [("delivered", "2.0.0")]
+    assert sink.messages[0].tls is True
+
+
+async def test_starttls_required_but_not_offered_defers(client: SmtpClient, sinks: list[SmtpSink]) -> None:
+    sink = await start(sinks)
+    hop = SmarthostHop(host="127.0.0.1", port=sink.port, tls="starttls")
+    outcomes = await client.deliver(target_for_hop(hop), request(["a@d.test"]))
+    assert dispositions(outcomes) == [("deferred", "4.7.10")]
+    assert sink.messages == []
+
+
+async def test_opportunistic_tls_used_when_offered_without_verification(
+    client: SmtpClient, sinks: list[SmtpSink], server_context: ssl.SSLContext
+) -> None:
+    sink = await start(sinks, starttls_context=server_context)
+    target = SmtpTarget("127.0.0.1", sink.port, tls="opportunistic", server_name="mx.d.test", verify=False)
+    outcomes = await client.deliver(target, request(["a@d.test"]))
+    assert dispositions(outcomes) == [("delivered", "2.0.0")]
+    assert sink.messages[0].tls is True
+    assert outcomes[0].remote_mta == "mx.d.test"
+
+
+async def test_implicit_tls(
+    client: SmtpClient, sinks: list[SmtpSink], server_context: ssl.SSLContext, ca_file: Path
+) -> None:
+    sink = await start(sinks, implicit_tls_context=server_context)
+    hop = SmarthostHop(host="127.0.0.1", port=sink.port, tls="implicit", ca_file=ca_file)
+    outcomes = await client.deliver(target_for_hop(hop), request(["a@d.test"]))
+    assert dispositions(outcomes) == [("delivered", "2.0.0")]
+
+
+def credentials(tmp_path: Path, username: str, password: str) -> Path:
+    directory = tmp_path / "creds"
+    directory.mkdir(exist_ok=True)
+    (directory / "username").write_text(username + "\n")
+    (directory / "password").write_text(password + "\n")
+    return directory
+
+
+async def test_auth_to_smarthost(
+    client: SmtpClient, sinks: list[SmtpSink], server_context: ssl.SSLContext, ca_file: Path, tmp_path: Path
+) -> None:
+    sink = await start(sinks, starttls_context=server_context, users={"relay": "s3cret"})
+    hop = SmarthostHop(
+        host="127.0.0.1",
+        port=sink.port,
+        ca_file=ca_file,
+        credentials_dir=credentials(tmp_path, "relay", "s3cret"),
+    )
+    outcomes = await client.deliver(target_for_hop(hop), request(["a@d.test"]))
+    assert dispositions(outcomes) == [("delivered", "2.0.0")]
+    assert sink.messages[0].login == "relay"
+
+
+async def test_auth_failure_defers_4_7_8(
+    client: SmtpClient, sinks: list[SmtpSink], server_context: ssl.SSLContext, ca_file: Path, tmp_path: Path
+) -> None:
+    sink = await start(sinks, starttls_context=server_context, users={"relay": "s3cret"})
+    hop = SmarthostHop(
+        host="127.0.0.1",
+        port=sink.port,
+        ca_file=ca_file,
+        credentials_dir=credentials(tmp_path, "relay", "wrong"),
+    )
+    outcomes = await client.deliver(target_for_hop(hop), request(["a@d.test"]))
+    assert dispositions(outcomes) == [("deferred", "4.7.8")]
+    assert sink.messages == []
+
+
+async def test_without_auth_the_smarthost_refuses(
+    client: SmtpClient, sinks: list[SmtpSink], server_context: ssl.SSLContext, ca_file: Path
+) -> None:
+    sink = await start(sinks, starttls_context=server_context, users={"relay": "s3cret"})
+    hop = SmarthostHop(host="127.0.0.1", port=sink.port, ca_file=ca_file)
+    outcomes = await client.deliver(target_for_hop(hop), request(["a@d.test"]))
+    assert outcomes[0].disposition is Disposition.BOUNCED  # 530 5.7.0 Authentication required
+    assert outcomes[0].code == 530
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize(
+    ("value", "encoded"),
+    [("abc", "abc"), ("a+b", "a+2Bb"), ("a=b", "a+3Db"), ("a b", "a+20b"), ("é", "+C3+A9")],
+)
+def test_xtext(value: str, encoded: str) -> None:
+    assert xtext(value) == encoded
+
+
+def test_orcpt_param() -> None:
+    assert orcpt_param("rfc822;a+b@d.test") == "ORCPT=rfc822;a+2Bb@d.test"
+    assert orcpt_param("a@d.test") == "ORCPT=rfc822;a@d.test"
+
+
+def test_downgrade_multipart_keeps_ascii_parts() -> None:
+    content = (
+        b"From: s@sender.test\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nplain ascii\r\n"
+        b"--b\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n\xff\xfe\x00data\r\n"
+        b"--b--\r\n"
+    )
+    converted = downgrade_8bit(content)
+    assert converted is not None and converted.isascii()
+    parsed = email.message_from_bytes(converted, policy=email.policy.default)
+    parts = list(parsed.iter_parts())  # type: ignore[attr-defined]
+    assert parts[0].get_content() == "plain ascii"
+    assert parts[1]["Content-Transfer-Encoding"] == "base64"
+    assert parts[1].get_content() == b"\xff\xfe\x00data"
+
+
+def test_downgrade_non_mime_message_gets_mime_headers() -> None:
+    converted = downgrade_8bit("Subject: x\r\n\r\ncafé\r\n".encode())
+    assert converted is not None and converted.isascii()
+    parsed = email.message_from_bytes(converted, policy=email.policy.compat32)
+    assert parsed["MIME-Version"] == "1.0"
+    assert parsed.get_payload(decode=True) == "café\r\n".encode()
