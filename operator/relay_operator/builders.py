@@ -178,10 +178,14 @@ def _secret_volumes(plan: RelayPlan) -> tuple[list[dict[str, Any]], list[dict[st
     mounts: list[dict[str, Any]] = []
     seen: set[str] = set()
     for use in plan.secrets:
-        volume = naming.secret_volume_name(use.purpose, use.secret)
-        if volume in seen:
+        # One mount per directory: a Secret used by several routes (or for smarthost AUTH and
+        # a webhook) is mounted once under the secrets directory.
+        if str(use.mount_dir) in seen:
             continue
-        seen.add(volume)
+        seen.add(str(use.mount_dir))
+        volume = naming.secret_volume_name(
+            use.purpose if use.purpose in ("tls", "auth") else "secret", use.secret
+        )
         volumes.append({"name": volume, "secret": {"secretName": use.secret, "defaultMode": 0o440}})
         mounts.append({"name": volume, "mountPath": str(use.mount_dir), "readOnly": True})
     return volumes, mounts

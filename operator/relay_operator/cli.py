@@ -14,7 +14,7 @@ error (one line each), 2 when the input cannot be read. Registered through the
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import click
@@ -23,6 +23,7 @@ import yaml
 from relay_operator import builders, manifests, topology
 from relay_operator.topology import NamespacePlan, Problem
 
+_DEFAULT_OPTIONS = builders.BuildOptions()
 _FILE_HELP = "A manifest file or folder (searched recursively); '-' reads standard input. Repeatable."
 
 
@@ -71,10 +72,36 @@ def secret_problems_from_files(
     return found
 
 
-def _dump(objects: Sequence[dict[str, Any]]) -> str:
+def dump_documents(objects: Sequence[Mapping[str, Any]]) -> str:
+    """Multi-document YAML, each document starting with ``---``."""
     return "".join(
-        "---\n" + yaml.safe_dump(obj, sort_keys=False, default_flow_style=False) for obj in objects
+        "---\n" + yaml.safe_dump(dict(obj), sort_keys=False, default_flow_style=False) for obj in objects
     )
+
+
+def render_objects(
+    plans: Sequence[NamespacePlan], options: builders.BuildOptions = _DEFAULT_OPTIONS
+) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """Every object for every relay that has a rendered config, and the errors of the plans."""
+    objects: list[dict[str, Any]] = []
+    for plan in plans:
+        for relay_plan in plan.relays.values():
+            if relay_plan.config is not None:
+                objects.extend(builders.build_objects(relay_plan, options))
+    return objects, [p for plan in plans for p in plan.errors]
+
+
+def render_documents(
+    documents: Sequence[Mapping[str, Any]],
+    options: builders.BuildOptions = _DEFAULT_OPTIONS,
+    *,
+    default_namespace: str = "default",
+    cluster_domain: str = "cluster.local",
+) -> str:
+    """What `mailrelay render` prints for these decoded manifests (errors are not raised)."""
+    loaded = manifests.group_documents([("<documents>", d) for d in documents], default_namespace)
+    objects, _ = render_objects(plan_manifests(loaded, topology.cluster_resolver(cluster_domain)), options)
+    return dump_documents(objects)
 
 
 @click.command("render")
@@ -111,14 +138,8 @@ def render_command(paths: Sequence[str], default_namespace: str, image: str, clu
     """
     loaded = _load(paths, default_namespace)
     plans = plan_manifests(loaded, topology.cluster_resolver(cluster_domain))
-    options = builders.BuildOptions(image=image)
-    objects: list[dict[str, Any]] = []
-    for plan in plans:
-        for relay_plan in plan.relays.values():
-            if relay_plan.config is not None:
-                objects.extend(builders.build_objects(relay_plan, options))
-    click.echo(_dump(objects), nl=False)
-    errors = [p for plan in plans for p in plan.errors]
+    objects, errors = render_objects(plans, builders.BuildOptions(image=image))
+    click.echo(dump_documents(objects), nl=False)
     for problem in errors:
         click.echo(str(problem), err=True)
     if errors:

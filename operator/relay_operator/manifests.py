@@ -106,43 +106,50 @@ def _documents(path: Path, text: str) -> list[dict[str, Any]]:
 
 def parse_documents(sources: Sequence[tuple[str, str]], default_namespace: str = "default") -> ManifestSet:
     """(name, text) pairs → a ManifestSet; `load_manifests` reads the files for this."""
+    return group_documents(
+        [(source, doc) for source, text in sources for doc in _documents(Path(source), text)],
+        default_namespace,
+    )
+
+
+def group_documents(
+    documents: Sequence[tuple[str, Mapping[str, Any]]], default_namespace: str = "default"
+) -> ManifestSet:
+    """(source, decoded document) pairs → a ManifestSet, for callers that hold bodies already."""
     relays: dict[str, list[dict[str, Any]]] = {}
     routes: dict[str, list[dict[str, Any]]] = {}
     secrets: dict[str, list[dict[str, Any]]] = {}
     seen: dict[tuple[str, str, str], str] = {}
     skipped: list[str] = []
-    for source, text in sources:
-        for doc in _documents(Path(source), text):
-            kind = str(doc.get("kind") or "")
-            api_version = str(doc.get("apiVersion") or "")
-            metadata = doc.get("metadata")
-            if not isinstance(metadata, dict) or not metadata.get("name"):
-                raise ManifestError(f"{source}: a {kind or 'document'} has no metadata.name")
-            name = str(metadata["name"])
-            if kind in (naming.MAILRELAY_KIND, naming.RELAYROUTE_KIND) and api_version.startswith(
-                naming.GROUP + "/"
-            ):
-                if api_version != naming.API_VERSION:
-                    raise ManifestError(
-                        f"{source}: {kind} {name}: apiVersion {api_version} is not served; "
-                        f"use {naming.API_VERSION}"
-                    )
-                target = relays if kind == naming.MAILRELAY_KIND else routes
-            elif kind == "Secret" and api_version == "v1":
-                target = secrets
-            else:
-                skipped.append(f"{source}: {kind or '?'} {name}")
-                continue
-            namespace = str(metadata.get("namespace") or default_namespace)
-            identity = (kind, namespace, name)
-            if identity in seen:
+    for source, doc in documents:
+        kind = str(doc.get("kind") or "")
+        api_version = str(doc.get("apiVersion") or "")
+        metadata = doc.get("metadata")
+        if not isinstance(metadata, dict) or not metadata.get("name"):
+            raise ManifestError(f"{source}: a {kind or 'document'} has no metadata.name")
+        name = str(metadata["name"])
+        if kind in (naming.MAILRELAY_KIND, naming.RELAYROUTE_KIND) and api_version.startswith(
+            naming.GROUP + "/"
+        ):
+            if api_version != naming.API_VERSION:
                 raise ManifestError(
-                    f"{source}: {kind} {namespace}/{name} is also defined in {seen[identity]}"
+                    f"{source}: {kind} {name}: apiVersion {api_version} is not served; "
+                    f"use {naming.API_VERSION}"
                 )
-            seen[identity] = source
-            body = dict(doc)
-            body["metadata"] = {**metadata, "namespace": namespace}
-            target.setdefault(namespace, []).append(body)
+            target = relays if kind == naming.MAILRELAY_KIND else routes
+        elif kind == "Secret" and api_version == "v1":
+            target = secrets
+        else:
+            skipped.append(f"{source}: {kind or '?'} {name}")
+            continue
+        namespace = str(metadata.get("namespace") or default_namespace)
+        identity = (kind, namespace, name)
+        if identity in seen:
+            raise ManifestError(f"{source}: {kind} {namespace}/{name} is also defined in {seen[identity]}")
+        seen[identity] = source
+        body = dict(doc)
+        body["metadata"] = {**metadata, "namespace": namespace}
+        target.setdefault(namespace, []).append(body)
     namespaces = sorted(set(relays) | set(routes) | set(secrets))
     return ManifestSet(
         namespaces={
