@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 import click
 
 from relay import __version__
+from relay.cli_relay import hash_password_command, queue_group, relay_command
 from relay.cli_send import send_command
 
 
@@ -53,3 +54,6 @@ def main() -> None:
 
 
 main.add_command(send_command)
+main.add_command(relay_command)
+main.add_command(queue_group)
+main.add_command(hash_password_command)

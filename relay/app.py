@@ -1,0 +1,386 @@
+"""The relay process: the composition root that `mailrelay relay --config FILE` runs (and what
+every relay pod runs).
+
+One process (``workers: 1``): recover the spool, start the scheduler and the SMTP front, serve
+/metrics, /healthz and /readyz, and wait for signals. Several (``workers: N``): the parent
+recovers the spool once, then starts N worker processes (spawned, not forked, so no thread or
+event-loop state is copied); each binds every listener with SO_REUSEPORT, so the kernel spreads
+connections over them, and each runs a front and a scheduler on the shared spool, whose rename
+claims keep two workers from delivering the same message. The parent serves the HTTP endpoints
+with prometheus_client's multi-process collector, watches the configuration, forwards reloads,
+and restarts a worker that died.
+
+Signals and reloads:
+- SIGHUP, or a change of the config file (polled; a ConfigMap's symlink swap counts): load and
+  validate; a valid file swaps routes, limits, networks and domains in the front and the
+  scheduler without dropping a connection; an invalid one is logged and counted
+  (``mailrelay_config_reloads{result="invalid"}``) and the old one stays. Listener, TLS, auth,
+  queue directory and worker-count changes need a restart (logged).
+- SIGTERM/SIGINT: stop accepting (new sessions get ``421 4.3.2``), let transactions in flight
+  finish, stop the scheduler (in-flight deliveries get the rest of the grace period), exit 0.
+  The queue stays on disk; the next start recovers it.
+
+This module wires adapters together and handles signals; it decides nothing about mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from relay import metrics
+from relay.config import ConfigError, RelayConfig, load_config
+from relay.config_watch import ConfigWatcher
+from relay.front import Front
+from relay.health import HealthServer, metrics_registry, spool_writable
+from relay.scheduler import Scheduler
+from relay.spool import Spool
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE = 25.0  # Kubernetes' default terminationGracePeriodSeconds is 30
+_RESTART_FIELDS = ("listeners", "tls", "auth", "workers", "metrics")
+
+
+def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` on uvloop when it is installed, else on asyncio's default loop."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+def configure_logging(config: RelayConfig, worker: int | None = None) -> None:
+    prefix = f"[w{worker}] " if worker is not None else ""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s"))
+    root.setLevel(config.log_level.upper())
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-line chatter
+
+
+def restart_needed(old: RelayConfig, new: RelayConfig) -> list[str]:
+    """Top-level fields whose change a reload cannot apply."""
+    changed = [name for name in _RESTART_FIELDS if getattr(old, name) != getattr(new, name)]
+    if old.queue.directory != new.queue.directory:
+        changed.append("queue.directory")
+    return changed
+
+
+class RelayProcess:
+    """One relay process: front + scheduler on one spool, plus (optionally) the HTTP endpoints
+    and the config watcher."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        config: RelayConfig,
+        *,
+        recover: bool = True,
+        serve_health: bool = True,
+        watch: bool = True,
+        count_reloads: bool = True,
+        grace: float = DEFAULT_GRACE,
+        on_ready: Callable[[], None] | None = None,
+        watch_interval: float = 1.0,
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.config = config
+        self.recover = recover
+        self.serve_health = serve_health
+        self.watch = watch
+        self.count_reloads = count_reloads
+        self.grace = grace
+        self.on_ready = on_ready
+        self.watch_interval = watch_interval
+        self.front: Front | None = None
+        self.scheduler: Scheduler | None = None
+        self.spool: Spool | None = None
+        self._stop: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ reload
+
+    def reload(self) -> None:
+        """Load, validate and apply the config file; keep the old one if the new is invalid."""
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config reload: invalid file, keeping the running configuration:\n%s", exc)
+            if self.count_reloads:
+                metrics.CONFIG_RELOADS.labels(result="invalid").inc()
+            return
+        for name in restart_needed(self.config, new):
+            log.warning("config reload: a change of %s takes effect after a restart", name)
+        self.config = new
+        if self.front is not None:
+            self.front.update_config(new)
+        if self.scheduler is not None:
+            self.scheduler.update_config(new)
+        configure_logging_level(new)
+        if self.count_reloads:
+            metrics.CONFIG_RELOADS.labels(result="ok").inc()
+        log.info("config reloaded: %d routes", len(new.routes))
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    # ------------------------------------------------------------------ run
+
+    def ready(self) -> tuple[bool, str]:
+        if self.front is None or self.front.draining:
+            return False, "not accepting mail"
+        if not all(rt.server is not None and rt.server.is_serving() for rt in self.front.listeners.values()):
+            return False, "listeners not bound"
+        if not spool_writable(self.config.queue.directory):
+            return False, "spool not writable"
+        return True, "ready"
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        config = self.config
+        spool = self.spool = Spool(config.queue.directory)
+        try:
+            if self.recover:
+                report = await asyncio.to_thread(spool.recover)
+                log.info("spool %s recovered: %s", config.queue.directory, report)
+            else:
+                await asyncio.to_thread(spool.prepare)
+        except OSError as exc:
+            log.error("cannot use the queue directory %s: %s", config.queue.directory, exc)
+            spool.close()
+            return 1
+        scheduler = self.scheduler = Scheduler(config, spool)
+        front = self.front = Front(config, spool, on_stored=scheduler.notify)
+        try:
+            await front.start()
+        except OSError as exc:
+            log.error("cannot bind a listener: %s", exc)
+            await front.close()
+            spool.close()
+            return 1
+        await scheduler.start()
+        health: HealthServer | None = None
+        if self.serve_health:
+            health = HealthServer(config.metrics.host, config.metrics.port, self.ready)
+            try:
+                await health.start()
+            except OSError as exc:
+                log.error(
+                    "cannot bind the metrics port %s:%d: %s", config.metrics.host, config.metrics.port, exc
+                )
+                health = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        watcher: ConfigWatcher | None = None
+        if self.watch:
+            watcher = ConfigWatcher(self.config_path, self.reload, interval=self.watch_interval)
+            watcher.start()
+        listeners = ", ".join(f"{n} {h}:{p}" for n, (h, p) in front.addresses.items())
+        log.info("relay %s ready (pid %d): %s", config.hostname, os.getpid(), listeners)
+        if self.on_ready is not None:
+            self.on_ready()
+        await self._stop.wait()
+
+        deadline = loop.time() + self.grace
+        log.info("shutting down: finishing transactions and deliveries (grace %.0fs)", self.grace)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+        if watcher is not None:
+            await watcher.stop()
+        await front.drain(self.grace * 0.6)
+        await scheduler.stop(max(deadline - loop.time(), 0.5))
+        if health is not None:
+            await health.stop()
+        spool.close()
+        log.info("stopped; the queue stays in %s", config.queue.directory)
+        return 0
+
+
+def configure_logging_level(config: RelayConfig) -> None:
+    logging.getLogger().setLevel(config.log_level.upper())
+
+
+# ----------------------------------------------------------------------------- several workers
+
+
+def worker_main(config_path: str, index: int, ready: multiprocessing.synchronize.Event, grace: float) -> None:
+    """Entry point of a spawned worker process."""
+    try:
+        config = load_config(Path(config_path))
+    except ConfigError as exc:
+        logging.basicConfig()
+        logging.getLogger(__name__).error("worker %d: invalid configuration:\n%s", index, exc)
+        raise SystemExit(2) from exc
+    configure_logging(config, worker=index)
+    process = RelayProcess(
+        Path(config_path),
+        config,
+        recover=False,
+        serve_health=False,
+        watch=False,
+        count_reloads=False,
+        grace=grace,
+        on_ready=ready.set,
+    )
+    raise SystemExit(run_event_loop(process.run()))
+
+
+class Supervisor:
+    """The parent of N worker processes (``workers`` > 1)."""
+
+    def __init__(self, config_path: Path, config: RelayConfig, *, grace: float = DEFAULT_GRACE) -> None:
+        self.config_path = Path(config_path)
+        self.config = config
+        self.grace = grace
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[
+            tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]
+        ] = []
+        self._stopping = False
+        self._stop: asyncio.Event | None = None
+
+    def _spawn(
+        self, index: int
+    ) -> tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]:
+        ready = self._context.Event()
+        process = self._context.Process(
+            target=worker_main,
+            args=(str(self.config_path), index, ready, self.grace),
+            name=f"mailrelay-worker-{index}",
+        )
+        process.start()
+        log.info("worker %d started (pid %s)", index, process.pid)
+        return process, ready
+
+    def ready(self) -> tuple[bool, str]:
+        if self._stopping:
+            return False, "shutting down"
+        for index, (process, ready) in enumerate(self._workers):
+            if not process.is_alive() or not ready.is_set():
+                return False, f"worker {index} not ready"
+        if not spool_writable(self.config.queue.directory):
+            return False, "spool not writable"
+        return True, "ready"
+
+    def reload(self) -> None:
+        """Validate here, then let every worker reload itself (SIGHUP)."""
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config reload: invalid file, keeping the running configuration:\n%s", exc)
+            metrics.CONFIG_RELOADS.labels(result="invalid").inc()
+            return
+        for name in restart_needed(self.config, new):
+            log.warning("config reload: a change of %s takes effect after a restart", name)
+        self.config = new
+        for process, _ready in self._workers:
+            if process.pid is not None and process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
+        metrics.CONFIG_RELOADS.labels(result="ok").inc()
+        log.info("config reloaded: %d routes, forwarded to %d workers", len(new.routes), len(self._workers))
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _monitor(self) -> None:
+        from prometheus_client import multiprocess
+
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            for index, (process, _ready) in enumerate(self._workers):
+                if self._stopping or process.is_alive():
+                    continue
+                log.error(
+                    "worker %d (pid %s) exited with %s; restarting", index, process.pid, process.exitcode
+                )
+                if process.pid is not None:
+                    with contextlib.suppress(Exception):
+                        multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+                await asyncio.sleep(1.0)
+                if not self._stopping:
+                    self._workers[index] = self._spawn(index)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._workers = [self._spawn(i) for i in range(self.config.workers)]
+        registry = metrics_registry()
+        # The parent's own counter (reloads) lives in its memory, not in the workers' files.
+        registry.register(metrics.CONFIG_RELOADS)
+        health = HealthServer(self.config.metrics.host, self.config.metrics.port, self.ready, registry)
+        try:
+            await health.start()
+        except OSError as exc:
+            log.error("cannot bind the metrics port: %s", exc)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        watcher = ConfigWatcher(self.config_path, self.reload)
+        watcher.start()
+        monitor = asyncio.create_task(self._monitor())
+        await self._stop.wait()
+        self._stopping = True
+        monitor.cancel()
+        await watcher.stop()
+        log.info("shutting down %d workers", len(self._workers))
+        for process, _ready in self._workers:
+            if process.pid is not None and process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+        for process, _ready in self._workers:
+            await asyncio.to_thread(process.join, self.grace + 5)
+            if process.is_alive():
+                log.error("worker pid %s did not stop in time; killing it", process.pid)
+                process.kill()
+                await asyncio.to_thread(process.join, 5)
+        await health.stop()
+        return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run_relay(config_path: Path, config: RelayConfig, *, grace: float = DEFAULT_GRACE) -> int:
+    """Run the relay described by `config` (already loaded from `config_path`) until SIGTERM."""
+    configure_logging(config)
+    if config.workers == 1:
+        return run_event_loop(RelayProcess(config_path, config, grace=grace).run())
+    made_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        made_dir = tempfile.mkdtemp(prefix="mailrelay-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made_dir
+    else:
+        for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+            stale.unlink(missing_ok=True)
+    try:
+        spool = Spool(config.queue.directory)
+        try:
+            log.info("spool %s recovered: %s", config.queue.directory, spool.recover())
+        finally:
+            spool.close()
+        return run_event_loop(Supervisor(config_path, config, grace=grace).run())
+    finally:
+        if made_dir is not None:
+            shutil.rmtree(made_dir, ignore_errors=True)
