@@ -49,6 +49,7 @@ from aiosmtplib import SMTPResponse
 
 from relay import outcome
 from relay.config import QueueConfig, RelayHop, SmarthostHop
+from relay.dsn import as_xtext
 from relay.model import DeliveryRequest, Disposition, Envelope, Recipient, RecipientOutcome
 
 log = logging.getLogger(__name__)
@@ -61,25 +62,13 @@ TargetTls = Literal["none", "starttls", "implicit", "opportunistic"]
 # --------------------------------------------------------------------------- pure helpers
 
 
-def xtext(value: str) -> str:
-    """RFC 3461 4: xtext encoding for ENVID and ORCPT values (``+`` and ``=`` and anything outside
-    ``!``..``~`` become ``+HH``)."""
-    out = []
-    for byte in value.encode("utf-8"):
-        if 33 <= byte <= 126 and byte not in (ord("+"), ord("=")):
-            out.append(chr(byte))
-        else:
-            out.append(f"+{byte:02X}")
-    return "".join(out)
-
-
 def orcpt_param(orcpt: str) -> str:
-    """``ORCPT=rfc822;user+2Bx@example.com`` from a stored ``rfc822;user+x@example.com``: the
-    address type is kept, the address xtext-encoded (the stored value is the decoded form)."""
+    """``ORCPT=rfc822;a+2Bb@d.test`` from a stored ORCPT (the front keeps the wire form, xtext;
+    a value that is not valid xtext is encoded)."""
     addr_type, sep, address = orcpt.partition(";")
     if not sep:
         addr_type, address = "rfc822", orcpt
-    return f"ORCPT={addr_type.strip()};{xtext(address.strip())}"
+    return f"ORCPT={addr_type.strip()};{as_xtext(address.strip())}"
 
 
 def header_block(content: bytes) -> bytes:
@@ -508,7 +497,7 @@ class SmtpClient:
             if envelope.ret:
                 mail_options.append(f"RET={envelope.ret}")
             if envelope.envid:
-                mail_options.append(f"ENVID={xtext(envelope.envid)}")
+                mail_options.append(f"ENVID={as_xtext(envelope.envid)}")
         try:
             sender = f"<{envelope.mail_from}>".encode(encoding)
             rcpt_bytes = [f"<{r.address}>".encode(encoding) for r in recipients]

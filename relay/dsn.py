@@ -31,6 +31,7 @@ import email.message
 import email.policy
 import email.utils
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.mime.base import MIMEBase
@@ -46,6 +47,56 @@ Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 FULL_RETURN_LIMIT = 1024 * 1024  # bytes of original message returned when RET was not given
 
 _POLICY = email.policy.compat32.clone(linesep="\r\n", max_line_length=0)
+
+_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
+_XTEXT_ESCAPE = re.compile(r"\+([0-9A-F]{2})")
+
+
+# --------------------------------------------------------------------------- xtext (RFC 3461 4)
+# The front stores ENVID and ORCPT as they came on the wire (xtext); DSN fields carry them decoded.
+
+
+def is_xtext(value: str) -> bool:
+    """Printable ASCII except ``+`` and ``=``, with ``+HH`` escapes (RFC 3461 4)."""
+    return bool(_XTEXT.match(value))
+
+
+def xtext_encode(value: str) -> str:
+    """Encode every octet outside ``!``..``~``, and ``+`` and ``=``, as ``+HH``."""
+    out = []
+    for byte in value.encode("utf-8"):
+        if 33 <= byte <= 126 and byte not in (0x2B, 0x3D):
+            out.append(chr(byte))
+        else:
+            out.append(f"+{byte:02X}")
+    return "".join(out)
+
+
+def xtext_decode(value: str) -> str:
+    """``a+2Bb`` -> ``a+b`` (escaped octets are UTF-8)."""
+    raw = _XTEXT_ESCAPE.sub(lambda m: f"\x00{m.group(1)}", value)
+    if "\x00" not in raw:
+        return value
+    data = bytearray()
+    parts = raw.split("\x00")
+    data += parts[0].encode("utf-8")
+    for part in parts[1:]:
+        data.append(int(part[:2], 16))
+        data += part[2:].encode("utf-8")
+    return data.decode("utf-8", errors="replace")
+
+
+def as_xtext(value: str) -> str:
+    """The wire form of a stored ENVID/ORCPT value: kept when it already is xtext, encoded otherwise."""
+    return value if is_xtext(value) else xtext_encode(value)
+
+
+def orcpt_address(orcpt: str) -> tuple[str, str]:
+    """(address type, decoded address) of a stored ``rfc822;xtext`` ORCPT value."""
+    addr_type, sep, address = orcpt.partition(";")
+    if not sep:
+        return "rfc822", xtext_decode(orcpt.strip())
+    return addr_type.strip().lower(), xtext_decode(address.strip())
 
 
 @dataclass(frozen=True)
@@ -138,7 +189,7 @@ def _human_text(entry: QueueEntry, reports: Sequence[Report], reporting_mta: str
 def _per_message_fields(entry: QueueEntry, reporting_mta: str) -> email.message.Message:
     fields = email.message.Message(policy=_POLICY)
     if entry.envelope.envid:
-        fields["Original-Envelope-Id"] = entry.envelope.envid
+        fields["Original-Envelope-Id"] = xtext_decode(entry.envelope.envid)
     fields["Reporting-MTA"] = f"dns; {reporting_mta}"
     if entry.helo:
         received_from = f"dns; {entry.helo}"
@@ -154,10 +205,8 @@ def _per_recipient_fields(report: Report, now: float, retry_until: float | None)
     recipient: Recipient = outcome.recipient
     fields = email.message.Message(policy=_POLICY)
     if recipient.orcpt:
-        addr_type, sep, address = recipient.orcpt.partition(";")
-        fields["Original-Recipient"] = (
-            f"{addr_type.strip()};{address.strip()}" if sep else f"rfc822;{addr_type}"
-        )
+        addr_type, address = orcpt_address(recipient.orcpt)
+        fields["Original-Recipient"] = f"{addr_type};{address}"
     fields["Final-Recipient"] = f"{_address_type(recipient.address)};{recipient.address}"
     fields["Action"] = report.action
     fields["Status"] = outcome.status

@@ -9,7 +9,18 @@ import email.policy
 import pytest
 
 from relay import outcome
-from relay.dsn import FULL_RETURN_LIMIT, Report, action_for, build_dsn, envelope_for, reportable
+from relay.dsn import (
+    FULL_RETURN_LIMIT,
+    Report,
+    action_for,
+    as_xtext,
+    build_dsn,
+    envelope_for,
+    is_xtext,
+    reportable,
+    xtext_decode,
+    xtext_encode,
+)
 from relay.model import Envelope, QueueEntry, Recipient, RecipientOutcome
 
 NOW = 1_700_000_100.0
@@ -89,9 +100,9 @@ def status_blocks(report: email.message.EmailMessage) -> list[dict[str, str]]:
 
 def test_failed_report_fields() -> None:
     data = build_dsn(
-        entry(envid="ENV 1"),
+        entry(envid="ENV+201"),
         CONTENT,
-        [Report(bounced(orcpt="rfc822;A@d.test"), "failed")],
+        [Report(bounced(orcpt="rfc822;A+2Bx@d.test"), "failed")],
         reporting_mta="relay.test",
         now=NOW,
         message_id="Q2.dsn",
@@ -117,7 +128,7 @@ def test_failed_report_fields() -> None:
         "Arrival-Date": "Tue, 14 Nov 2023 22:13:20 GMT",
     }
     assert per_recipient == {
-        "Original-Recipient": "rfc822;A@d.test",
+        "Original-Recipient": "rfc822;A+x@d.test",  # decoded from xtext (RFC 3461 6.3)
         "Final-Recipient": "rfc822;a@d.test",
         "Action": "failed",
         "Status": "5.1.1",
@@ -194,3 +205,16 @@ def test_dsn_envelope() -> None:
     assert envelope.mail_from == "" and [r.address for r in envelope.recipients] == ["s@sender.test"]
     assert envelope.body is None
     assert envelope_for(entry(), "é".encode()).body == "8BITMIME"
+
+
+@pytest.mark.parametrize(
+    ("value", "encoded"),
+    [("abc", "abc"), ("a+b", "a+2Bb"), ("a=b", "a+3Db"), ("a b", "a+20b"), ("é", "+C3+A9"), ("", "")],
+)
+def test_xtext_round_trip(value: str, encoded: str) -> None:
+    assert xtext_encode(value) == encoded
+    assert is_xtext(encoded)
+    assert xtext_decode(encoded) == value
+    assert as_xtext(encoded) == encoded
+    if value != encoded:
+        assert as_xtext(value) == encoded
