@@ -168,6 +168,9 @@ def check_command(paths: Sequence[str], default_namespace: str, strict: bool) ->
     plans = plan_manifests(loaded)
     problems = [p for plan in plans for p in plan.problems]
     try:
+        for namespace in loaded.namespaces.values():
+            for secret in namespace.secrets:
+                manifests.secret_data(secret)  # the API server would refuse broken base64
         problems += secret_problems_from_files(loaded, plans)
     except manifests.ManifestError as exc:
         click.echo(f"error: {exc}", err=True)
