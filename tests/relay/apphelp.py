@@ -1,0 +1,128 @@
+"""Run `mailrelay relay --config FILE` as a real subprocess and follow its log."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ConfigMapDir:
+    """A config file laid out like a mounted ConfigMap: relay.yaml -> ..data/relay.yaml, with
+    ..data a symlink to a timestamped directory; `publish` swaps it atomically."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.version = 0
+        self.path = directory / "relay.yaml"
+
+    def publish(self, data: dict[str, Any] | str) -> None:
+        self.version += 1
+        target = self.directory / f"..2024_01_01_00_00_{self.version:02d}"
+        target.mkdir()
+        text = data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False)
+        (target / "relay.yaml").write_text(text)
+        tmp_link = self.directory / "..data_tmp"
+        tmp_link.symlink_to(target.name)
+        os.replace(tmp_link, self.directory / "..data")
+        if not self.path.is_symlink():
+            self.path.symlink_to("..data/relay.yaml")
+
+
+class RelayRun:
+    """A relay subprocess whose combined output is collected line by line."""
+
+    def __init__(self, config_path: Path, *, grace: float = 10.0, cwd: Path | None = None) -> None:
+        self.config_path = config_path
+        self.grace = grace
+        self.cwd = cwd
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> RelayRun:
+        env = dict(os.environ)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "relay",
+                "relay",
+                "--config",
+                str(self.config_path),
+                "--grace",
+                str(self.grace),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=self.cwd,
+            env=env,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        return self
+
+    def _pump(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def count(self, pattern: str) -> int:
+        with self._cond:
+            return sum(1 for line in self.lines if re.search(pattern, line))
+
+    def wait_for(self, pattern: str, *, occurrences: int = 1, timeout: float = 30.0) -> str:
+        """Block until `pattern` has appeared `occurrences` times in the log; return the line."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [line for line in self.lines if re.search(pattern, line)]
+                if len(found) >= occurrences:
+                    return found[occurrences - 1]
+                remaining = deadline - time.monotonic()
+                assert self.process is not None
+                if remaining <= 0 or (self.process.poll() is not None and not self._pending_output()):
+                    raise AssertionError(f"log line {pattern!r} not seen; log:\n" + "\n".join(self.lines))
+                self._cond.wait(min(remaining, 0.5))
+
+    def _pending_output(self) -> bool:
+        return False
+
+    def signal(self, signum: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    @property
+    def log(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)

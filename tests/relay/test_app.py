@@ -1,0 +1,263 @@
+"""The relay process as a user runs it: `mailrelay relay --config FILE` in a subprocess, real
+sockets on 127.0.0.1, a real SMTP sink as the next hop. Reload (file change and SIGHUP),
+invalid reloads, SIGTERM drain, SIGKILL after 250 and delivery after restart, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+import yaml
+
+from relay.config import parse_config
+from relay.config_watch import ConfigWatcher
+from tests.relay.apphelp import ConfigMapDir, RelayRun, free_port
+from tests.relay.fronthelp import RawClient
+from tests.relay.smtpsink import SmtpSink
+
+MESSAGE = b"Subject: app test\r\nFrom: a@sender.org\r\n\r\nhello\r\n"
+
+
+def relay_config(
+    tmp_path: Path, smtp_port: int, metrics_port: int, sink_port: int, **extra: Any
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "hostname": "app.relay.test",
+        "listeners": [{"name": "smtp", "host": "127.0.0.1", "port": smtp_port, "mode": "relay"}],
+        "acceptDomains": ["example.com", "blocked.example.com"],
+        "queue": {
+            "directory": str(tmp_path / "queue"),
+            "retry": {"minBackoff": "1s", "maxBackoff": "2s", "maxLifetime": "1h"},
+        },
+        "routes": [
+            {
+                "name": "to-sink",
+                "match": {"recipientDomains": ["example.com", "blocked.example.com"]},
+                "nextHop": {"kind": "relay", "name": "sink", "host": "127.0.0.1", "port": sink_port},
+            }
+        ],
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        "logLevel": "info",
+    }
+    data.update(extra)
+    parse_config(data)  # the test's own config must be valid
+    return data
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def send(port: int, rcpt: str = "user@example.com") -> str:
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
+    await smtp.connect()
+    _errors, text = await smtp.sendmail("a@sender.org", [rcpt], MESSAGE)
+    await smtp.quit()
+    return text
+
+
+async def rcpt_reply(port: int, rcpt: str) -> int:
+    client = await RawClient.connect("127.0.0.1", port)
+    await client.reply()
+    await client.cmd("EHLO client.test")
+    await client.cmd("MAIL FROM:<a@sender.org>")
+    code, _ = await client.cmd(f"RCPT TO:<{rcpt}>")
+    await client.cmd("QUIT")
+    await client.close()
+    return code
+
+
+async def until(condition: Any, timeout: float = 30.0) -> None:
+    """Await a condition that no event announces (a file on disk, a subprocess state)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def runs() -> Iterator[list[RelayRun]]:
+    started: list[RelayRun] = []
+    yield started
+    for run in started:
+        run.kill()
+
+
+def test_invalid_config_exits_2_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    data = relay_config(tmp_path, 2525, 0, 2526)
+    data["listeners"][0]["port"] = 70000
+    path.write_text(yaml.safe_dump(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "relay", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "listeners.0.port" in result.stderr and "65535" in result.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "relay", "relay", "--config", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "cannot read config" in missing.stderr
+
+
+async def test_relay_process_delivers_reloads_and_drains(tmp_path: Path, runs: list[RelayRun]) -> None:
+    sink = await SmtpSink().start()
+    smtp_port, metrics_port = free_port(), free_port()
+    config = relay_config(tmp_path, smtp_port, metrics_port, sink.port)
+    configmap = ConfigMapDir(tmp_path / "config")
+    configmap.publish(config)
+    run = RelayRun(configmap.path).start()
+    runs.append(run)
+    try:
+        await asyncio.to_thread(run.wait_for, r"ready \(pid")
+        # accept and deliver to the next hop
+        text = await send(smtp_port)
+        assert text.startswith("2.0.0 Ok: queued as ")
+        queue_id = text.rsplit(" ", 1)[1]
+        await asyncio.wait_for(sink.arrived.wait(), 30)
+        [received] = sink.messages
+        assert received.content.startswith(b"Received: from ")
+        assert f"by app.relay.test (mailrelay) with ESMTP id {queue_id}".encode() in received.content
+        assert await asyncio.to_thread(http_get, metrics_port, "/healthz") == (200, "ok\n")
+        assert (await asyncio.to_thread(http_get, metrics_port, "/readyz"))[0] == 200
+        _, body = await asyncio.to_thread(http_get, metrics_port, "/metrics")
+        assert 'mailrelay_messages_accepted_total{listener="smtp"} 1.0' in body
+        assert 'mailrelay_recipients_delivered_total{route="to-sink"} 1.0' in body
+        # every log line about the message carries its queue id
+        assert run.count(queue_id) >= 2
+
+        # reload by a ConfigMap-style symlink swap: a reject route for blocked.example.com
+        assert await rcpt_reply(smtp_port, "x@blocked.example.com") == 250
+        blocked = dict(config)
+        blocked["routes"] = [
+            {
+                "name": "block",
+                "priority": 10,
+                "match": {"recipientDomains": ["blocked.example.com"]},
+                "nextHop": {"kind": "reject", "code": 550, "message": "5.7.1 blocked by policy"},
+            },
+            *config["routes"],
+        ]
+        configmap.publish(blocked)
+        await asyncio.to_thread(run.wait_for, "config reloaded: 2 routes")
+        assert await rcpt_reply(smtp_port, "x@blocked.example.com") == 550
+        assert await rcpt_reply(smtp_port, "x@example.com") == 250
+
+        # an invalid file is refused and counted; the running routes stay
+        configmap.publish("hostname: [broken\n")
+        await asyncio.to_thread(run.wait_for, "invalid file, keeping the running configuration")
+        assert await rcpt_reply(smtp_port, "x@blocked.example.com") == 550
+        _, body = await asyncio.to_thread(http_get, metrics_port, "/metrics")
+        assert 'mailrelay_config_reloads_total{result="invalid"} 1.0' in body
+        assert 'mailrelay_config_reloads_total{result="ok"} 1.0' in body
+
+        # SIGHUP reloads without any file change
+        configmap.publish(config)
+        await asyncio.to_thread(run.wait_for, "config reloaded: 1 routes")
+        run.signal(signal.SIGHUP)
+        await asyncio.to_thread(run.wait_for, "config reloaded: 1 routes", occurrences=2)
+        assert await rcpt_reply(smtp_port, "x@blocked.example.com") == 250
+
+        # SIGTERM: the transaction in flight finishes, new sessions get 421 4.3.2, exit 0
+        busy = await RawClient.connect("127.0.0.1", smtp_port)
+        await busy.reply()
+        await busy.cmd("EHLO client.test")
+        await busy.cmd("MAIL FROM:<a@sender.org>")
+        await busy.cmd("RCPT TO:<late@example.com>")
+        assert (await busy.cmd("DATA"))[0] == 354
+        run.signal(signal.SIGTERM)
+        await asyncio.to_thread(run.wait_for, "shutting down")
+        late = await RawClient.connect("127.0.0.1", smtp_port)
+        code, text = await late.reply()
+        assert (code, text.split()[0]) == (421, "4.3.2")
+        await busy.send(MESSAGE + b".\r\n")
+        assert (await busy.reply())[0] == 250
+        assert await asyncio.to_thread(run.wait, 30) == 0
+        await until(lambda: len(sink.messages) == 2 or any((tmp_path / "queue").rglob("*")))
+    finally:
+        await sink.stop()
+
+
+async def test_sigkill_after_250_loses_nothing(tmp_path: Path, runs: list[RelayRun]) -> None:
+    smtp_port, metrics_port, sink_port = free_port(), free_port(), free_port()
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(relay_config(tmp_path, smtp_port, metrics_port, sink_port)))
+    first = RelayRun(path).start()
+    runs.append(first)
+    await asyncio.to_thread(first.wait_for, r"ready \(pid")
+    text = await send(smtp_port)
+    first.kill()  # SIGKILL right after the 250
+    queue_id = text.rsplit(" ", 1)[1]
+    assert first.process is not None and first.process.returncode == -signal.SIGKILL
+    # the next hop comes up only now: nothing can have been delivered before the kill
+    sink = await SmtpSink(port=sink_port).start()
+    try:
+        second = RelayRun(path).start()
+        runs.append(second)
+        await asyncio.to_thread(second.wait_for, r"ready \(pid")
+        await asyncio.wait_for(sink.arrived.wait(), 60)
+        [received] = sink.messages
+        assert received.rcpt_tos == ["user@example.com"]
+        assert f"id {queue_id}".encode() in received.content
+        assert received.content.count(b"Received:") == 1
+        assert received.content.endswith(MESSAGE)
+        second.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(second.wait, 30) == 0
+    finally:
+        await sink.stop()
+
+
+async def test_two_workers_share_the_port(tmp_path: Path, runs: list[RelayRun]) -> None:
+    sink = await SmtpSink().start()
+    smtp_port, metrics_port = free_port(), free_port()
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(relay_config(tmp_path, smtp_port, metrics_port, sink.port, workers=2)))
+    run = RelayRun(path).start()
+    runs.append(run)
+    try:
+        await asyncio.to_thread(run.wait_for, r"\[w0\].*ready \(pid")
+        await asyncio.to_thread(run.wait_for, r"\[w1\].*ready \(pid")
+        for _ in range(6):
+            await send(smtp_port)
+        await until(lambda: len(sink.messages) == 6)
+        assert (await asyncio.to_thread(http_get, metrics_port, "/readyz"))[0] == 200
+        _, body = await asyncio.to_thread(http_get, metrics_port, "/metrics")
+        assert 'mailrelay_messages_accepted_total{listener="smtp"} 6.0' in body
+        run.signal(signal.SIGHUP)
+        await asyncio.to_thread(run.wait_for, "forwarded to 2 workers")
+        run.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(run.wait, 60) == 0
+    finally:
+        await sink.stop()
+
+
+def test_config_watcher_sees_a_symlink_swap(tmp_path: Path) -> None:
+    configmap = ConfigMapDir(tmp_path)
+    configmap.publish("hostname: a\n")
+    calls: list[int] = []
+    watcher = ConfigWatcher(configmap.path, lambda: calls.append(1))
+    assert not watcher.check()
+    configmap.publish("hostname: a\n")  # same content, new target: a change all the same
+    assert watcher.check() and calls == [1]
+    assert not watcher.check()
+    (configmap.directory / "..data").unlink()  # mid-swap: the file is gone for a moment
+    assert not watcher.check()
