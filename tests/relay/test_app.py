@@ -79,7 +79,7 @@ async def rcpt_reply(port: int, rcpt: str) -> int:
     return code
 
 
-async def until(condition: Any, timeout: float = 30.0) -> None:
+async def until(condition: Any, timeout: float = 30.0) -> None:  # noqa: ASYNC109
     """Await a condition that no event announces (a file on disk, a subprocess state)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
