@@ -272,7 +272,10 @@ def _route_matches(route: RelayRoute, recipient: str, sender: str | None) -> boo
     if match.recipient_domains and not any(domain_matches(recipient, p) for p in match.recipient_domains):
         return False
     if match.sender_domains:
-        return sender is not None and any(domain_matches(sender, p) for p in match.sender_domains)
+        # As relay.routing.route_matches: "*" matches every sender, the null sender included.
+        return "*" in match.sender_domains or (
+            sender is not None and any(domain_matches(sender, p) for p in match.sender_domains)
+        )
     return True
 
 

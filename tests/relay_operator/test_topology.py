@@ -154,6 +154,14 @@ def test_no_false_loops(routes: list[dict[str, Any]]) -> None:
     assert [p for p in result.problems if p.reason == "RoutingLoop"] == []
 
 
+def test_loop_through_a_catch_all_sender_pattern_is_found() -> None:
+    result = plan(
+        [relay("a"), relay("b")],
+        [route("a-b", "a", to("b")), route("b-a", "b", to("a"), match={"senderDomains": ["*"]})],
+    )
+    assert "RoutingLoop" in reasons(result, "MailRelay", "b")
+
+
 def test_loop_only_for_one_sender_is_found() -> None:
     result = plan(
         [relay("a"), relay("b")],
