@@ -4,17 +4,23 @@ client against every rule of issue 2's "Accepting mail"."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import smtplib
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 import pytest
+import uvloop
 
 from relay.front import Front
-from relay.spool import SpoolFullError, SpoolReadOnlyError
+from relay.scheduler import Scheduler
+from relay.spool import Spool, SpoolFullError, SpoolReadOnlyError
 from tests.relay.fronthelp import RawClient, make_certs, make_config, running_front, write_users
+from tests.relay.smtpsink import SmtpSink
 
 MESSAGE = b"Subject: hello\r\nFrom: a@sender.org\r\n\r\nbody line\r\n"
 
@@ -541,3 +547,88 @@ async def test_drain_finishes_transactions_and_refuses_new_sessions(tmp_path: Pa
         assert (await busy.reply())[0] == 421  # then the session is closed
         await drain
         assert len(stored(front)) == 1
+
+
+async def test_renewed_certificate_is_used_without_restart(tmp_path: Path) -> None:
+    config, old_context = tls_config(tmp_path)
+    async with running_front(config) as front:
+        (tmp_path / "renewed").mkdir()
+        renewed = make_certs(tmp_path / "renewed")
+        assert front.tls is not None and config.tls is not None
+        shutil.copyfile(renewed.cert_file, config.tls.cert_file)
+        shutil.copyfile(renewed.key_file, config.tls.key_file)
+        for path in (config.tls.cert_file, config.tls.key_file):
+            os.utime(path, (time.time() + 10, time.time() + 10))
+        front.tls._checked = 0.0  # skip the once-a-second throttle
+        new_context = ssl.create_default_context(cafile=str(renewed.ca_file))
+        for name, options in (("submission", {"start_tls": True}), ("smtps", {"use_tls": True})):
+            host, port = front.addresses[name]
+            smtp = aiosmtplib.SMTP(hostname=host, port=port, tls_context=new_context, **options)
+            await smtp.connect()
+            await smtp.quit()
+            stale = aiosmtplib.SMTP(hostname=host, port=port, tls_context=old_context, **options)
+            with pytest.raises((aiosmtplib.SMTPException, ssl.SSLError)):
+                await stale.connect()
+
+
+def test_starttls_and_auth_under_uvloop(tmp_path: Path) -> None:
+    """The relay process runs on uvloop: aiosmtpd's STARTTLS transport swap must work there."""
+    config, context = tls_config(tmp_path)
+
+    async def scenario() -> list[str]:
+        async with running_front(config) as front:
+            replies = []
+            for name, options in (("submission", {"start_tls": True}), ("smtps", {"use_tls": True})):
+                host, port = front.addresses[name]
+                smtp = aiosmtplib.SMTP(hostname=host, port=port, tls_context=context, **options)
+                await smtp.connect()
+                await smtp.login("alice", "wonderland")
+                _errors, text = await smtp.sendmail("alice@x.org", ["b@elsewhere.org"], MESSAGE)
+                await smtp.quit()
+                replies.append(text.split()[0])
+            return replies
+
+    assert uvloop.run(scenario()) == ["2.0.0", "2.0.0"]
+
+
+async def test_smuggling_never_reaches_the_next_hop_as_a_second_message(tmp_path: Path) -> None:
+    """End to end through the scheduler to a real next hop: every smuggling variant arrives as
+    exactly one message per transaction, and the smuggled sender never appears."""
+    sink = await SmtpSink().start()
+    config = make_config(
+        tmp_path,
+        routes=[
+            {
+                "name": "next",
+                "nextHop": {"kind": "relay", "name": "sink", "host": "127.0.0.1", "port": sink.port},
+            }
+        ],
+    )
+    spool = Spool(config.queue.directory)
+    spool.prepare()
+    scheduler = Scheduler(config, spool)
+    await scheduler.start()
+    variants = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n"]
+    try:
+        async with running_front(config, spool, on_stored=scheduler.notify) as front:
+            client = await session(front)
+            for smuggled in variants:
+                await transaction(client)
+                await client.send(
+                    b"Subject: one\r\n\r\nfirst"
+                    + smuggled
+                    + b"MAIL FROM:<evil@sender.org>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
+                    + b"Subject: smuggled\r\n\r\nsecond\r\n.\r\n"
+                )
+                assert (await client.reply())[0] == 250
+            await client.close()
+            await scheduler.wait_idle()
+        assert len(sink.messages) == len(variants)
+        for received in sink.messages:
+            assert received.mail_from == "a@sender.org" and received.rcpt_tos == ["u@example.com"]
+            assert b"Subject: smuggled" in received.content  # content, not a message
+            assert received.content.count(b"\r") == received.content.count(b"\n")
+    finally:
+        await scheduler.stop(5)
+        spool.close()
+        await sink.stop()
