@@ -5,9 +5,9 @@ metrics port), it starts one process per replica (``python -m relay relay --conf
 in its own process group and set to receive SIGTERM if the supervisor dies, via
 PR_SET_PDEATHSIG), prefixes their output (``[edge-0] ...``), restarts a crashed process with
 exponential backoff, polls each process's /readyz and /metrics for the live table, re-plans when
-a manifest file changes (route changes: configs rewritten atomically plus SIGHUP, so the
-relay reloads without a restart; listener changes: that relay's processes restart one at a
-time) and, on SIGINT or SIGTERM, sends SIGTERM to every relay, waits for the drain and kills
+a manifest file changes (route changes: configs rewritten atomically, and each relay, which
+watches its file, reloads them without a restart; listener changes: that relay's processes
+restart one at a time) and, on SIGINT or SIGTERM, sends SIGTERM to every relay, waits for the drain and kills
 stragglers after a timeout. It never exits leaving a child running.
 
 It decides nothing about mail: what each relay does comes from the rendered configs; what a
@@ -32,7 +32,7 @@ from typing import TextIO
 import aiohttp
 
 from relay_operator.local.layout import StateDir, count_queued, write_atomically, write_secret
-from relay_operator.local.plan import Plan, RelayPlan, ReplicaPlan
+from relay_operator.local.plan import LocalRelay, Plan, Refused, ReplicaPlan
 from relay_operator.local.table import (
     MetricsSample,
     ProcessView,
@@ -203,13 +203,6 @@ class Replica:
             backoff = min(backoff * 2, BACKOFF_MAX)
         self._started_once.set()
 
-    def reload(self) -> None:
-        """Ask the process to re-read its config file (the relay also watches the file)."""
-        pid = self.pid
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGHUP)
-
     def _signal_group(self, signum: int) -> None:
         process = self.process
         if process is not None and process.returncode is None:
@@ -253,7 +246,7 @@ class Replica:
 class RelayGroup:
     """The processes of one MailRelay."""
 
-    def __init__(self, plan: RelayPlan, console: Console) -> None:
+    def __init__(self, plan: LocalRelay, console: Console) -> None:
         self.plan = plan
         self.replicas: list[Replica] = [Replica(replica, console) for replica in plan.replicas]
 
@@ -273,7 +266,7 @@ class UpOptions:
     status_interval: float = TABLE_INTERVAL
 
 
-Planner = Callable[[], "Plan | list[str]"]
+Planner = Callable[[], "Plan | Refused"]
 
 
 class Supervisor:
@@ -307,7 +300,7 @@ class Supervisor:
             self._warn_orphans(relay)
         return changed
 
-    def _warn_orphans(self, relay: RelayPlan) -> None:
+    def _warn_orphans(self, relay: LocalRelay) -> None:
         state = self._options.state
         index = len(relay.replicas)
         while state.replica_dir(relay.namespace, relay.name, index).exists():
@@ -321,7 +314,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ processes
 
-    def _start_group(self, relay: RelayPlan) -> None:
+    def _start_group(self, relay: LocalRelay) -> None:
         group = RelayGroup(relay, self._console)
         self._groups[relay.relay_id] = group
         for replica in group.replicas:
@@ -349,11 +342,11 @@ class Supervisor:
                 continue
             await self._scale(group, relay)
             if changed[relay.relay_id]:
-                self._console.line(f"[up] {relay.relay_id}: configuration changed, reloading (no restart)")
-                for replica in group.replicas:
-                    replica.reload()
+                # Written atomically: each relay notices its file changed and reloads the
+                # routes without dropping a connection, as from a ConfigMap in a cluster.
+                self._console.line(f"[up] {relay.relay_id}: configuration changed; its processes reload it")
 
-    async def _scale(self, group: RelayGroup, relay: RelayPlan) -> None:
+    async def _scale(self, group: RelayGroup, relay: LocalRelay) -> None:
         for replica, plan in zip(group.replicas, relay.replicas, strict=False):
             replica.plan = plan
         while len(group.replicas) > len(relay.replicas):
@@ -366,7 +359,7 @@ class Supervisor:
             group.replicas.append(replica)
             replica.start()
 
-    async def _roll(self, group: RelayGroup, relay: RelayPlan) -> None:
+    async def _roll(self, group: RelayGroup, relay: LocalRelay) -> None:
         """Listener (or other restart-only) changes: replace processes one at a time."""
         self._console.line(f"[up] {relay.relay_id}: listeners changed, restarting its processes")
         old = list(group.replicas)
@@ -472,11 +465,14 @@ class Supervisor:
                 continue
             before = now
             result = self._planner()
-            if isinstance(result, list):
-                self._console.line("[up] the changed manifests are invalid; still running the previous ones:")
-                for problem in result:
+            if isinstance(result, Refused):
+                self._console.line("[up] the changed manifests are refused; still running the previous ones:")
+                for problem in result.problems:
                     self._console.line(f"[up]   {problem}")
                 continue
+            for warning in result.warnings:
+                if warning not in self._plan.warnings:
+                    self._console.line(f"[up] {warning}")
             async with self._changing:
                 await self._apply(result)
             before = self._snapshot(self._plan.watched())
