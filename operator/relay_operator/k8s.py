@@ -1,11 +1,12 @@
 """The one thin adapter between the operator and the Kubernetes API.
 
 Everything the reconcile path reads or writes goes through `KubeApi`: get, list (with a label
-selector), create, JSON merge patch (RFC 7386) of an object or its ``/status`` subresource,
-delete, and posting a core/v1 Event. It speaks the REST paths directly over the `kubernetes`
-package's `ApiClient`, which brings configuration (in-cluster service account or kubeconfig),
-authentication and TLS, and nothing else: no typed models, no strategic merge patch, no
-server-side apply, so the write path is the same on every API server (and in the test emulator).
+selector), create, replace (PUT with optimistic concurrency), JSON merge patch (RFC 7386) of an
+object or its ``/status`` subresource, delete, and posting a core/v1 Event. It speaks the REST
+paths directly over the `kubernetes` package's `ApiClient`, which brings configuration
+(in-cluster service account or kubeconfig), authentication and TLS, and nothing else: no typed
+models, no strategic merge patch, no server-side apply, so the write path is the same on every
+API server (and in the test emulator).
 
 HTTP failures become typed errors (`NotFound`, `AlreadyExists`, `Conflict`, `Invalid`,
 `Forbidden`, `Unavailable`), chained to the library exception. This module decides nothing
@@ -176,6 +177,10 @@ class KubeApi(Protocol):
         subresource: str | None = None,
     ) -> JSON: ...
 
+    def replace(
+        self, resource: Resource, namespace: str | None, name: str, body: Mapping[str, Any]
+    ) -> JSON: ...
+
     def delete(self, resource: Resource, namespace: str | None, name: str) -> None: ...
 
     def post_event(
@@ -287,6 +292,11 @@ class ClientKubeApi:
             body=dict(patch),
             content_type="application/merge-patch+json",
         )
+
+    def replace(self, resource: Resource, namespace: str | None, name: str, body: Mapping[str, Any]) -> JSON:
+        """PUT: the whole object as given; pass metadata.resourceVersion to fail with `Conflict`
+        instead of overwriting someone else's change."""
+        return self._request("PUT", resource.path(namespace, name), body=dict(body))
 
     def delete(self, resource: Resource, namespace: str | None, name: str) -> None:
         with contextlib.suppress(NotFound):

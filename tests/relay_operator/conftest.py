@@ -4,6 +4,11 @@ one fresh namespace per test, and bounded polling helpers (no fixed sleeps)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -14,18 +19,20 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.relay_operator.k8s_emulator import EmulatorThread
+from tests.relay_operator.k8s_emulator import EmulatorThread, KubernetesApiEmulator
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
 T = TypeVar("T")
+TOKEN = "emulator-token"  # the emulator refuses requests without it (401), like a real server
 
 
 class RawHttp:
     """Plain HTTP against the emulator, to check exact status codes and bodies."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, token: str | None = TOKEN) -> None:
         self.base = base
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def __call__(
         self, method: str, path: str, body: Any = None, content_type: str = "application/json"
@@ -33,6 +40,8 @@ class RawHttp:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base + path, data=data, method=method)
         request.add_header("Content-Type", content_type)
+        for key, value in self.headers.items():
+            request.add_header(key, value)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, json.loads(response.read() or b"null")
@@ -44,7 +53,9 @@ class RawHttp:
         sep = "&" if "?" in path else "?"
         url = f"{self.base}{path}{sep}watch=true&timeoutSeconds={int(timeout)}"
         events: list[dict[str, Any]] = []
-        with urllib.request.urlopen(url, timeout=timeout + 5) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=self.headers), timeout=timeout + 5
+        ) as response:
             for line in response:
                 if line.strip():
                     events.append(json.loads(line))
@@ -69,7 +80,7 @@ def wait_for(probe: Callable[[], T | None], *, timeout: float = 20.0, what: str 
 
 @pytest.fixture(scope="session")
 def emulator() -> Iterator[EmulatorThread]:
-    with EmulatorThread() as server:
+    with EmulatorThread(KubernetesApiEmulator(token=TOKEN)) as server:
         if any(CRDS.glob("*.y*ml")):
             server.call(lambda: server.emulator.load_crds(CRDS))
         yield server
@@ -100,3 +111,78 @@ def namespace(emulator: EmulatorThread) -> str:
     status, _ = RawHttp(emulator.url)("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
     assert status == 201
     return name
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OperatorProcess:
+    """`mailrelay operator` as a subprocess against the emulator (the real command, real kopf)."""
+
+    def __init__(self, kubeconfig: Path, log: Path, *extra: str) -> None:
+        self.log = log
+        self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        command = [
+            str(Path(sys.executable).parent / "mailrelay"),
+            "operator",
+            "--all-namespaces",
+            "--standalone",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--liveness",
+            self.liveness,
+            "--resync-interval",
+            "3s",
+            "--retry-delay",
+            "1s",
+            *extra,
+        ]
+        env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1")
+        self._log_file = log.open("wb")
+        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_alive(self, timeout: float = 30.0) -> None:
+        def probe() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the operator exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.liveness, timeout=2) as response:
+                    return bool(response.status == 200)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        wait_for(probe, timeout=timeout, what="the operator's liveness endpoint")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log_file.close()
+        return int(self.process.returncode)
+
+    def until(self, probe: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
+        """`wait_for`, with the operator's log in the failure message."""
+        try:
+            return wait_for(probe, timeout=timeout, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- operator log (tail) ---\n{self.tail()}") from None
+
+
+@pytest.fixture(scope="session")
+def operator_process(kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    try:
+        process.wait_alive()
+        yield process
+    finally:
+        process.stop()

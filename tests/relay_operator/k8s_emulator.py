@@ -366,13 +366,15 @@ ObjKey = tuple[str, str, str, str]  # group, plural, namespace ("" if cluster-sc
 class KubernetesApiEmulator:
     """The state and the HTTP handlers. Runs inside one event loop (see `EmulatorThread`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token  # when set, every request needs "Authorization: Bearer <token>"
         self.types: dict[tuple[str, str, str], ResourceType] = {}
         self.objects: dict[ObjKey, JSON] = {}
         self.history: list[WatchEvent] = []
         self.compacted_rv = 0
         self.watchers: set[_Watcher] = set()
         self.requests: list[tuple[str, str, str]] = []  # (method, path, content-type) for assertions
+        self.bodies: list[tuple[str, bytes]] = []  # (user agent, body), index-aligned with requests
         self._rv = 1000
         self._gc_scheduled = False
         for rt in BUILTIN_TYPES:
@@ -791,6 +793,9 @@ class KubernetesApiEmulator:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path, request.content_type))
+        self.bodies.append((request.headers.get("User-Agent", ""), await request.read()))
+        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response(ApiError(401, "Unauthorized", "Unauthorized").status(), status=401)
         try:
             return await self._route(request)
         except ApiError as exc:
@@ -1153,7 +1158,7 @@ class EmulatorThread:
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "emulator-token"}}],
+            "users": [{"name": "tester", "user": {"token": self.emulator.token or "none"}}],
             "contexts": [
                 {
                     "name": "emulator",

@@ -281,6 +281,11 @@ def test_custom_resources_get_discovery_schema_status_and_scale(
     assert http("PATCH", f"{base}/w/scale", {"spec": {"replicas": -1}}, merge)[0] == 422
 
 
+def test_requests_without_the_token_are_unauthorized(emulator: EmulatorThread) -> None:
+    assert RawHttp(emulator.url, token=None)("GET", "/api/v1/namespaces")[0] == 401
+    assert RawHttp(emulator.url, token="wrong")("GET", "/api/v1/namespaces")[0] == 401
+
+
 def test_namespace_deletion_removes_its_objects(http: RawHttp, namespace: str) -> None:
     http("POST", f"/api/v1/namespaces/{namespace}/configmaps", cm("n"))
     assert http("DELETE", f"/api/v1/namespaces/{namespace}")[0] == 200

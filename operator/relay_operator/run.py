@@ -1,0 +1,119 @@
+"""`mailrelay operator`: run the kopf operator that reconciles MailRelays and RelayRoutes.
+
+Parses flags, builds a fresh kopf registry with `handlers.register`, and runs kopf in this
+process until SIGTERM/SIGINT. Namespace-scoped (`--namespace`, repeatable, globs allowed) or
+cluster-wide (`--all-namespaces`); kopf's liveness endpoint on `--liveness`; peering so that two
+replicas do not both act (`--peering NAME`, which needs kopf's KopfPeering or ClusterKopfPeering
+CRD, or `--standalone` for exactly one replica). Contributed to the `mailrelay` CLI through the
+``mailrelay.commands`` entry point; holds no logic of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from relay.config import parse_duration
+
+
+def _seconds(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@click.command("operator")
+@click.option(
+    "--namespace",
+    "-n",
+    "namespaces",
+    multiple=True,
+    metavar="NS",
+    help="Watch this namespace (repeatable; globs like 'mail-*' allowed).",
+)
+@click.option("--all-namespaces", "-A", is_flag=True, help="Watch every namespace (cluster-wide).")
+@click.option(
+    "--liveness",
+    metavar="URL",
+    default=None,
+    help="Serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz.",
+)
+@click.option("--peering", "peering_name", metavar="NAME", default=None, help="kopf peering object to join.")
+@click.option("--standalone", is_flag=True, help="No peering: the only operator replica.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Peering priority of this replica.")
+@click.option(
+    "--resync-interval",
+    default="60s",
+    show_default=True,
+    callback=_seconds,
+    help="How often every MailRelay is reconciled even without a change.",
+)
+@click.option(
+    "--retry-delay",
+    default="15s",
+    show_default=True,
+    callback=_seconds,
+    help="First retry delay after a temporary failure (a Secret that does not exist yet); doubles.",
+)
+@click.option("--cluster-domain", default="cluster.local", show_default=True, help="DNS suffix of Services.")
+@click.option("--image", default=None, help="Relay image for the pods (default: this version's image).")
+@click.option(
+    "--kubeconfig", default=None, type=click.Path(dir_okay=False), help="Kubeconfig (not in a pod)."
+)
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+def operator_command(
+    namespaces: tuple[str, ...],
+    all_namespaces: bool,
+    liveness: str | None,
+    peering_name: str | None,
+    standalone: bool,
+    priority: int,
+    resync_interval: float,
+    retry_delay: float,
+    cluster_domain: str,
+    image: str | None,
+    kubeconfig: str | None,
+    verbose: bool,
+) -> None:
+    """Run the MailRelay operator (kopf) against the current cluster.
+
+    \b
+    In a pod:        mailrelay operator --all-namespaces --peering mailrelay --liveness http://0.0.0.0:8080/healthz
+    On a laptop:     mailrelay operator -n mail --standalone
+    """
+    if bool(namespaces) == all_namespaces:
+        raise click.UsageError("give either --namespace NS (one or more) or --all-namespaces")
+    if peering_name and standalone:
+        raise click.UsageError("--peering and --standalone exclude each other")
+    if kubeconfig:
+        import os
+
+        os.environ["KUBECONFIG"] = kubeconfig  # before `kubernetes` reads it (kopf's login handler)
+
+    import kopf
+
+    from relay_operator import builders, handlers
+
+    kopf.configure(verbose=verbose, debug=verbose)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    options = handlers.OperatorOptions(
+        resync_interval=resync_interval,
+        retry_delay=retry_delay,
+        kubeconfig=kubeconfig,
+        cluster_domain=cluster_domain,
+        build=builders.BuildOptions(image=image) if image else builders.BuildOptions(),
+    )
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, handlers.Runtime(options))
+    kopf.run(
+        registry=registry,
+        settings=handlers.settings(),
+        clusterwide=all_namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=liveness,
+        peering_name=peering_name,
+        standalone=True if standalone else None,
+        priority=priority,
+    )

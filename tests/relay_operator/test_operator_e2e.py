@@ -1,0 +1,408 @@
+"""End to end: the real `mailrelay operator` (kopf) against the Kubernetes API emulator.
+
+One operator process serves the whole module (cluster-wide); each test works in a namespace of
+its own. Every wait is a bounded poll for an observable state (no fixed sleeps); the
+"not touched" assertions compare resourceVersions after the operator has provably reconciled
+again (its requests for the object are counted in the emulator)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from relay_operator import k8s, naming
+from tests.relay_operator.conftest import OperatorProcess, RawHttp
+from tests.relay_operator.k8s_emulator import EmulatorThread
+
+MERGE = "application/merge-patch+json"
+LAST_HANDLED = f"{naming.GROUP}/last-handled-configuration"
+
+
+def mailrelay(name: str, *, port: int = 2525, replicas: int = 1, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": naming.API_VERSION,
+        "kind": naming.MAILRELAY_KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "hostname": f"{name}.mail.example.com",
+            "listeners": [{"name": "smtp", "port": port, "mode": "relay"}],
+            "trustedNetworks": ["10.0.0.0/8"],
+            "routeSelector": {"matchLabels": {"relay": name}},
+            **spec,
+        },
+    }
+    return body
+
+
+def relayroute(
+    name: str, relay: str, next_hop: dict[str, Any], *, domains: list[str], priority: int = 100
+) -> dict[str, Any]:
+    return {
+        "apiVersion": naming.API_VERSION,
+        "kind": naming.RELAYROUTE_KIND,
+        "metadata": {"name": name, "labels": {"relay": relay}},
+        "spec": {"priority": priority, "match": {"recipientDomains": domains}, "nextHop": next_hop},
+    }
+
+
+def condition(body: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    for entry in ((body or {}).get("status") or {}).get("conditions") or []:
+        if entry.get("type") == type_:
+            return dict(entry)
+    return None
+
+
+def children(kube: Any, namespace: str, relay: str) -> dict[str, dict[str, Any] | None]:
+    return {
+        "ServiceAccount": kube.get(k8s.SERVICEACCOUNTS, namespace, naming.serviceaccount_name(relay)),
+        "ConfigMap": kube.get(k8s.CONFIGMAPS, namespace, naming.configmap_name(relay)),
+        "Service/headless": kube.get(k8s.SERVICES, namespace, naming.headless_service_name(relay)),
+        "Service/client": kube.get(k8s.SERVICES, namespace, naming.client_service_name(relay)),
+        "StatefulSet": kube.get(k8s.STATEFULSETS, namespace, naming.statefulset_name(relay)),
+        "PodDisruptionBudget": kube.get(k8s.PODDISRUPTIONBUDGETS, namespace, naming.pdb_name(relay)),
+    }
+
+
+def relay_config(kube: Any, namespace: str, relay: str) -> dict[str, Any]:
+    configmap = kube.get(k8s.CONFIGMAPS, namespace, naming.configmap_name(relay))
+    assert configmap is not None
+    loaded = yaml.safe_load(configmap["data"][naming.CONFIG_KEY])
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def converged(kube: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    """The MailRelay once its status describes its current generation, its children exist and
+    kopf has recorded the handled spec (its last write after a change)."""
+    body = kube.get(k8s.MAILRELAYS, namespace, name)
+    if body is None or (body.get("status") or {}).get("observedGeneration") != body["metadata"]["generation"]:
+        return None
+    if LAST_HANDLED not in (body["metadata"].get("annotations") or {}):
+        return None
+    if kube.get(k8s.STATEFULSETS, namespace, name) is None:
+        return None
+    return dict(body)
+
+
+def requests_for(emulator: EmulatorThread, path_part: str) -> int:
+    return int(
+        emulator.call(lambda: sum(1 for _m, path, _c in emulator.emulator.requests if path_part in path))
+    )
+
+
+def events_for(kube: Any, namespace: str, name: str) -> list[tuple[str, str, str]]:
+    return [
+        (e["type"], e["reason"], e["message"])
+        for e in kube.list(k8s.EVENTS, namespace)
+        if e["involvedObject"]["name"] == name
+    ]
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+def test_apply_creates_owned_children_and_status(
+    kube: Any, namespace: str, operator_process: OperatorProcess
+) -> None:
+    internal = kube.create(k8s.MAILRELAYS, namespace, mailrelay("internal", port=2526))
+    edge = kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    kube.create(
+        k8s.RELAYROUTES,
+        namespace,
+        relayroute("to-internal", "edge", {"relay": {"name": "internal"}}, domains=["corp.example.com"]),
+    )
+    kube.create(
+        k8s.RELAYROUTES,
+        namespace,
+        relayroute(
+            "outbound",
+            "edge",
+            {"smarthost": {"host": "smtp.example.net", "port": 587}},
+            domains=["*"],
+            priority=10,
+        ),
+    )
+
+    def all_children() -> dict[str, dict[str, Any] | None] | None:
+        found = children(kube, namespace, "edge")
+        return found if all(found.values()) else None
+
+    objects = operator_process.until(all_children, "every child of MailRelay edge")
+    for kind, obj in objects.items():
+        assert obj is not None
+        refs = obj["metadata"]["ownerReferences"]
+        assert [(r["kind"], r["name"], r["uid"], r["controller"]) for r in refs] == [
+            ("MailRelay", "edge", edge["metadata"]["uid"], True)
+        ], kind
+    body = operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge status")
+    status = body["status"]
+    assert status["selector"] == naming.selector_string("edge")
+    assert [r["name"] for r in status["routes"]] == ["to-internal", "outbound"]
+    valid = condition(body, "ConfigValid")
+    assert valid is not None and valid["status"] == "True"
+    ready = condition(body, "Ready")
+    assert ready is not None and ready["status"] == "False"  # no pods are ready yet
+    config = relay_config(kube, namespace, "edge")
+    hop = config["routes"][0]["nextHop"]
+    assert (hop["kind"], hop["host"], hop["port"]) == (
+        "relay",
+        f"internal.{namespace}.svc.cluster.local",
+        2526,
+    )
+    route = operator_process.until(
+        lambda: (r := kube.get(k8s.RELAYROUTES, namespace, "to-internal")) and condition(r, "Resolved") and r,
+        "RelayRoute status",
+    )
+    assert condition(route, "Accepted")["status"] == "True"  # type: ignore[index]
+    assert condition(route, "Resolved")["status"] == "True"  # type: ignore[index]
+    assert condition(route, "Conflicted")["status"] == "False"  # type: ignore[index]
+    assert internal["metadata"]["uid"] != edge["metadata"]["uid"]
+
+
+def test_route_change_rewrites_only_the_configmap(
+    kube: Any, namespace: str, operator_process: OperatorProcess, emulator: EmulatorThread
+) -> None:
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    kube.create(k8s.RELAYROUTES, namespace, relayroute("out", "edge", {"mx": {}}, domains=["example.org"]))
+    operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
+    before = children(kube, namespace, "edge")
+    start = emulator.call(lambda: len(emulator.emulator.requests))
+
+    kube.merge_patch(
+        k8s.RELAYROUTES, namespace, "out", {"spec": {"match": {"recipientDomains": ["example.net"]}}}
+    )
+    operator_process.until(
+        lambda: (
+            relay_config(kube, namespace, "edge")["routes"][0]["match"]["recipientDomains"] == ["example.net"]
+        ),
+        "the ConfigMap to carry the changed route",
+    )
+    # Let the operator reconcile at least twice more (a resync), then nothing else may have moved.
+    sts_path = f"/namespaces/{namespace}/statefulsets/edge"
+    seen = requests_for(emulator, sts_path)
+    operator_process.until(
+        lambda: requests_for(emulator, sts_path) >= seen + 2, "another reconcile pass", timeout=15
+    )
+    after = children(kube, namespace, "edge")
+    for kind in before:
+        if kind == "ConfigMap":
+            continue
+        assert after[kind]["metadata"]["resourceVersion"] == before[kind]["metadata"]["resourceVersion"], kind  # type: ignore[index]
+    assert after["StatefulSet"]["spec"]["template"] == before["StatefulSet"]["spec"]["template"]  # type: ignore[index]
+    configmap_before, configmap_after = before["ConfigMap"], after["ConfigMap"]
+    assert configmap_before is not None and configmap_after is not None
+    assert configmap_after["metadata"]["resourceVersion"] != configmap_before["metadata"]["resourceVersion"]
+    # The operator's writes since the route edit: the ConfigMap, statuses and Events, nothing else.
+    writes = emulator.call(
+        lambda: {
+            path.removeprefix(f"/api/v1/namespaces/{namespace}/").removeprefix(
+                f"/apis/{naming.API_VERSION}/namespaces/{namespace}/"
+            )
+            for method, path, _ in emulator.emulator.requests[start:]
+            if method in ("POST", "PUT", "PATCH", "DELETE") and namespace in path and "/events" not in path
+        }
+    )
+    assert writes == {
+        "relayroutes/out",
+        "configmaps/edge-config",
+        "mailrelays/edge/status",
+        "relayroutes/out/status",
+    }
+
+
+def test_listener_change_rolls_the_pods(kube: Any, namespace: str, operator_process: OperatorProcess) -> None:
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
+
+    def rollout_hash() -> str:
+        sts = kube.get(k8s.STATEFULSETS, namespace, "edge")
+        return str(sts["spec"]["template"]["metadata"]["annotations"][naming.ROLLOUT_HASH_ANNOTATION])
+
+    first = rollout_hash()
+    listeners = [{"name": "smtp", "port": 2600, "mode": "relay"}]
+    kube.merge_patch(k8s.MAILRELAYS, namespace, "edge", {"spec": {"listeners": listeners}})
+    operator_process.until(lambda: rollout_hash() != first, "the pod template's rollout hash to change")
+    sts = kube.get(k8s.STATEFULSETS, namespace, "edge")
+    ports = sts["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"name": "smtp", "containerPort": 2600, "protocol": "TCP"} in ports
+
+
+def test_scale_subresource_drives_the_statefulset_and_ready_follows_it(
+    kube: Any, namespace: str, operator_process: OperatorProcess, http: RawHttp
+) -> None:
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
+    scale_path = f"/apis/{naming.API_VERSION}/namespaces/{namespace}/mailrelays/edge/scale"
+    status, _ = http("PATCH", scale_path, {"spec": {"replicas": 3}}, MERGE)  # kubectl scale --replicas=3
+    assert status == 200
+    operator_process.until(
+        lambda: kube.get(k8s.STATEFULSETS, namespace, "edge")["spec"]["replicas"] == 3,
+        "the StatefulSet to follow the scale subresource",
+    )
+    # What the StatefulSet controller would report once the pods are ready.
+    ready = {"replicas": 3, "readyReplicas": 3, "updatedReplicas": 3, "availableReplicas": 3}
+    kube.merge_patch(k8s.STATEFULSETS, namespace, "edge", {"status": ready}, subresource="status")
+    body = operator_process.until(
+        lambda: (
+            (b := kube.get(k8s.MAILRELAYS, namespace, "edge"))
+            and condition(b, "Ready")["status"] == "True"
+            and b
+        ),  # type: ignore[index]
+        "Ready=True after the StatefulSet reports ready replicas",
+    )
+    assert body["status"]["readyReplicas"] == 3 and body["status"]["replicas"] == 3
+    _, scale = http("GET", scale_path)
+    assert scale["spec"]["replicas"] == 3 and scale["status"]["selector"] == naming.selector_string("edge")
+    # A pod goes away: Ready follows.
+    kube.merge_patch(
+        k8s.STATEFULSETS, namespace, "edge", {"status": {"readyReplicas": 2}}, subresource="status"
+    )
+    operator_process.until(
+        lambda: condition(kube.get(k8s.MAILRELAYS, namespace, "edge"), "Ready")["status"] == "False",  # type: ignore[index]
+        "Ready=False when a replica is not ready",
+    )
+
+
+def test_routing_loop_is_a_condition_and_an_event(
+    kube: Any, namespace: str, operator_process: OperatorProcess
+) -> None:
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("a", port=2525))
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("b", port=2526))
+    operator_process.until(lambda: converged(kube, namespace, "a"), "MailRelay a to converge")
+    good_config = relay_config(kube, namespace, "a")
+    kube.create(
+        k8s.RELAYROUTES,
+        namespace,
+        relayroute("a-to-b", "a", {"relay": {"name": "b"}}, domains=["loop.example"]),
+    )
+    kube.create(
+        k8s.RELAYROUTES,
+        namespace,
+        relayroute("b-to-a", "b", {"relay": {"name": "a"}}, domains=["loop.example"]),
+    )
+
+    def looping(name: str) -> dict[str, Any] | None:
+        found = condition(kube.get(k8s.MAILRELAYS, namespace, name), "ConfigValid")
+        return found if found and found["status"] == "False" else None
+
+    for name in ("a", "b"):
+        valid = operator_process.until(lambda n=name: looping(n), f"ConfigValid=False on {name}")
+        assert valid["reason"] == "RoutingLoop"
+        assert "loop.example" in valid["message"] and (
+            "a -> b -> a" in valid["message"] or "b -> a -> b" in valid["message"]
+        )
+    warnings = operator_process.until(
+        lambda: [e for e in events_for(kube, namespace, "a") if e[:2] == ("Warning", "RoutingLoop")],
+        "a Warning Event about the loop",
+    )
+    assert "loop.example" in warnings[0][2]
+    # The running relays keep their last good configuration.
+    assert relay_config(kube, namespace, "a") == good_config
+    # Fixing the loop makes the config valid again and rolls out the route.
+    kube.delete(k8s.RELAYROUTES, namespace, "b-to-a")
+    operator_process.until(
+        lambda: condition(kube.get(k8s.MAILRELAYS, namespace, "a"), "ConfigValid")["status"] == "True",  # type: ignore[index]
+        "ConfigValid=True after the loop is gone",
+    )
+    operator_process.until(
+        lambda: [r["name"] for r in relay_config(kube, namespace, "a")["routes"]] == ["a-to-b"],
+        "the route to be rolled out",
+    )
+
+
+def test_unknown_relay_and_conflicting_routes_show_on_the_routes(
+    kube: Any, namespace: str, operator_process: OperatorProcess
+) -> None:
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    kube.create(
+        k8s.RELAYROUTES,
+        namespace,
+        relayroute("nowhere", "edge", {"relay": {"name": "nosuch"}}, domains=["x.example"]),
+    )
+    kube.create(
+        k8s.RELAYROUTES, namespace, relayroute("one", "edge", {"mx": {}}, domains=["y.example"], priority=5)
+    )
+    kube.create(
+        k8s.RELAYROUTES,
+        namespace,
+        relayroute("two", "edge", {"mx": {}}, domains=["*.y.example", "y.example"], priority=5),
+    )
+
+    def route_condition(name: str, type_: str, status: str) -> dict[str, Any] | None:
+        found = condition(kube.get(k8s.RELAYROUTES, namespace, name), type_)
+        return found if found and found["status"] == status else None
+
+    resolved = operator_process.until(
+        lambda: route_condition("nowhere", "Resolved", "False"), "Resolved=False"
+    )
+    assert resolved["reason"] == "UnknownRelay" and "nosuch" in resolved["message"]
+    for name in ("one", "two"):
+        conflicted = operator_process.until(
+            lambda n=name: route_condition(n, "Conflicted", "True"), f"{name} Conflicted"
+        )
+        assert "priority 5" in conflicted["message"]
+    operator_process.until(
+        lambda: [e for e in events_for(kube, namespace, "nowhere") if e[:2] == ("Warning", "UnknownRelay")],
+        "a Warning Event on the route",
+    )
+    # The relay itself stays valid: matching mail is deferred (451) until the target exists.
+    body = operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
+    assert condition(body, "ConfigValid")["status"] == "True"  # type: ignore[index]
+    route = next(r for r in relay_config(kube, namespace, "edge")["routes"] if r["name"] == "nowhere")
+    assert route["nextHop"]["kind"] == "reject" and route["nextHop"]["code"] == 451
+    # Creating the relay resolves the route.
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("nosuch", port=2527))
+    operator_process.until(
+        lambda: route_condition("nowhere", "Resolved", "True"), "Resolved=True once the relay exists"
+    )
+
+
+def test_missing_secret_is_retried_until_it_exists(
+    kube: Any, namespace: str, operator_process: OperatorProcess
+) -> None:
+    listeners = [{"name": "smtp", "port": 2525, "mode": "relay", "tls": "starttls"}]
+    kube.create(
+        k8s.MAILRELAYS, namespace, mailrelay("edge", listeners=listeners, tls={"secretName": "edge-tls"})
+    )
+
+    def invalid() -> dict[str, Any] | None:
+        found = condition(kube.get(k8s.MAILRELAYS, namespace, "edge"), "ConfigValid")
+        return found if found and found["status"] == "False" else None
+
+    valid = operator_process.until(invalid, "ConfigValid=False while the Secret is missing")
+
+    assert valid["reason"] == "SecretMissing" and "edge-tls" in valid["message"]
+    assert kube.get(k8s.STATEFULSETS, namespace, "edge") is None  # nothing rolled out without it
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "edge-tls"},
+        "type": "kubernetes.io/tls",
+        "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5"},
+    }
+    kube.create(k8s.SECRETS, namespace, secret)  # no event reaches the operator: only its retry can see it
+
+    def rolled_out() -> dict[str, Any] | None:
+        found = condition(converged(kube, namespace, "edge"), "ConfigValid")
+        return found if found and found["status"] == "True" else None
+
+    operator_process.until(rolled_out, "ConfigValid=True and the relay rolled out after the retry")
+    sts = kube.get(k8s.STATEFULSETS, namespace, "edge")
+    volumes = sts["spec"]["template"]["spec"]["volumes"]
+    assert any((v.get("secret") or {}).get("secretName") == "edge-tls" for v in volumes)
+
+
+def test_deleting_the_mailrelay_removes_its_children(
+    kube: Any, namespace: str, operator_process: OperatorProcess
+) -> None:
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
+    assert all(children(kube, namespace, "edge").values())
+    kube.delete(k8s.MAILRELAYS, namespace, "edge")
+    operator_process.until(
+        lambda: not any(children(kube, namespace, "edge").values()),
+        "the garbage collector to remove the children",
+    )
+    assert kube.get(k8s.MAILRELAYS, namespace, "edge") is None  # no finalizer holds it
