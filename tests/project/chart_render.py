@@ -162,6 +162,8 @@ VALUE_SETS: dict[str, tuple[dict[str, Any], tuple[str, ...], bool]] = {
     "relays-in-values": (
         {
             "crds": {"install": False},
+            "rbac": {"create": False},
+            "serviceAccount": {"create": False, "name": "existing-operator-account"},
             "relays": _samples("MailRelay"),
             "routes": _samples("RelayRoute"),
             # Enabled, but the cluster does not serve the API: nothing may be rendered.

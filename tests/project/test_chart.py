@@ -263,6 +263,67 @@ def test_replicas_without_peering_fail_with_an_explanation(tmp_path: Path) -> No
     assert "operator.replicaCount > 1 needs operator.peering.enabled=true" in result.stderr
 
 
+# ------------------------------------------------------------------------------ RBAC
+
+RBAC_SOURCE = ROOT / "operator" / "relay_operator" / "rbac.yaml"
+
+
+def _source_rules() -> dict[str, list[dict[str, Any]]]:
+    rules = yaml.safe_load(RBAC_SOURCE.read_text())
+    assert set(rules) == {"namespaced", "cluster"}
+    return {scope: list(rules[scope]) for scope in ("namespaced", "cluster")}
+
+
+def _bound_to_the_operator(binding: dict[str, Any], role: dict[str, Any], docs: list[dict[str, Any]]) -> None:
+    service_account = _one(docs, "ServiceAccount")["metadata"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": role["kind"],
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": service_account["name"], "namespace": service_account["namespace"]}
+    ]
+
+
+def test_the_chart_rbac_copy_is_byte_for_byte_the_operator_source() -> None:
+    assert (CHART / "files" / "rbac.yaml").read_bytes() == RBAC_SOURCE.read_bytes()
+
+
+def test_cluster_wide_rbac_is_one_cluster_role_with_exactly_the_source_rules() -> None:
+    docs = rendered("default")
+    source = _source_rules()
+    role = _one(docs, "ClusterRole")
+    assert role["rules"] == source["namespaced"] + source["cluster"]
+    _bound_to_the_operator(_one(docs, "ClusterRoleBinding"), role, docs)
+    assert _of_kind(docs, "Role") == [] and _of_kind(docs, "RoleBinding") == []
+    verbs = {verb for rule in role["rules"] for verb in rule["verbs"]}
+    assert "*" not in verbs and all("*" not in rule["resources"] for rule in role["rules"])
+
+
+def test_namespaced_rbac_is_a_role_per_watched_namespace_plus_the_cluster_rules() -> None:
+    docs = rendered("namespaced")
+    source = _source_rules()
+    cluster_role = _one(docs, "ClusterRole")
+    assert cluster_role["rules"] == source["cluster"]
+    _bound_to_the_operator(_one(docs, "ClusterRoleBinding"), cluster_role, docs)
+    roles = {doc["metadata"]["namespace"]: doc for doc in _of_kind(docs, "Role")}
+    bindings = {doc["metadata"]["namespace"]: doc for doc in _of_kind(docs, "RoleBinding")}
+    assert sorted(roles) == sorted(bindings) == ["edge", "mail"]
+    for namespace, role in roles.items():
+        assert role["rules"] == source["namespaced"]
+        _bound_to_the_operator(bindings[namespace], role, docs)
+
+
+def test_no_rbac_without_the_operator_or_with_rbac_create_false() -> None:
+    rbac_kinds = {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount"}
+    assert not {doc["kind"] for doc in rendered("relays-only")} & rbac_kinds
+    docs = rendered("relays-in-values")  # rbac.create=false, an existing ServiceAccount
+    assert not {doc["kind"] for doc in docs} & rbac_kinds
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "existing-operator-account"
+
+
 # ------------------------------------------------------------------------------ relays and routes
 
 
