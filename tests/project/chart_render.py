@@ -108,8 +108,8 @@ VALUE_SETS: dict[str, tuple[dict[str, Any], tuple[str, ...], bool]] = {
             "operator": {
                 "watchNamespaces": ["mail", "edge"],
                 "logLevel": "debug",
-                "replicaCount": 2,
-                "peering": {"enabled": True, "name": "mail-ops"},
+                "clusterDomain": "corp.internal",
+                "peering": {"enabled": True, "name": "mail-ops", "priority": 10},
             }
         },
         (),

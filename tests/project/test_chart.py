@@ -164,13 +164,14 @@ def test_default_operator_is_cluster_wide_standalone_hardened_and_probed() -> No
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     pod = deployment["spec"]["template"]["spec"]
     container = _operator_container(docs)
-    assert (
-        container["image"] == "mailrelay:" + yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
-    )
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert container["image"] == f"mailrelay:{app_version}"
     assert container["args"] == [
         "operator",
         "--all-namespaces",
         "--liveness=http://0.0.0.0:8080/healthz",
+        f"--image=mailrelay:{app_version}",
+        "--cluster-domain=cluster.local",
         "--standalone",
     ]
     assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
@@ -200,10 +201,13 @@ def test_namespaced_operator_watches_each_namespace_with_peering_and_debug_logs(
         "--namespace=mail",
         "--namespace=edge",
         "--liveness=http://0.0.0.0:8080/healthz",
+        "--image=mailrelay:0.1.0",
+        "--cluster-domain=corp.internal",
         "--peering=mail-ops",
+        "--priority=10",
         "--verbose",
     ]
-    assert _one(docs, "Deployment")["spec"]["replicas"] == 2
+    assert _one(docs, "Deployment")["spec"]["replicas"] == 1
     peerings = _of_kind(docs, "KopfPeering")
     assert sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings) == [
         ("edge", "mail-ops"),
@@ -222,6 +226,7 @@ def test_custom_values_reach_the_pod_unchanged() -> None:
     pod = template["spec"]
     container = _operator_container(docs)
     assert container["image"] == "registry.example.com/team/mailrelay:1.2.3"
+    assert "--image=registry.example.com/team/mailrelay:1.2.3" in container["args"], "relays use it too"
     assert container["imagePullPolicy"] == "Always"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
@@ -253,14 +258,6 @@ def test_service_monitor_selects_the_relays_the_operator_labels() -> None:
     # Enabled without the monitoring.coreos.com/v1 API: the chart renders no ServiceMonitor.
     assert VALUE_SETS["relays-in-values"][0]["metrics"]["serviceMonitor"]["enabled"] is True
     assert _of_kind(rendered("relays-in-values"), "ServiceMonitor") == []
-
-
-def test_replicas_without_peering_fail_with_an_explanation(tmp_path: Path) -> None:
-    values_file = tmp_path / "values.yaml"
-    values_file.write_text("operator: {replicaCount: 2}\n")
-    result = helm("template", "mailrelay", "-f", str(values_file))
-    assert result.returncode != 0
-    assert "operator.replicaCount > 1 needs operator.peering.enabled=true" in result.stderr
 
 
 # ------------------------------------------------------------------------------ RBAC
@@ -471,11 +468,11 @@ def test_every_value_is_documented_and_the_readme_table_lists_it() -> None:
     [
         (
             "template",
-            "operator: {logLevel: loud, replicaCount: two, watchNamespaces: [Bad_NS]}\n"
+            "operator: {logLevel: loud, healthPort: two, watchNamespaces: [Bad_NS]}\n"
             "image: {pullPolicy: Sometimes}\n",
             [
                 "at '/operator/logLevel': value must be one of 'info', 'debug'",
-                "at '/operator/replicaCount': got string, want integer",
+                "at '/operator/healthPort': got string, want integer",
                 "at '/operator/watchNamespaces/0': 'Bad_NS' does not match pattern",
                 "at '/image/pullPolicy': value must be one of 'IfNotPresent', 'Always', 'Never'",
             ],
