@@ -14,6 +14,7 @@ import copy
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -258,6 +259,35 @@ def test_service_monitor_selects_the_relays_the_operator_labels() -> None:
     # Enabled without the monitoring.coreos.com/v1 API: the chart renders no ServiceMonitor.
     assert VALUE_SETS["relays-in-values"][0]["metrics"]["serviceMonitor"]["enabled"] is True
     assert _of_kind(rendered("relays-in-values"), "ServiceMonitor") == []
+
+
+def test_service_monitor_finds_the_metrics_port_of_the_relays_the_operator_renders() -> None:
+    """End to end with the operator's builders: `mailrelay render` of the samples."""
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "render", "-f", str(ROOT / "crds" / "samples")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    spec = _one(rendered("cluster-wide-custom"), "ServiceMonitor")["spec"]
+    selected = [
+        doc
+        for doc in objects
+        if doc["kind"] == "Service"
+        and spec["selector"]["matchLabels"].items() <= doc["metadata"].get("labels", {}).items()
+    ]
+    relays = {doc["metadata"]["name"] for doc in objects if doc["kind"] == "StatefulSet"}
+    scraped = [
+        doc["metadata"]["labels"]["app.kubernetes.io/instance"]
+        for doc in selected
+        if any(port.get("name") == spec["endpoints"][0]["port"] for port in doc["spec"]["ports"])
+    ]
+    assert relays and sorted(scraped) == sorted(relays), "each relay scraped through one Service"
+    for label in spec["targetLabels"]:
+        assert all(label in doc["metadata"]["labels"] for doc in selected)
 
 
 # ------------------------------------------------------------------------------ RBAC
