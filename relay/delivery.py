@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import email
 import email.encoders
 import email.generator
@@ -297,7 +298,12 @@ class SmtpClient:
                     raise _TransactionError(
                         421, "4.7.5", f"TLS handshake with {target.label} failed: {exc}"
                     ) from exc
-                await self._hello(smtp)
+                try:
+                    await self._hello(smtp)
+                except _TransactionError as exc:  # TLS 1.3 reports a refused handshake only now
+                    raise _TransactionError(
+                        421, "4.7.5", f"TLS session with {target.label} failed: {exc.text}"
+                    ) from exc
             if target.credentials_dir is not None:
                 await self._login(smtp, target)
         except BaseException:
@@ -398,6 +404,17 @@ class SmtpClient:
         recipients = request.recipients
         if not recipients:
             return []
+        if target.tls == "opportunistic":
+            results = await self._deliver_once(target, request)
+            if any(r.status == "4.7.5" for r in results):
+                # RFC 3207 4.1 / RFC 7435: opportunistic TLS that fails falls back to cleartext
+                log.info("TLS with %s failed; retrying without TLS", target.label)
+                return await self._deliver_once(dataclasses.replace(target, tls="none"), request)
+            return results
+        return await self._deliver_once(target, request)
+
+    async def _deliver_once(self, target: SmtpTarget, request: DeliveryRequest) -> list[RecipientOutcome]:
+        recipients = request.recipients
         pool = self._pool(target)
         async with pool.limit:
             try:

@@ -118,6 +118,7 @@ class Scheduler:
         self._wake: asyncio.Event | None = None
         self._idle: _Idle | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._started = False
         self._stats = {"delivered": 0, "deferred": 0, "bounced": 0, "dsn": 0}
@@ -179,7 +180,12 @@ class Scheduler:
         for key in [k for k in self._gateways if k not in wanted]:
             transport = self._gateways.pop(key)
             self._gateway_limits.pop(key, None)
-            task = asyncio.get_event_loop().create_task(transport.close())
+            try:
+                task = asyncio.get_running_loop().create_task(transport.close())
+            except RuntimeError:  # no running loop (a synchronous caller): nothing to await on
+                continue
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
             task.add_done_callback(_log_task_error)
 
     async def rescan(self) -> None:

@@ -358,6 +358,21 @@ async def test_opportunistic_tls_used_when_offered_without_verification(
     assert outcomes[0].remote_mta == "mx.d.test"
 
 
+async def test_opportunistic_tls_falls_back_to_cleartext_when_the_handshake_fails(
+    client: SmtpClient, sinks: list[SmtpSink], ca: trustme.CA
+) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca.configure_trust(context)
+    context.verify_mode = ssl.CERT_REQUIRED  # we present no client certificate: handshake fails
+    sink = await start(sinks, starttls_context=context)
+    target = SmtpTarget("127.0.0.1", sink.port, tls="opportunistic", server_name="mx.d.test", verify=False)
+    outcomes = await client.deliver(target, request(["a@d.test"]))
+    assert dispositions(outcomes) == [("delivered", "2.0.0")]
+    assert sink.messages[0].tls is False
+    assert sink.connections == 2
+
+
 async def test_implicit_tls(
     client: SmtpClient, sinks: list[SmtpSink], server_context: ssl.SSLContext, ca_file: Path
 ) -> None:
