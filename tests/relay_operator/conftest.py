@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import yaml
 
 from tests.relay_operator.k8s_emulator import EmulatorThread, KubernetesApiEmulator
 
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
 T = TypeVar("T")
 TOKEN = "emulator-token"  # the emulator refuses requests without it (401), like a real server
+OPERATOR_TOKEN = "operator-token"  # may do only what operator/relay_operator/rbac.yaml grants
+RBAC = ROOT / "operator" / "relay_operator" / "rbac.yaml"
 
 
 class RawHttp:
@@ -80,7 +83,9 @@ def wait_for(probe: Callable[[], T | None], *, timeout: float = 20.0, what: str 
 
 @pytest.fixture(scope="session")
 def emulator() -> Iterator[EmulatorThread]:
-    with EmulatorThread(KubernetesApiEmulator(token=TOKEN)) as server:
+    rules = yaml.safe_load(RBAC.read_text())
+    grants = {OPERATOR_TOKEN: [*rules["namespaced"], *rules["cluster"]]}  # the --all-namespaces binding
+    with EmulatorThread(KubernetesApiEmulator(token=TOKEN, grants=grants)) as server:
         if any(CRDS.glob("*.y*ml")):
             server.call(lambda: server.emulator.load_crds(CRDS))
         yield server
@@ -89,6 +94,12 @@ def emulator() -> Iterator[EmulatorThread]:
 @pytest.fixture(scope="session")
 def kubeconfig(emulator: EmulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return emulator.kubeconfig(tmp_path_factory.mktemp("kube") / "config")
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(emulator: EmulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The operator's credentials: bound to the RBAC rules the Helm chart installs."""
+    return emulator.kubeconfig(tmp_path_factory.mktemp("kube") / "operator", token=OPERATOR_TOKEN)
 
 
 @pytest.fixture()
@@ -179,8 +190,10 @@ class OperatorProcess:
 
 
 @pytest.fixture(scope="session")
-def operator_process(kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+def operator_process(
+    operator_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
     try:
         process.wait_alive()
         yield process

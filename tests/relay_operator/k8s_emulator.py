@@ -366,8 +366,14 @@ ObjKey = tuple[str, str, str, str]  # group, plural, namespace ("" if cluster-sc
 class KubernetesApiEmulator:
     """The state and the HTTP handlers. Runs inside one event loop (see `EmulatorThread`)."""
 
-    def __init__(self, token: str | None = None) -> None:
-        self.token = token  # when set, every request needs "Authorization: Bearer <token>"
+    def __init__(self, token: str | None = None, grants: Mapping[str, list[JSON]] | None = None) -> None:
+        # Authentication: with `token` or `grants`, a request needs "Authorization: Bearer <t>"
+        # for a known t (401 otherwise). `token` may do anything; a token in `grants` only what
+        # its RBAC PolicyRules allow, everywhere (a ClusterRole binding), else 403 Forbidden.
+        self.token = token
+        self.grants = dict(grants or {})
+        self.usage: set[tuple[str, str, str, str]] = set()  # (token, apiGroup, resource, verb)
+        self.denied: list[tuple[str, str, str, str]] = []
         self.types: dict[tuple[str, str, str], ResourceType] = {}
         self.objects: dict[ObjKey, JSON] = {}
         self.history: list[WatchEvent] = []
@@ -794,8 +800,10 @@ class KubernetesApiEmulator:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path, request.content_type))
         self.bodies.append((request.headers.get("User-Agent", ""), await request.read()))
-        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
-            return web.json_response(ApiError(401, "Unauthorized", "Unauthorized").status(), status=401)
+        if self.token is not None or self.grants:
+            presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if presented != self.token and presented not in self.grants:
+                return web.json_response(ApiError(401, "Unauthorized", "Unauthorized").status(), status=401)
         try:
             return await self._route(request)
         except ApiError as exc:
@@ -829,6 +837,7 @@ class KubernetesApiEmulator:
             )
         name = rest[1] if len(rest) >= 2 else None
         subresource = rest[2] if len(rest) == 3 else None
+        self._authorize(request, group, rest[0], name, subresource, namespace)
         if rt.namespaced and name is not None and not namespace:
             raise ApiError(
                 404, "NotFound", f"{rt.plural} is namespaced: use /namespaces/NS/{rt.plural}/{name}"
@@ -889,6 +898,40 @@ class KubernetesApiEmulator:
             obj, gone = self._delete(rt, key, propagation)
             return web.json_response(obj, status=200 if gone else 202)
         raise ApiError(405, "MethodNotAllowed", f"{method} is not allowed here")
+
+    def _authorize(
+        self, request: web.Request, group: str, plural: str, name: str | None, sub: str | None, namespace: str
+    ) -> None:
+        """RBAC as the authorizer sees it: the verb and resource come from the URL alone."""
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if token not in self.grants:
+            return
+        method = request.method
+        if method == "GET":
+            verb = "watch" if request.query.get("watch") in ("true", "1") else "get" if name else "list"
+        else:
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, "")
+            if method == "DELETE":
+                verb = "delete" if name else "deletecollection"
+        resource = f"{plural}/{sub}" if sub else plural
+        self.usage.add((token, group, resource, verb))
+        for rule in self.grants[token]:
+            if (
+                {group, "*"} & set(rule.get("apiGroups", []))
+                and {resource, "*"} & set(rule.get("resources", []))
+                and {verb, "*"} & set(rule.get("verbs", []))
+                and (not rule.get("resourceNames") or name in rule["resourceNames"])
+            ):
+                return
+        self.denied.append((token, group, resource, verb))
+        where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+        raise ApiError(
+            403,
+            "Forbidden",
+            f'{resource} is forbidden: User "{token}" cannot {verb} resource "{resource}" '
+            f'in API group "{group}"{where}',
+            {"name": name or "", "group": group, "kind": plural},
+        )
 
     async def _json(self, request: web.Request, default: Any = None) -> Any:
         body = await request.read()
@@ -1153,12 +1196,12 @@ class EmulatorThread:
 
         return asyncio.run_coroutine_threadsafe(_call(), self.loop).result(10)
 
-    def kubeconfig(self, path: Path, namespace: str = "default") -> Path:
+    def kubeconfig(self, path: Path, namespace: str = "default", token: str | None = None) -> Path:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": self.emulator.token or "none"}}],
+            "users": [{"name": "tester", "user": {"token": token or self.emulator.token or "none"}}],
             "contexts": [
                 {
                     "name": "emulator",

@@ -286,6 +286,25 @@ def test_requests_without_the_token_are_unauthorized(emulator: EmulatorThread) -
     assert RawHttp(emulator.url, token="wrong")("GET", "/api/v1/namespaces")[0] == 401
 
 
+def test_rbac_grants_are_enforced_per_verb_and_resource(emulator: EmulatorThread, namespace: str) -> None:
+    rules = [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    emulator.call(lambda: emulator.emulator.grants.update({"probe": rules}))
+    operator = RawHttp(emulator.url, token="probe")
+    assert operator("GET", f"/api/v1/namespaces/{namespace}/secrets/x")[0] == 404  # get: granted
+    status, body = operator("GET", f"/api/v1/namespaces/{namespace}/secrets")  # list: not granted
+    assert status == 403 and body["reason"] == "Forbidden" and "cannot list" in body["message"]
+    status, _ = operator("PUT", f"/apis/{WIDGETS[6:]}/namespaces/{namespace}/widgets/w", {})
+    assert status == 403
+    assert operator("GET", "/apis")[0] == 200  # discovery is open to every authenticated user
+    denied = emulator.call(lambda: [d for d in emulator.emulator.denied if d[0] == "probe"])
+    assert [verb for _t, _g, _r, verb in denied] == ["list", "update"]
+    emulator.call(
+        lambda: emulator.emulator.denied.__setitem__(
+            slice(None), [d for d in emulator.emulator.denied if d[0] != "probe"]
+        )
+    )
+
+
 def test_namespace_deletion_removes_its_objects(http: RawHttp, namespace: str) -> None:
     http("POST", f"/api/v1/namespaces/{namespace}/configmaps", cm("n"))
     assert http("DELETE", f"/api/v1/namespaces/{namespace}")[0] == 200

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from relay_operator import k8s, naming
-from tests.relay_operator.conftest import OperatorProcess, RawHttp
+from tests.relay_operator.conftest import OPERATOR_TOKEN, OperatorProcess, RawHttp
 from tests.relay_operator.k8s_emulator import EmulatorThread
 
 MERGE = "application/merge-patch+json"
@@ -406,3 +406,30 @@ def test_deleting_the_mailrelay_removes_its_children(
         "the garbage collector to remove the children",
     )
     assert kube.get(k8s.MAILRELAYS, namespace, "edge") is None  # no finalizer holds it
+
+
+def test_the_operator_needs_no_more_than_its_rbac_rules(
+    emulator: EmulatorThread, operator_process: OperatorProcess, kube: Any, namespace: str
+) -> None:
+    """The operator runs with the chart's RBAC rules (operator/relay_operator/rbac.yaml): the
+    emulator answers 403 to anything else. After the scenarios above, nothing was denied, and
+    the verbs actually used are the ones the handlers are documented to need."""
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
+    denied = emulator.call(lambda: list(emulator.emulator.denied))
+    assert denied == []
+    used = emulator.call(lambda: {(g, r, v) for t, g, r, v in emulator.emulator.usage if t == OPERATOR_TOKEN})
+    assert used >= {
+        ("mailrelay.dev", "mailrelays", "list"),
+        ("mailrelay.dev", "mailrelays", "watch"),
+        ("mailrelay.dev", "mailrelays", "patch"),  # kopf's annotations
+        ("mailrelay.dev", "mailrelays/status", "patch"),
+        ("mailrelay.dev", "relayroutes", "list"),
+        ("mailrelay.dev", "relayroutes/status", "patch"),
+        ("", "configmaps", "create"),
+        ("", "configmaps", "update"),
+        ("apps", "statefulsets", "watch"),
+        ("", "secrets", "get"),
+        ("", "events", "create"),
+    }
+    assert not {(g, r, v) for g, r, v in used if r == "secrets" and v != "get"}
