@@ -12,10 +12,12 @@ from tests.relay_operator.up_harness import (
     EXAMPLES,
     Up,
     find_by_subject,
+    load_documents,
     relocated_example,
     running,
     send,
     wait_for,
+    write_documents,
 )
 
 
@@ -56,6 +58,21 @@ def test_failover_example_delivers_through_the_backup_while_primary_is_down(tmp_
         )
         assert "by backup.failover.test" in " ".join(mail.get_all("Received")[0].split())
         assert not (root / "primary" / "maildir").exists()
+
+        # bring primary up, as the README says: new mail goes to it again
+        docs = load_documents(manifest)
+        next(d for d in docs if d["metadata"]["name"] == "primary")["spec"]["replicas"] = 1
+        write_documents(manifest, docs)
+        wait_for(lambda: len(up.pids("primary")) == 1, 20, "primary to start", up.output)
+        up.wait_ready()
+        send(ports[2725], "app@failover.test", "user@example.com", "primary is back")
+        wait_for(
+            lambda: find_by_subject(root / "primary" / "maildir" / "via-primary", "primary is back"),
+            30,
+            "the primary's maildir",
+            up.output,
+        )
+        assert find_by_subject(root / "backup" / "maildir" / "via-backup", "primary is back") is None
         assert up.stop(signal.SIGINT) == 0
 
 

@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -97,7 +98,9 @@ class Console:
 
     def _draw(self) -> None:
         if self._tty and self._table:
-            self._stream.write("\n".join(self._table) + "\n")
+            # Cut to the terminal's width: a wrapped line would break the cursor-up redraw.
+            width = shutil.get_terminal_size().columns
+            self._stream.write("\n".join(line[: max(width - 1, 20)] for line in self._table) + "\n")
             self._shown = len(self._table)
 
     def line(self, text: str) -> None:
