@@ -13,6 +13,14 @@ parameters), `relay.smtp_data` (end of data, dot-unstuffing, normalisation, limi
 Who calls it: relay.app creates one `Front` per process, `await front.start()`, swaps the
 configuration on reload with `update_config`, and on SIGTERM calls `await front.drain(grace)`.
 
+Choices worth knowing: a command line ended by a bare LF is refused with ``501 5.5.2`` and the
+connection closed (where the next command starts is ambiguous); a bare CR inside a CRLF line
+is refused with ``501 5.5.2`` and the session goes on. Bare CR/LF in message content is
+normalised to CRLF and NUL refuses the message (see relay.smtp_data). Every 5xx reply counts
+towards ``limits.maxErrors`` (then ``421 4.7.0`` and close); ``452 4.5.3`` does not. Connection
+limits are per process (with N workers the totals are N times larger). Recipients that match
+no route are refused at RCPT with ``550 5.4.4``; a RejectHop route answers with its own reply.
+
 What it must not do: decide delivery (the scheduler does), answer 250 before
 ``await spool.store`` returned, or let a library exception escape to the client (it becomes
 ``451 4.3.0`` and a log line).
