@@ -17,12 +17,14 @@ UTF-8 (RFC 6532); otherwise every header is 7-bit (RFC 2047 encoded words) and b
 quoted-printable or base64, so no 8BITMIME is needed.
 
 Pure: no sockets, no file reads (callers pass attachment bytes), no clock unless the caller omits
-``date`` (then now) and no randomness unless the caller omits ``message_id``. Called by
+``date`` (then now) and no randomness unless the caller omits ``message_id``: MIME boundaries
+are derived from a hash of the content, so the same input composes to the same bytes. Called by
 `relay.cli_send` and by any program or test that needs a message; it never sends anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mimetypes
 import re
 from collections.abc import Iterable, Sequence
@@ -287,9 +289,20 @@ def compose_message(
         message.add_attachment(
             attachment.data, maintype=maintype, subtype=subtype, filename=attachment.filename
         )
+    digest = hashlib.sha256()
+    for piece in (str(message["Message-ID"]), str(message["Date"]), text, html or ""):
+        digest.update(piece.encode("utf-8", "surrogatepass") + b"\0")
+    for attachment in attachments:
+        digest.update(attachment.filename.encode("utf-8", "surrogatepass") + b"\0" + attachment.data)
+    multipart_index = 0
     for part in message.walk():
         if part is not message:  # the email package repeats it in parts it creates
             del part["MIME-Version"]
+        if part.is_multipart():
+            # Derived from the content (which therefore cannot contain it), not random, so
+            # the same input gives the same bytes (RFC 2046 5.1.1).
+            part.set_boundary(f"=_mailrelay_{digest.hexdigest()[:32]}_{multipart_index}")
+            multipart_index += 1
     return message
 
 

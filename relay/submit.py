@@ -128,11 +128,6 @@ async def _login(client: aiosmtplib.SMTP, options: ServerOptions) -> None:
     if options.user is None:
         return
     where = f"{options.host}:{options.port}"
-    if options.tls == "none" and not is_loopback(options.host):
-        raise SubmitError(
-            f"refusing to send the password for {options.user!r} unencrypted to {where}; "
-            "use --tls starttls or --tls implicit"
-        )
     if not client.supports_extension("auth"):
         raise SubmitError(f"{where} does not offer AUTH; drop --user or use its submission port")
     try:
@@ -204,6 +199,11 @@ async def submit(
 ) -> SubmitResult:
     """One SMTP transaction for the submission; per-recipient results, or SubmitError."""
     where = f"{options.host}:{options.port}"
+    if options.user is not None and options.tls == "none" and not is_loopback(options.host):
+        raise SubmitError(
+            f"refusing to send the password for {options.user!r} unencrypted to {where}; "
+            "use --tls starttls or --tls implicit"
+        )
     context = tls_context(options)
     client = aiosmtplib.SMTP(
         hostname=options.host,
