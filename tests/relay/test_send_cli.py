@@ -5,6 +5,9 @@ certificates and AUTH, with and without SMTPUTF8)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import mailbox
 import os
 import ssl
 import subprocess
@@ -20,11 +23,15 @@ from typing import Any
 
 import pytest
 import trustme
+import yaml
+from aiohttp import web
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from click.testing import CliRunner
 
 from relay.cli import main
 from tests.relay import media
+from tests.relay.apphelp import RelayRun, free_port
+from tests.relay.smtpsink import SmtpSink
 
 
 @dataclass
@@ -467,3 +474,137 @@ def test_console_script_in_a_subprocess_with_progress(plain: Server, tmp_path: P
     [received] = plain.recorder.messages
     [_, attachment] = parse(received.content).iter_parts()
     assert attachment.get_payload(decode=True) == big.read_bytes()
+
+
+# --------------------------------------------------------------------------- through a real relay
+
+
+async def until(condition: Any, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    """Await files written by another process (no event announces them)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_send_through_a_real_relay_to_smtp_and_every_gateway(
+    tmp_path: Path, files: dict[str, Path]
+) -> None:
+    """`mailrelay send` → `mailrelay relay` (subprocess) → an SMTP next hop, a Maildir, a webhook
+    and a pipe: each gets the composed bytes plus exactly one Received header; the bcc
+    recipient is in no delivered header."""
+    sink = await SmtpSink().start()
+    posts: list[bytes] = []
+    posted = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        posts.append(await request.read())
+        posted.set()
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/mail", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    hook_port = runner.addresses[0][1]
+    pipe_out = tmp_path / "pipe.out"
+    script = tmp_path / "pipe.sh"
+    script.write_text(f"#!/bin/sh\ncat > {pipe_out}.tmp && mv {pipe_out}.tmp {pipe_out}\n")
+    script.chmod(0o755)
+    smtp_port = free_port()
+
+    def route(name: str, domain: str, hop: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "match": {"recipientDomains": [domain]}, "nextHop": hop}
+
+    config = {
+        "hostname": "edge.relay.test",
+        "listeners": [{"name": "smtp", "host": "127.0.0.1", "port": smtp_port, "mode": "relay"}],
+        "trustedNetworks": ["127.0.0.0/8"],
+        "queue": {
+            "directory": str(tmp_path / "queue"),
+            "retry": {"minBackoff": "1s", "maxBackoff": "2s", "maxLifetime": "1h"},
+        },
+        "routes": [
+            route(
+                "smtp",
+                "example.net",
+                {"kind": "relay", "name": "sink", "host": "127.0.0.1", "port": sink.port},
+            ),
+            route(
+                "maildir", "maildir.test", {"kind": "gateway", "maildir": {"path": str(tmp_path / "mail")}}
+            ),
+            route(
+                "hook",
+                "hooks.test",
+                {"kind": "gateway", "webhook": {"url": f"http://127.0.0.1:{hook_port}/mail"}},
+            ),
+            route("pipe", "pipe.test", {"kind": "gateway", "pipe": {"command": [str(script)]}}),
+        ],
+        "metrics": {"host": "127.0.0.1", "port": free_port()},
+    }
+    config_path = tmp_path / "relay.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    relay = RelayRun(config_path).start()
+    try:
+        await asyncio.to_thread(relay.wait_for, r"ready \(pid")
+        args = compose_args(f"127.0.0.1:{smtp_port}", files)
+        args[args.index("carol@example.net")] = "carol@maildir.test"
+        args[args.index("secret@example.com")] = "secret@hooks.test"
+        args += ["--cc", "dave@pipe.test"]
+        dry = await asyncio.to_thread(run, *args, "--dry-run")
+        composed = dry.stdout_bytes.split(b" bytes)\n", 1)[1]
+        result = await asyncio.to_thread(run, *args)
+        assert result.exit_code == 0, result.output
+        assert len(result.output.splitlines()) == 4
+
+        await asyncio.wait_for(sink.arrived.wait(), 30)
+        await asyncio.wait_for(posted.wait(), 30)
+        maildir = tmp_path / "mail" / "maildir.test" / "carol"
+        await until(
+            lambda: pipe_out.exists() and (maildir / "new").is_dir() and any((maildir / "new").iterdir())
+        )
+    finally:
+        relay.kill()
+        await sink.stop()
+        await runner.cleanup()
+
+    def one_received(content: bytes) -> bytes:
+        assert content.startswith(b"Received: from ")
+        end = content.index(b"\r\n", content.index(b"by edge.relay.test")) + 2
+        while content[end : end + 1] in (b" ", b"\t"):
+            end = content.index(b"\r\n", end) + 2
+        rest = content[end:]
+        assert b"\r\nReceived:" not in b"\r\n" + rest.split(b"\r\n\r\n")[0]
+        return rest
+
+    [smtp] = sink.messages
+    assert smtp.rcpt_tos == ["bob@example.net"]
+    assert one_received(smtp.content) == composed
+
+    box = mailbox.Maildir(str(maildir), factory=None)
+    [stored] = [box.get_bytes(key) for key in box.keys()]  # noqa: SIM118
+    head = b"Return-Path: <alice@example.org>\nDelivered-To: carol@maildir.test\n"
+    assert stored.startswith(head)
+    assert one_received(stored[len(head) :].replace(b"\n", b"\r\n")) == composed
+
+    [posted_body] = posts
+    document = json.loads(posted_body)
+    assert document["envelope"] == {"from": "alice@example.org", "recipients": ["secret@hooks.test"]}
+    raw = base64.b64decode(document["raw"])
+    assert one_received(raw) == composed
+    assert [a["contentType"] for a in document["attachments"]] == ["image/png", "audio/mpeg", "video/mp4"]
+
+    piped = pipe_out.read_bytes()
+    assert one_received(piped) == composed
+
+    for delivered in (smtp.content, stored, raw, piped):
+        message = parse(delivered.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+        assert all("secret" not in str(v) for part in message.walk() for v in part.values())
+        assert [p.get_content_type() for p in message.iter_parts()][1:] == [
+            "image/png",
+            "audio/mpeg",
+            "video/mp4",
+        ]
