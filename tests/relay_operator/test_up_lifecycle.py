@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.relay.dnsserver import DnsServer
 from tests.relay_operator.up_harness import (
     Up,
     alive,
@@ -126,8 +127,26 @@ def test_crash_restart_scale_up_and_route_reload(tmp_path: Path) -> None:
         assert after == before
         assert find_by_subject(_maildir(tmp_path, "inbox"), "after the route edit") is None
 
+        # a listener change restarts that relay's processes; its clients only reload their routes
+        (moved_port,) = free_ports(1)
+        write_documents(manifest, _topology(front_port, moved_port, back_replicas=1, inbox="inbox-v2"))
+        wait_for(
+            lambda: up.pids("back") not in ([], [after["back-0"][0]]), 30, "back-0 to be replaced", up.output
+        )
+        up.wait_ready()
+        assert "[up] life/back: listeners changed, restarting its processes" in up.output()
+        assert up.pids("front") == [after["front-0"][0]]
+        send(front_port, "a@life.test", "someone@example.org", "to the moved listener")
+        wait_for(
+            lambda: find_by_subject(_maildir(tmp_path, "inbox-v2"), "to the moved listener"),
+            30,
+            "delivery to back's new port",
+            up.output,
+        )
+        after = {p["name"]: (p["pid"], p["restarts"]) for p in up.processes()}
+
         # a broken edit is refused while running; the relays keep the last good configuration
-        broken = _topology(front_port, back_port, back_replicas=1, inbox="inbox-v2")
+        broken = _topology(front_port, moved_port, back_replicas=1, inbox="inbox-v2")
         broken[3]["spec"]["nextHop"] = {"relay": {"name": "front"}}  # back -> front -> back
         write_documents(manifest, broken)
         wait_for(
@@ -170,6 +189,32 @@ def test_stop_leaves_no_process_and_loses_no_message(tmp_path: Path) -> None:
         wait_for(
             lambda: not [pid for pid in pids if alive(pid)], 30, "the orphaned relays to exit", again.output
         )
+
+
+def test_own_dns_server_and_mx_port_are_honoured(tmp_path: Path) -> None:
+    """`spec.dns` points the relay at the topology's own DNS server; `nextHop.mx.port` is used
+    as declared (MX hosts are outside the topology, so --port-offset does not move it)."""
+    out_port, mx_port = free_ports(2)
+    with DnsServer() as dns_server:
+        dns_server.add("example.test", "MX", "10 mx.example.test.")
+        dns_server.add("mx.example.test", "A", "127.0.0.1")
+        docs = _topology(out_port, mx_port, back_replicas=1)
+        docs[0]["spec"]["dns"] = {"nameservers": [dns_server.nameserver]}
+        docs[1]["spec"]["acceptDomains"] = ["example.test"]
+        docs[2]["spec"]["nextHop"] = {"mx": {"port": mx_port, "tls": "none"}}
+        manifest = write_documents(tmp_path / "mx.yaml", docs)
+        with running(Up(tmp_path, [manifest], "--port-offset", str(OFFSET))) as up:
+            up.wait_ready()
+            send(out_port, "a@life.test", "someone@example.test", "found by MX")
+            mail = wait_for(
+                lambda: find_by_subject(_maildir(tmp_path, "inbox"), "found by MX"),
+                30,
+                "MX delivery",
+                up.output,
+            )
+            assert ("example.test.", "MX") in dns_server.queries
+            assert len(mail.get_all("Received")) == 2
+            assert up.stop(signal.SIGINT) == 0
 
 
 def test_broken_topology_is_refused_with_checks_explanation(tmp_path: Path) -> None:
