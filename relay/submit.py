@@ -31,6 +31,7 @@ from relay.compose import Submission
 
 TlsChoice = Literal["none", "starttls", "implicit"]
 Progress = Callable[[int, int], None]  # (bytes sent, total bytes)
+CONNECT_TIMEOUT = 30.0  # seconds to open the connection (and TLS handshake for implicit TLS)
 PROGRESS_INTERVAL = 0.25  # seconds between progress reports while DATA is being written
 
 
@@ -97,7 +98,7 @@ def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
 async def _connect(client: aiosmtplib.SMTP, options: ServerOptions, context: ssl.SSLContext) -> None:
     where = f"{options.host}:{options.port}"
     try:
-        await client.connect()
+        await client.connect(timeout=min(options.timeout, CONNECT_TIMEOUT))
         await client.ehlo()
     except ssl.SSLError as exc:
         raise SubmitError(f"TLS with {where} failed: {exc.reason or exc}") from exc
