@@ -134,32 +134,33 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     def startup(**_: Any) -> None:
         runtime.connect()
 
-    @kopf.on.resume(*MAILRELAYS, registry=registry)
-    @kopf.on.create(*MAILRELAYS, registry=registry)
-    @kopf.on.update(*MAILRELAYS, registry=registry)
+    @kopf.on.resume(*MAILRELAYS, id="reconcile", registry=registry)
+    @kopf.on.create(*MAILRELAYS, id="reconcile", registry=registry)
+    @kopf.on.update(*MAILRELAYS, id="reconcile", registry=registry)
     def mailrelay_changed(
         *, namespace: str | None, name: str, retry: int, logger: kopf.Logger, **_: Any
     ) -> None:
         outcome = runtime.converge(namespace or "default", logger)
         _retry_if_needed(outcome, name, options.backoff(retry))
 
-    @kopf.timer(*MAILRELAYS, interval=options.resync_interval, registry=registry)
+    @kopf.timer(*MAILRELAYS, id="resync", interval=options.resync_interval, registry=registry)
     def mailrelay_resync(*, namespace: str | None, name: str, logger: kopf.Logger, **kwargs: Any) -> None:
         outcome = runtime.converge(namespace or "default", logger, relays=(name,))
         _retry_if_needed(outcome, name, options.backoff(int(kwargs.get("retry") or 0)))
 
-    @kopf.on.event(*MAILRELAYS, registry=registry)
+    @kopf.on.event(*MAILRELAYS, id="relay-deleted", registry=registry)
     def mailrelay_deleted(*, type: str, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
         if type == "DELETED":  # routes that pointed at it resolve differently now
             runtime.converge(namespace or "default", logger)
 
-    @kopf.on.event(*RELAYROUTES, registry=registry)
+    @kopf.on.event(*RELAYROUTES, id="route-changed", registry=registry)
     def relayroute_event(*, type: str | None, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
         if type is not None:  # None is the initial listing; resume handlers cover it
             runtime.converge(namespace or "default", logger)
 
     @kopf.on.event(
         *STATEFULSETS,
+        id="statefulset-changed",
         labels={naming.LABEL_MANAGED_BY: naming.MANAGED_BY},
         registry=registry,
     )

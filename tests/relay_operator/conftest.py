@@ -133,13 +133,13 @@ def free_port() -> int:
 class OperatorProcess:
     """`mailrelay operator` as a subprocess against the emulator (the real command, real kopf)."""
 
-    def __init__(self, kubeconfig: Path, log: Path, *extra: str) -> None:
+    def __init__(self, kubeconfig: Path, log: Path, *scope: str) -> None:
         self.log = log
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         command = [
             str(Path(sys.executable).parent / "mailrelay"),
             "operator",
-            "--all-namespaces",
+            *(scope or ("--all-namespaces",)),
             "--standalone",
             "--kubeconfig",
             str(kubeconfig),
@@ -149,7 +149,6 @@ class OperatorProcess:
             "3s",
             "--retry-delay",
             "1s",
-            *extra,
         ]
         env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1")
         self._log_file = log.open("wb")
@@ -198,4 +197,5 @@ def operator_process(
         process.wait_alive()
         yield process
     finally:
-        process.stop()
+        code = process.stop()
+    assert code == 0, f"the operator did not stop cleanly on SIGTERM ({code}):\n{process.tail()}"

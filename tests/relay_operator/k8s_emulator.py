@@ -31,7 +31,10 @@ What it emulates (each is checked in test_emulator.py):
   created with an owner reference that resolves to nothing is collected too;
 - custom resources are defaulted, pruned and validated against the CRD's openAPIV3Schema
   (422 Invalid), like a structural schema on a real server;
-- namespace deletion removes the namespace's objects.
+- namespace deletion removes the namespace's objects;
+- a StatefulSet update that changes an immutable spec field is refused (422), as on a server;
+- bearer-token authentication (401) and RBAC authorization per verb and resource (403) for the
+  tokens given rules, so the operator can run with exactly the chart's ClusterRole.
 
 Known gaps (answered with an error, never silently): server-side apply and strategic merge patch
 (415); CEL `x-kubernetes-validations` are not evaluated; built-in kinds are not schema-validated;
@@ -63,6 +66,17 @@ from aiohttp import web
 JSON = dict[str, Any]
 
 CRD_GROUP = "apiextensions.k8s.io"
+STATEFULSET_MUTABLE = frozenset(
+    (
+        "replicas",
+        "ordinals",
+        "template",
+        "updateStrategy",
+        "persistentVolumeClaimRetentionPolicy",
+        "minReadySeconds",
+        "revisionHistoryLimit",
+    )
+)
 
 
 # --------------------------------------------------------------------------- resource types
@@ -713,6 +727,19 @@ class KubernetesApiEmulator:
                 meta.pop("ownerReferences", None)
         result["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         result["apiVersion"], result["kind"] = rt.api_version, rt.kind
+        if rt.key == ("apps", "statefulsets"):
+            old_spec, new_spec = old.get("spec") or {}, result.get("spec") or {}
+            frozen = {k for k in set(old_spec) | set(new_spec) if k not in STATEFULSET_MUTABLE}
+            if any(old_spec.get(k) != new_spec.get(k) for k in frozen):
+                raise _invalid(
+                    rt,
+                    key[3],
+                    [
+                        "spec: Forbidden: updates to statefulset spec for fields other than "
+                        + ", ".join(f"'{k}'" for k in sorted(STATEFULSET_MUTABLE))
+                        + " are forbidden"
+                    ],
+                )
         self._check_metadata(rt, result)
         result = self._check_custom(rt, result)
         return self._replace(rt, key, result)

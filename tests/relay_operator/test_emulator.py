@@ -122,6 +122,9 @@ def test_writes_change_resource_version_and_generation_honestly(http: RawHttp, n
     )
     assert ready["status"] == {"readyReplicas": 3} and ready["spec"]["replicas"] == 3
     assert ready["metadata"]["generation"] == 2
+    # Fields other than replicas, template, updateStrategy, ... cannot change.
+    status, frozen = http("PATCH", item, {"spec": {"serviceName": "other"}}, merge)
+    assert status == 422 and "Forbidden" in frozen["message"]
     # A stale resourceVersion is a conflict.
     stale = dict(ready, metadata=dict(ready["metadata"], resourceVersion=rv))
     status, conflict = http("PUT", item, stale)

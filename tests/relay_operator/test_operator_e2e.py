@@ -7,13 +7,14 @@ again (its requests for the object are counted in the emulator)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from relay_operator import k8s, naming
-from tests.relay_operator.conftest import OPERATOR_TOKEN, OperatorProcess, RawHttp
-from tests.relay_operator.k8s_emulator import EmulatorThread
+from tests.relay_operator.conftest import CRDS, OPERATOR_TOKEN, RBAC, TOKEN, OperatorProcess, RawHttp
+from tests.relay_operator.k8s_emulator import EmulatorThread, KubernetesApiEmulator
 
 MERGE = "application/merge-patch+json"
 LAST_HANDLED = f"{naming.GROUP}/last-handled-configuration"
@@ -408,6 +409,47 @@ def test_deleting_the_mailrelay_removes_its_children(
     assert kube.get(k8s.MAILRELAYS, namespace, "edge") is None  # no finalizer holds it
 
 
+def test_drift_of_a_child_is_repaired_by_the_resync(
+    kube: Any, namespace: str, operator_process: OperatorProcess
+) -> None:
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
+    rendered = relay_config(kube, namespace, "edge")
+    # Someone edits the ConfigMap by hand; no watch covers ConfigMaps, only the level-triggered
+    # resync sees it.
+    kube.merge_patch(k8s.CONFIGMAPS, namespace, "edge-config", {"data": {naming.CONFIG_KEY: "hostname: x\n"}})
+    operator_process.until(
+        lambda: relay_config(kube, namespace, "edge") == rendered, "the ConfigMap restored"
+    )
+
+
+def test_immutable_statefulset_fields_are_reported_not_retried_forever(
+    kube: Any, namespace: str, operator_process: OperatorProcess
+) -> None:
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
+    listeners = [{"name": "smtp", "port": 2700, "mode": "relay"}]
+    kube.merge_patch(
+        k8s.MAILRELAYS,
+        namespace,
+        "edge",
+        {"spec": {"listeners": listeners, "queue": {"storage": {"size": "9Gi"}}}},
+    )
+    warning = operator_process.until(
+        lambda: [e for e in events_for(kube, namespace, "edge") if e[:2] == ("Warning", "ImmutableField")],
+        "a Warning Event about the immutable claim template",
+    )
+    assert "volumeClaimTemplates" in warning[0][2]
+    body = operator_process.until(
+        lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge again"
+    )
+    sts = kube.get(k8s.STATEFULSETS, namespace, "edge")
+    claim = sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    assert claim != "9Gi"  # the API server would refuse the change; the rest is applied
+    assert sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == 2700
+    assert condition(body, "ConfigValid")["status"] == "True"  # type: ignore[index]
+
+
 def test_the_operator_needs_no_more_than_its_rbac_rules(
     emulator: EmulatorThread, operator_process: OperatorProcess, kube: Any, namespace: str
 ) -> None:
@@ -433,3 +475,29 @@ def test_the_operator_needs_no_more_than_its_rbac_rules(
         ("", "events", "create"),
     }
     assert not {(g, r, v) for g, r, v in used if r == "secrets" and v != "get"}
+
+
+def test_namespace_scoped_operator_leaves_other_namespaces_alone(tmp_path: Path) -> None:
+    """`mailrelay operator --namespace mail` on its own API server: it reconciles `mail` only."""
+    rules = yaml.safe_load(RBAC.read_text())
+    grants = {OPERATOR_TOKEN: [*rules["namespaced"], *rules["cluster"]]}
+    with EmulatorThread(KubernetesApiEmulator(token=TOKEN, grants=grants)) as server:
+        server.call(lambda: server.emulator.load_crds(CRDS))
+        http = RawHttp(server.url)
+        for name in ("mail", "other"):
+            assert http("POST", "/api/v1/namespaces", {"metadata": {"name": name}})[0] == 201
+        admin = k8s.ClientKubeApi.from_environment(kubeconfig=str(server.kubeconfig(tmp_path / "admin")))
+        config = server.kubeconfig(tmp_path / "operator", token=OPERATOR_TOKEN)
+        process = OperatorProcess(config, tmp_path / "operator.log", "--namespace", "mail")
+        try:
+            process.wait_alive()
+            for namespace in ("other", "mail"):
+                admin.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+            process.until(lambda: converged(admin, "mail", "edge"), "the relay in the watched namespace")
+            # The watched namespace converged after `other` got its MailRelay: nothing there.
+            assert admin.get(k8s.STATEFULSETS, "other", "edge") is None
+            assert not (admin.get(k8s.MAILRELAYS, "other", "edge") or {}).get("status")
+            assert server.call(lambda: list(server.emulator.denied)) == []
+        finally:
+            assert process.stop() == 0, process.tail()
+            admin.close()
