@@ -26,7 +26,7 @@ from relay_operator.cli import plan_manifests
 from relay_operator.local.graph import GraphRelay, GraphvizError, render_image, to_dot, to_text
 from relay_operator.local.layout import StateDir, StateDirBusyError, locked
 from relay_operator.local.plan import LocalOptions, LocalRelay, Plan, PortBook, Refused, build_plan
-from relay_operator.local.up import Console, Supervisor, UpOptions
+from relay_operator.local.up import Console, Supervisor, UpOptions, busy_listeners
 
 _FILE_HELP = "A manifest file or folder (searched recursively). Repeatable."
 
@@ -189,6 +189,15 @@ def up_command(
     console = Console(sys.stdout)
     try:
         with locked(state):
+            busy = busy_listeners(first)
+            if busy:
+                for line in busy:
+                    click.echo(f"error: {line}", err=True)
+                click.echo(
+                    "error: a port is taken (another `mailrelay up`?); stop it, or pass --port-offset",
+                    err=True,
+                )
+                sys.exit(2)
             for line in startup_lines(first, state, bind):
                 console.line(f"[up] {line}")
             console.line("[up] Ctrl-C stops every relay (queued mail stays for the next run)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -146,3 +147,44 @@ def test_state_dir_lock_refuses_a_second_supervisor(tmp_path: Path) -> None:
     with locked(state):
         pass
     assert StateDirBusyError.__doc__
+
+
+def _up(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "up", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=cwd,
+    )
+
+
+def test_check_only_shows_shifted_ports_on_the_bind_address(tmp_path: Path) -> None:
+    examples = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
+    result = _up(
+        "-f", str(examples), "--check-only", "--port-offset", "20000", "--bind", "127.0.0.2", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "  submission   127.0.0.2:22587" in result.stdout
+    assert "  smtp         127.0.0.2:22525" in result.stdout
+    assert "quickstart/edge: 2 process(es)" in result.stdout
+    assert "ok: 4 MailRelay(s) would run" in result.stdout
+    assert not (tmp_path / ".mailrelay").exists()  # nothing written, nothing started
+
+
+def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as a relay binds
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        manifest = tmp_path / "one.yaml"
+        manifest.write_text(
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: MailRelay\nmetadata: {name: solo}\n"
+            f"spec:\n  hostname: solo.test\n  listeners: [{{name: smtp, port: {port}}}]\n"
+        )
+        result = _up("-f", str(manifest), "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"default/solo listener smtp: 127.0.0.1:{port} is not available" in result.stderr
+    assert not (tmp_path / "state" / "status.json").exists()

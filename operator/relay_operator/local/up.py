@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -78,6 +79,28 @@ def describe_exit(code: int) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"exit status {code}"
+
+
+def busy_listeners(plan: Plan) -> list[str]:
+    """Listener addresses something already holds. A relay binds with SO_REUSEPORT (its
+    replicas share the port), so a second `mailrelay up` on the same ports would silently get
+    half of the connections; a plain bind finds any holder. Checked once, before starting."""
+    busy = []
+    for relay in plan.relays:
+        if relay.config is None or not relay.replicas:
+            continue
+        for listener in relay.config.listeners:
+            family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((listener.host, listener.port))
+                except OSError as exc:
+                    busy.append(
+                        f"{relay.relay_id} listener {listener.name}: {listener.host}:{listener.port} "
+                        f"is not available ({exc.strerror})"
+                    )
+    return busy
 
 
 class Console:
