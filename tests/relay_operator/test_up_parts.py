@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import stat
@@ -29,6 +30,7 @@ from relay_operator.local.table import (
     parse_metrics,
     render_table,
 )
+from relay_operator.local.up import Console
 
 
 def _exposition() -> str:
@@ -188,3 +190,19 @@ def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"default/solo listener smtp: 127.0.0.1:{port} is not available" in result.stderr
     assert not (tmp_path / "state" / "status.json").exists()
+
+
+def test_console_redraws_the_table_below_log_lines_on_a_terminal() -> None:
+    screen = io.StringIO()
+    console = Console(screen, tty=True)
+    console.table(["HEAD", "row"])
+    console.lines("[edge-0] ", ["hello"])
+    assert screen.getvalue() == "HEAD\nrow\n" + "\x1b[2F\x1b[J" + "[edge-0] hello\nHEAD\nrow\n"
+
+    plain = io.StringIO()
+    console = Console(plain, tty=False)
+    console.table(["HEAD", "row"])
+    console.table(["HEAD", "row"])  # unchanged: not printed again
+    console.line("[up] hi")
+    console.table(["HEAD", "row 2"])
+    assert plain.getvalue() == "[status] HEAD\n[status] row\n[up] hi\n[status] HEAD\n[status] row 2\n"
