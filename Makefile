@@ -33,8 +33,8 @@ $(SYSTEM_STAMP): scripts/install-system-deps.sh scripts/install-helm.sh | $(STAM
 test: install system-deps lint typecheck imports pytest
 
 lint:
-	$(BIN)/ruff check relay operator tests bench
-	$(BIN)/ruff format --check relay operator tests bench
+	$(BIN)/ruff check relay operator tests $(wildcard bench scripts)
+	$(BIN)/ruff format --check relay operator tests $(wildcard bench scripts)
 
 typecheck:
 	$(BIN)/mypy
