@@ -250,7 +250,8 @@ class Replica:
                 self._signal_group(signal.SIGKILL)
                 await process.wait()
         if self._task is not None:
-            await self._task
+            # asyncio.wait neither cancels the task if this stop is cancelled nor raises if it was
+            await asyncio.wait([self._task])
         self.ready = False
         return drained
 
@@ -309,6 +310,7 @@ class Supervisor:
         self._all_ready = False
         self._http: aiohttp.ClientSession | None = None
         self._changing = asyncio.Lock()
+        self._retiring: set[Replica] = set()
 
     # ------------------------------------------------------------------ files
 
@@ -354,7 +356,7 @@ class Supervisor:
         for relay_id in set(old) - {relay.relay_id for relay in plan.relays}:
             removed = self._groups.pop(relay_id)
             self._console.line(f"[up] {relay_id} removed from the manifests: stopping it")
-            await asyncio.gather(*(r.stop(self._options.drain_timeout) for r in removed.replicas))
+            await asyncio.gather(*(self._retire(r) for r in removed.replicas))
         for relay in plan.relays:
             group = self._groups.get(relay.relay_id)
             if group is None:
@@ -378,7 +380,7 @@ class Supervisor:
         while len(group.replicas) > len(relay.replicas):
             extra = group.replicas.pop()
             self._console.line(f"[up] {relay.relay_id}: scaling down, stopping {extra.plan.name}")
-            await extra.stop(self._options.drain_timeout)
+            await self._retire(extra)
         for plan in relay.replicas[len(group.replicas) :]:
             self._console.line(f"[up] {relay.relay_id}: scaling up, starting {plan.name}")
             replica = Replica(plan, self._console)
@@ -392,12 +394,18 @@ class Supervisor:
         group.replicas = []
         for index, plan in enumerate(relay.replicas):
             if index < len(old):
-                await old[index].stop(self._options.drain_timeout)
+                await self._retire(old[index])
             replica = Replica(plan, self._console)
             group.replicas.append(replica)
             replica.start()
         for stale in old[len(relay.replicas) :]:
-            await stale.stop(self._options.drain_timeout)
+            await self._retire(stale)
+
+    async def _retire(self, replica: Replica) -> None:
+        """Stop a replica that left the plan; until it has stopped, shutdown still sees it."""
+        self._retiring.add(replica)
+        await replica.stop(self._options.drain_timeout)
+        self._retiring.discard(replica)  # not on cancellation: then shutdown stops it
 
     def _replicas(self) -> list[Replica]:
         return [replica for group in self._groups.values() for replica in group.replicas]
@@ -544,7 +552,7 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         async with self._changing:
-            replicas = self._replicas()
+            replicas = [*self._replicas(), *self._retiring]
             if not replicas:
                 return
             self._console.line(
