@@ -27,7 +27,10 @@ class Recipient:
 
     address: str
     notify: tuple[str, ...] = ()  # NEVER | SUCCESS, FAILURE, DELAY; empty = not given
-    orcpt: str | None = None  # "rfc822;user@example.com"
+    # RFC 3461 4.2 ORCPT as received on the wire: "addr-type;xtext" with the type lower-cased
+    # and the address still xtext-encoded ("rfc822;user+2Btag@example.com"); relay.delivery
+    # passes it on unchanged and relay.dsn decodes it for Original-Recipient.
+    orcpt: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"a": self.address}
@@ -51,7 +54,7 @@ class Envelope:
     body: str | None = None  # "7BIT" | "8BITMIME" | None
     smtputf8: bool = False
     ret: str | None = None  # "FULL" | "HDRS"
-    envid: str | None = None
+    envid: str | None = None  # RFC 3461 4.4 ENVID in xtext wire form (decoded only in a DSN)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"f": self.mail_from, "r": [r.to_json() for r in self.recipients]}
