@@ -83,6 +83,17 @@ def has_routing_characters(local: str) -> bool:
     return any(char in ROUTING_CHARACTERS for char in dequote_local_part(local))
 
 
+def postmaster_address(hostname: str, accept_domains: Sequence[str]) -> str:
+    """The mailbox ``RCPT TO:<postmaster>`` (no domain) stands for. RFC 5321 4.5.1: a server
+    MUST accept it. The relay has no mailbox of its own, so it becomes ``postmaster@`` the first
+    accept domain that is a plain name (the mail domain this relay receives for, routed like any
+    other recipient of that domain), else ``postmaster@<hostname>``."""
+    for pattern in accept_domains:
+        if pattern and "*" not in pattern:
+            return f"postmaster@{pattern.lower().rstrip('.')}"
+    return f"postmaster@{hostname.lower().rstrip('.')}"
+
+
 def is_address_literal(domain: str) -> bool:
     return domain.startswith("[")
 

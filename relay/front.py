@@ -20,6 +20,8 @@ normalised to CRLF and NUL refuses the message (see relay.smtp_data). Every 5xx 
 towards ``limits.maxErrors`` (then ``421 4.7.0`` and close); ``452 4.5.3`` does not. Connection
 limits are per process (with N workers the totals are N times larger). Recipients that match
 no route are refused at RCPT with ``550 5.4.4``; a RejectHop route answers with its own reply.
+``RCPT TO:<postmaster>`` without a domain is accepted from anyone (RFC 5321 4.5.1) as
+``postmaster@`` the first plain accept domain (else the hostname) and routed like that address.
 
 What it must not do: decide delivery (the scheduler does), answer 250 before
 ``await spool.store`` returned, or let a library exception escape to the client (it becomes
@@ -31,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -46,7 +49,13 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from relay import metrics, status
-from relay.addresses import client_is_trusted, relay_permission
+from relay.addresses import (
+    RelayDecision,
+    client_is_trusted,
+    domain_of,
+    postmaster_address,
+    relay_permission,
+)
 from relay.auth import UserDatabase
 from relay.config import ListenerConfig, RejectHop, RelayConfig, RouteConfig, TlsConfig
 from relay.model import Envelope, QueueEntry, Recipient
@@ -723,6 +732,10 @@ class FrontSession(SMTP):
             await self.reply(exc.reply)
             return
         config = self.front.config
+        bare_postmaster = not path.domain
+        if bare_postmaster:  # RFC 5321 4.5.1: <postmaster> MUST be accepted, from anyone
+            address = postmaster_address(config.hostname, config.accept_domains)
+            path = dataclasses.replace(path, address=address, local="postmaster", domain=domain_of(address))
         if path.address in self._rcpt_seen:
             await self.reply(status.RECIPIENT_OK)  # a duplicate is delivered once
             return
@@ -730,12 +743,16 @@ class FrontSession(SMTP):
             metrics.REJECTED.labels("recipients").inc()
             await self.reply(status.TOO_MANY_RECIPIENTS)
             return
-        decision = relay_permission(
-            path.local,
-            path.domain,
-            trusted=self.trusted,
-            authenticated=self.authenticated,
-            accept_domains=config.accept_domains,
+        decision = (
+            RelayDecision(True, "postmaster")
+            if bare_postmaster
+            else relay_permission(
+                path.local,
+                path.domain,
+                trusted=self.trusted,
+                authenticated=self.authenticated,
+                accept_domains=config.accept_domains,
+            )
         )
         if not decision.allowed:
             metrics.REJECTED.labels(decision.reason).inc()

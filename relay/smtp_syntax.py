@@ -66,7 +66,8 @@ _LDH = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?$")
 
 @dataclass(frozen=True)
 class ParsedPath:
-    """A MAIL or RCPT path. `address` is ``local@domain`` without any source route ("" for <>)."""
+    """A MAIL or RCPT path. `address` is ``local@domain`` without any source route ("" for <>;
+    the bare ``postmaster`` of RFC 5321 4.5.1 with domain "" for ``RCPT TO:<postmaster>``)."""
 
     address: str
     local: str  # as written (a quoted local part keeps its quotes)
@@ -227,6 +228,10 @@ def parse_path(arg: str | None, keyword: str, *, utf8: bool, null_allowed: bool)
         if not null_allowed:
             raise CommandError(status.NULL_RECIPIENT)
         return ParsedPath("", "", "", (), params)
+    if keyword == "TO:" and inner.lower() == "postmaster":
+        # RFC 5321 4.1.1.3 / 4.5.1: RCPT TO:<Postmaster> without a domain MUST be accepted.
+        # The domain stays "" here; the front decides which postmaster it means.
+        return ParsedPath(inner, inner, "", (), params)
     route: tuple[str, ...] = ()
     if inner.startswith("@"):
         route_text, colon, mailbox = inner.partition(":")

@@ -191,6 +191,26 @@ async def test_reject_route_refuses_at_rcpt_and_unrouted_recipients_are_refused(
         await client.close()
 
 
+async def test_bare_postmaster_is_accepted_from_anyone(tmp_path: Path) -> None:
+    """RFC 5321 4.5.1: RCPT TO:<Postmaster> without a domain MUST be accepted; the relay routes
+    it as postmaster@ its first plain accept domain."""
+    async with running_front(make_config(tmp_path)) as front:
+        client = await session(front)
+        await client.cmd("EHLO client.test")
+        await client.cmd("MAIL FROM:<a@sender.org>")
+        assert (await client.cmd("RCPT TO:<Postmaster>"))[0] == 250
+        assert (await client.cmd("RCPT TO:<postmaster>"))[0] == 250  # the same mailbox, once
+        assert (await client.cmd("RCPT TO:<webmaster>"))[0] == 553
+        assert (await client.cmd("DATA"))[0] == 354
+        await client.send(MESSAGE + b".\r\n")
+        assert (await client.reply())[0] == 250
+        await client.close()
+        [queue_id] = front.spool.ids("incoming")
+        found = front.spool.read(queue_id)
+        assert found is not None
+        assert [r.address for r in found[1].entry.envelope.recipients] == ["postmaster@example.com"]
+
+
 # ----------------------------------------------------------------------------- syntax hardening
 
 

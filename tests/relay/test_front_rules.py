@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay import status
-from relay.addresses import client_is_trusted, has_routing_characters, relay_permission
+from relay.addresses import client_is_trusted, has_routing_characters, postmaster_address, relay_permission
 from relay.auth import UsersFileError, hash_password, parse_users, verify_password
 from relay.received import (
     TraceInfo,
@@ -144,6 +144,15 @@ def test_routing_characters_only_count_in_the_local_part() -> None:
 )
 def test_command_lines(raw: bytes, reply: status.Reply | None) -> None:
     assert check_command_line(raw, 512) == reply
+
+
+def test_bare_postmaster() -> None:
+    path = parse_path("TO:<PostMaster>", "TO:", utf8=False, null_allowed=False)
+    assert (path.address, path.domain) == ("PostMaster", "")
+    with pytest.raises(CommandError):  # only RCPT has the unqualified postmaster
+        parse_path("FROM:<postmaster>", "FROM:", utf8=False, null_allowed=True)
+    assert postmaster_address("relay.test", ["*.corp.example", "Example.COM"]) == "postmaster@example.com"
+    assert postmaster_address("Relay.Test.", ["*"]) == "postmaster@relay.test"
 
 
 def test_paths() -> None:
