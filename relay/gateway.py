@@ -446,7 +446,9 @@ class MaildirTransport:
         try:
             stored = self.write(folder, data)
         except OSError as exc:
-            log.warning("maildir delivery to %s deferred: %s", folder, exc)
+            log.warning(
+                "[%s] maildir delivery to %s deferred: %s", request.message.entry.queue_id, folder, exc
+            )
             return _maildir_failure(recipient, exc)
         return _outcome(recipient, Disposition.DELIVERED, 250, "2.0.0", f"delivered to maildir {stored}")
 

@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -324,6 +325,9 @@ class Scheduler:
             await self._attempt(message)
         except asyncio.CancelledError:
             raise
+        except SpoolError as exc:  # full or read-only spool while recording the outcome
+            log.error("[%s] cannot record the attempt: %s; deferring", queue_id, exc)
+            await self._defer_after_crash(message)
         except Exception:
             log.exception("[%s] delivery attempt failed unexpectedly; deferring", queue_id)
             await self._defer_after_crash(message)
@@ -333,15 +337,39 @@ class Scheduler:
         now = self._clock()
         attempts = entry.attempts + 1
         retry = self._config.queue.retry
+        next_attempt = policy.next_attempt(now, entry.arrival, attempts, retry)
         try:
             await self._spool.defer(
-                entry.with_changes(
-                    attempts=attempts, next_attempt=policy.next_attempt(now, entry.arrival, attempts, retry)
-                ),
-                message.content,
+                entry.with_changes(attempts=attempts, next_attempt=next_attempt), message.content
             )
+            return
+        except SpoolError as exc:
+            log.error("[%s] could not write the deferral: %s", entry.queue_id, exc)
         except Exception:
-            log.exception("[%s] could not defer; it stays in active/ until the next start", entry.queue_id)
+            log.exception("[%s] could not write the deferral", entry.queue_id)
+        # A full (or read-only) spool cannot take a new queue file, but the claimed one is still
+        # intact: put it back into deferred/ unchanged (a rename and an mtime need no free
+        # space), so it is retried without a restart. Until that works, keep trying.
+        delay = max(retry.min_backoff, 1.0)
+        while True:
+            try:
+                await asyncio.to_thread(self._requeue_unchanged, entry.queue_id, next_attempt)
+            except OSError as exc:
+                if self._stopping:
+                    log.error("[%s] stays in active/ until the next start: %s", entry.queue_id, exc)
+                    return
+                await asyncio.sleep(delay)
+                next_attempt = self._clock() + delay
+                continue
+            log.warning("[%s] deferred unchanged (attempt %d) after a spool error", entry.queue_id, attempts)
+            return
+
+    def _requeue_unchanged(self, queue_id: str, next_attempt: float) -> None:
+        """Move a claimed message from active/ back to deferred/ as it is, due at `next_attempt`.
+        Blocking: run in a thread."""
+        active = self._spool.path("active", queue_id)
+        os.utime(active, (next_attempt, next_attempt))
+        os.rename(active, self._spool.path("deferred", queue_id))
 
     async def _attempt(self, message: Message) -> None:
         entry = message.entry
@@ -537,7 +565,9 @@ class Scheduler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.exception("gateway %s raised", routing.hop_label(hop))
+                log.exception(
+                    "[%s] gateway %s raised", request.message.entry.queue_id, routing.hop_label(hop)
+                )
                 return [outcome.deferred(r, "4.3.0", f"gateway failed: {exc}") for r in recipients]
         return _complete(recipients, outcomes)
 
