@@ -26,6 +26,7 @@ import socket
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -123,11 +124,12 @@ class Sink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
+        self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
 
     def _factory(self) -> SMTP:
         with self.cond:
             self.connections += 1
-        return SMTP(
+        protocol = SMTP(
             _Handler(self),
             hostname="sink.test",
             decode_data=False,
@@ -135,6 +137,8 @@ class Sink:
             ident="sink",
             timeout=900,
         )
+        self._sessions.add(protocol)
+        return protocol
 
     def _call(self, coro: Any) -> Any:
         assert self._loop is not None
@@ -163,8 +167,9 @@ class Sink:
 
         async def close() -> None:
             server.close()
-            if hasattr(server, "close_clients"):
-                server.close_clients()
+            for session in list(self._sessions):  # Server.close_clients() is Python 3.13+
+                if session.transport is not None:
+                    session.transport.abort()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 5)
 
@@ -312,8 +317,11 @@ class Relay:
         assert "internal error" not in text, text[-6000:]
 
     def stop(self) -> None:
+        """Kill what still runs and print the log (pytest shows it when the test failed)."""
         for run in self.runs:
             run.kill()
+        print(f"----- {self.path.name} log (last 200 lines) -----")
+        print("\n".join(self.log().splitlines()[-200:]))
 
 
 # ----------------------------------------------------------------------------- clients
