@@ -9,9 +9,11 @@ Layout under the queue directory::
     hold/       held by an operator (`mailrelay queue hold`)
     corrupt/    quarantined: unreadable files, never deleted automatically
 
-A queue file is ``MRQ1 <json QueueEntry>\\n`` followed by the message content. State changes
-write a whole new file (tmp, fsync, rename) and then remove the old name, so a crash at any
-point leaves at least one complete copy; recovery removes the stale one.
+A queue file is ``MRQ1 <json QueueEntry>\\n`` followed by the message content. A deferral
+rewrites the claimed file in place (tmp, fsync, rename over ``active/ID``) and then renames it
+into ``deferred/``: the message is never in two claimable places at once (two workers sharing
+the spool cannot both own it), and a crash at any point leaves one complete copy; recovery
+removes stale duplicates.
 
 `store` returns only after the file and its directory entry are on disk (write temp, fsync,
 rename, fsync the directory: the rule that lets the front answer 250). Directory fsyncs are
@@ -232,6 +234,9 @@ class Spool:
 
     def _write_file(self, state: str, entry: QueueEntry, content: bytes, mtime: float | None) -> None:
         """Write tmp, fsync, set mtime, rename into `state`. Raises SpoolError."""
+        self._write_to(self.path(state, entry.queue_id), entry, content, mtime)
+
+    def _write_to(self, target: Path, entry: QueueEntry, content: bytes, mtime: float | None) -> None:
         tmp = self.directory / "tmp" / f"{entry.queue_id}.{os.getpid()}.{secrets.token_hex(3)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -246,7 +251,7 @@ class Spool:
                 os.close(fd)
             if mtime is not None:
                 os.utime(tmp, (mtime, mtime))
-            os.replace(tmp, self.path(state, entry.queue_id))
+            os.replace(tmp, target)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -264,15 +269,36 @@ class Spool:
                 f"queue file {path.name} is unreadable ({exc}); moved to corrupt/"
             ) from exc
 
-    def _claim(self, queue_id: str, sources: tuple[str, ...]) -> Message | None:
+    def _claim(self, queue_id: str, sources: tuple[str, ...], due_by: float | None) -> Message | None:
         target = self.path("active", queue_id)
         for state in sources:
+            source = self.path(state, queue_id)
             try:
-                os.rename(self.path(state, queue_id), target)
+                os.rename(source, target)
             except FileNotFoundError:
                 continue
+            if state == "deferred" and due_by is not None:
+                # Checked after the rename, on the file we now own: another worker may have
+                # deferred it again (new mtime) since the caller saw it. Not due: put it back.
+                try:
+                    due = os.stat(target).st_mtime
+                except FileNotFoundError:
+                    return None
+                if due > due_by:
+                    os.rename(target, source)
+                    return None
             return self._read(target)
         return None
+
+    def _defer(self, entry: QueueEntry, content: bytes) -> None:
+        """Rewrite the claimed file in place, then move it: the message is never in two places
+        at once, so no other worker can claim a copy that this one then removes."""
+        active = self.path("active", entry.queue_id)
+        self._write_to(active, entry, content, entry.next_attempt)
+        try:
+            os.rename(active, self.path("deferred", entry.queue_id))
+        except OSError as exc:
+            raise _classify(exc) from exc
 
     # ----------------------------------------------------------------- async API for the hot path
 
@@ -287,16 +313,22 @@ class Spool:
         except OSError as exc:
             raise _classify(exc) from exc
 
-    async def claim(self, queue_id: str) -> Message | None:
+    async def claim(self, queue_id: str, *, due_by: float | None = None) -> Message | None:
         """Move a message from incoming/ or deferred/ to active/ and read it; None if another
-        process claimed it first or it is gone. Raises CorruptEntryError for unreadable files."""
-        return await self._run(self._claim, queue_id, ("incoming", "deferred"))
+        process claimed it first or it is gone. With `due_by` (epoch seconds), a deferred
+        message whose next attempt is later stays deferred (None): the caller may have seen
+        the id in incoming/ before another worker attempted and deferred it.
+        Raises CorruptEntryError for unreadable files."""
+        return await self._run(self._claim, queue_id, ("incoming", "deferred"), due_by)
 
     async def defer(self, entry: QueueEntry, content: bytes) -> None:
-        """Rewrite a claimed message into deferred/ (mtime = next attempt), then drop active/."""
-        await self._run(self._write_file, "deferred", entry, content, entry.next_attempt)
-        await self._dir_sync["deferred"].sync()
-        await self._run(self._unlink, "active", entry.queue_id)
+        """Rewrite a claimed message (mtime = next attempt) and move it from active/ to
+        deferred/. Returns once the move is on disk."""
+        await self._run(self._defer, entry, content)
+        try:
+            await self._dir_sync["deferred"].sync()
+        except OSError as exc:
+            raise _classify(exc) from exc
 
     async def complete(self, queue_id: str) -> None:
         """Every recipient has a final outcome (and any DSN is queued): remove the message."""

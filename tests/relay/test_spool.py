@@ -82,6 +82,57 @@ async def test_defer_keeps_due_time_in_mtime(spool: Spool) -> None:
     assert again is not None and again.entry.attempts == 1 and len(again.entry.pending) == 1
 
 
+async def test_claim_due_by_leaves_a_message_that_is_not_due(spool: Spool) -> None:
+    entry = make_entry()
+    await spool.store(entry, CONTENT)
+    message = await spool.claim(entry.queue_id)
+    assert message is not None
+    await spool.defer(message.entry.with_changes(attempts=1, next_attempt=2_000_000_000.0), message.content)
+    assert await spool.claim(entry.queue_id, due_by=1_999_999_999.0) is None
+    assert list(spool.scan_deferred()) == [(entry.queue_id, 2_000_000_000.0)]
+    assert spool.ids("active") == []
+    again = await spool.claim(entry.queue_id, due_by=2_000_000_000.0)
+    assert again is not None and again.entry.attempts == 1
+
+
+async def test_a_worker_claiming_during_a_deferral_does_not_lose_the_message(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers share one spool. Worker B claims a message the instant it shows up in
+    deferred/ (it had seen the id earlier); worker A's deferral must not then remove B's copy."""
+    other = Spool(spool.directory)
+    entry = make_entry()
+    await spool.store(entry, CONTENT)
+    message = await spool.claim(entry.queue_id)
+    assert message is not None
+    claimed: list[object] = []
+    real_rename, real_replace = os.rename, os.replace
+
+    def claim_when_deferred(dst: object) -> None:
+        if not claimed and Path(str(dst)).parent.name == "deferred":
+            claimed.append(other._claim(entry.queue_id, ("incoming", "deferred"), None))
+
+    def rename(src: object, dst: object, *args: object, **kwargs: object) -> None:
+        real_rename(src, dst, *args, **kwargs)  # type: ignore[arg-type]
+        claim_when_deferred(dst)
+
+    def replace(src: object, dst: object, *args: object, **kwargs: object) -> None:
+        real_replace(src, dst, *args, **kwargs)  # type: ignore[arg-type]
+        claim_when_deferred(dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        await spool.defer(message.entry.with_changes(attempts=1, next_attempt=1.0), message.content)
+    finally:
+        monkeypatch.undo()
+        other.close()
+    assert len(claimed) == 1 and claimed[0] is not None  # B won the message...
+    assert spool.ids("active") == [entry.queue_id]  # ...and still has it
+    found = spool.read(entry.queue_id)
+    assert found is not None and found[1].entry.attempts == 1
+
+
 def test_recover_requeues_active_drops_partial_and_quarantines(spool: Spool) -> None:
     good = make_entry()
     (spool.directory / "active" / good.queue_id).write_bytes(encode(good, CONTENT))
