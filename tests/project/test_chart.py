@@ -35,7 +35,7 @@ from tests.project.chart_render import (
     notes_of,
     rendered,
 )
-from tests.relay_operator.crd_tools import admission_errors
+from tests.relay_operator.crd_tools import admission_errors, operator_rules
 
 KUBERNETES_VERSIONS = ("1.29", "1.34")
 CUSTOM_KINDS = {"MailRelay", "RelayRoute", "ClusterKopfPeering", "KopfPeering", "ServiceMonitor"}
@@ -295,12 +295,6 @@ def test_service_monitor_finds_the_metrics_port_of_the_relays_the_operator_rende
 RBAC_SOURCE = ROOT / "operator" / "relay_operator" / "rbac.yaml"
 
 
-def _source_rules() -> dict[str, list[dict[str, Any]]]:
-    rules = yaml.safe_load(RBAC_SOURCE.read_text())
-    assert set(rules) == {"namespaced", "cluster"}
-    return {scope: list(rules[scope]) for scope in ("namespaced", "cluster")}
-
-
 def _bound_to_the_operator(binding: dict[str, Any], role: dict[str, Any], docs: list[dict[str, Any]]) -> None:
     service_account = _one(docs, "ServiceAccount")["metadata"]
     assert binding["roleRef"] == {
@@ -317,11 +311,13 @@ def test_the_chart_rbac_copy_is_byte_for_byte_the_operator_source() -> None:
     assert (CHART / "files" / "rbac.yaml").read_bytes() == RBAC_SOURCE.read_bytes()
 
 
-def test_cluster_wide_rbac_is_one_cluster_role_with_exactly_the_source_rules() -> None:
-    docs = rendered("default")
-    source = _source_rules()
+@pytest.mark.parametrize(("value_set", "peering"), [("default", False), ("cluster-wide-custom", True)])
+def test_cluster_wide_rbac_is_one_cluster_role_with_exactly_the_source_rules(
+    value_set: str, peering: bool
+) -> None:
+    docs = rendered(value_set)
     role = _one(docs, "ClusterRole")
-    assert role["rules"] == source["namespaced"] + source["cluster"]
+    assert (role["rules"], []) == operator_rules(all_namespaces=True, peering=peering)
     _bound_to_the_operator(_one(docs, "ClusterRoleBinding"), role, docs)
     assert _of_kind(docs, "Role") == [] and _of_kind(docs, "RoleBinding") == []
     verbs = {verb for rule in role["rules"] for verb in rule["verbs"]}
@@ -329,16 +325,16 @@ def test_cluster_wide_rbac_is_one_cluster_role_with_exactly_the_source_rules() -
 
 
 def test_namespaced_rbac_is_a_role_per_watched_namespace_plus_the_cluster_rules() -> None:
-    docs = rendered("namespaced")
-    source = _source_rules()
+    docs = rendered("namespaced")  # with peering
+    cluster_rules, role_rules = operator_rules(all_namespaces=False, peering=True)
     cluster_role = _one(docs, "ClusterRole")
-    assert cluster_role["rules"] == source["cluster"]
+    assert cluster_role["rules"] == cluster_rules
     _bound_to_the_operator(_one(docs, "ClusterRoleBinding"), cluster_role, docs)
     roles = {doc["metadata"]["namespace"]: doc for doc in _of_kind(docs, "Role")}
     bindings = {doc["metadata"]["namespace"]: doc for doc in _of_kind(docs, "RoleBinding")}
     assert sorted(roles) == sorted(bindings) == ["edge", "mail"]
     for namespace, role in roles.items():
-        assert role["rules"] == source["namespaced"]
+        assert role["rules"] == role_rules
         _bound_to_the_operator(bindings[namespace], role, docs)
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import yaml
 
+from tests.relay_operator.crd_tools import operator_rules
 from tests.relay_operator.k8s_emulator import EmulatorThread, KubernetesApiEmulator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +27,6 @@ CRDS = ROOT / "crds"
 T = TypeVar("T")
 TOKEN = "emulator-token"  # the emulator refuses requests without it (401), like a real server
 OPERATOR_TOKEN = "operator-token"  # may do only what operator/relay_operator/rbac.yaml grants
-RBAC = ROOT / "operator" / "relay_operator" / "rbac.yaml"
 
 
 class RawHttp:
@@ -83,8 +82,8 @@ def wait_for(probe: Callable[[], T | None], *, timeout: float = 20.0, what: str 
 
 @pytest.fixture(scope="session")
 def emulator() -> Iterator[EmulatorThread]:
-    rules = yaml.safe_load(RBAC.read_text())
-    grants = {OPERATOR_TOKEN: [*rules["namespaced"], *rules["cluster"]]}  # the --all-namespaces binding
+    cluster_rules, _ = operator_rules(all_namespaces=True, peering=False)  # the chart's default
+    grants = {OPERATOR_TOKEN: cluster_rules}
     with EmulatorThread(KubernetesApiEmulator(token=TOKEN, grants=grants)) as server:
         if any(CRDS.glob("*.y*ml")):
             server.call(lambda: server.emulator.load_crds(CRDS))

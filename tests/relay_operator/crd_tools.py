@@ -22,6 +22,7 @@ CRD_FILES = {
     "MailRelay": CRD_DIR / "mailrelay.dev_mailrelays.yaml",
     "RelayRoute": CRD_DIR / "mailrelay.dev_relayroutes.yaml",
 }
+RBAC_FILE = ROOT / "operator" / "relay_operator" / "rbac.yaml"
 
 
 @cache
@@ -40,6 +41,25 @@ def schema(kind: str) -> dict[str, Any]:
     result = version["schema"]["openAPIV3Schema"]
     assert isinstance(result, dict)
     return result
+
+
+def operator_rules(*, all_namespaces: bool, peering: bool) -> tuple[list[Any], list[Any]]:
+    """(ClusterRole rules, Role rules of each watched namespace) composed from
+    operator/relay_operator/rbac.yaml the way the Helm chart's templates/rbac.yaml composes them."""
+    rbac = yaml.safe_load(RBAC_FILE.read_text())
+    assert set(rbac) == {
+        "namespaced",
+        "cluster",
+        "namespaceScoped",
+        "peeringClusterWide",
+        "peeringNamespaced",
+    }
+    if all_namespaces:
+        return [*rbac["namespaced"], *rbac["cluster"], *(rbac["peeringClusterWide"] if peering else [])], []
+    return [*rbac["cluster"], *rbac["namespaceScoped"]], [
+        *rbac["namespaced"],
+        *(rbac["peeringNamespaced"] if peering else []),
+    ]
 
 
 def samples() -> list[tuple[Path, dict[str, Any]]]:

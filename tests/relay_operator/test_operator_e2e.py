@@ -13,7 +13,8 @@ from typing import Any
 import yaml
 
 from relay_operator import k8s, naming
-from tests.relay_operator.conftest import CRDS, OPERATOR_TOKEN, RBAC, TOKEN, OperatorProcess, RawHttp
+from tests.relay_operator.conftest import CRDS, OPERATOR_TOKEN, TOKEN, OperatorProcess, RawHttp
+from tests.relay_operator.crd_tools import operator_rules
 from tests.relay_operator.k8s_emulator import EmulatorThread, KubernetesApiEmulator
 
 MERGE = "application/merge-patch+json"
@@ -450,37 +451,62 @@ def test_immutable_statefulset_fields_are_reported_not_retried_forever(
     assert condition(body, "ConfigValid")["status"] == "True"  # type: ignore[index]
 
 
-def test_the_operator_needs_no_more_than_its_rbac_rules(
+def _granted(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {
+        (g, r, v)
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+def _used(server: EmulatorThread) -> set[tuple[str, str, str]]:
+    return set(
+        server.call(lambda: {(g, r, v) for t, g, r, v in server.emulator.usage if t == OPERATOR_TOKEN})
+    )
+
+
+def test_the_operator_needs_exactly_its_rbac_rules(
     emulator: EmulatorThread, operator_process: OperatorProcess, kube: Any, namespace: str
 ) -> None:
-    """The operator runs with the chart's RBAC rules (operator/relay_operator/rbac.yaml): the
-    emulator answers 403 to anything else. After the scenarios above, nothing was denied, and
-    the verbs actually used are the ones the handlers are documented to need."""
-    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    """The operator runs with the chart's cluster-wide RBAC rules (operator/relay_operator/rbac.yaml):
+    the emulator answers 403 to anything else. Here it also repairs drift of every kind of child
+    (a PUT each), so afterwards every granted verb has been used: no rule is superfluous."""
+    secret = {"metadata": {"name": "edge-tls"}, "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5"}}
+    kube.create(k8s.SECRETS, namespace, {"apiVersion": "v1", "kind": "Secret", **secret})
+    listeners = [{"name": "smtp", "port": 2525, "mode": "relay", "tls": "starttls"}]
+    kube.create(k8s.RELAYROUTES, namespace, relayroute("out", "edge", {"mx": {}}, domains=["*"]))
+    kube.create(
+        k8s.MAILRELAYS, namespace, mailrelay("edge", listeners=listeners, tls={"secretName": "edge-tls"})
+    )
     operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
-    denied = emulator.call(lambda: list(emulator.emulator.denied))
-    assert denied == []
-    used = emulator.call(lambda: {(g, r, v) for t, g, r, v in emulator.emulator.usage if t == OPERATOR_TOKEN})
-    assert used >= {
-        ("mailrelay.dev", "mailrelays", "list"),
-        ("mailrelay.dev", "mailrelays", "watch"),
-        ("mailrelay.dev", "mailrelays", "patch"),  # kopf's annotations
-        ("mailrelay.dev", "mailrelays/status", "patch"),
-        ("mailrelay.dev", "relayroutes", "list"),
-        ("mailrelay.dev", "relayroutes/status", "patch"),
-        ("", "configmaps", "create"),
-        ("", "configmaps", "update"),
-        ("apps", "statefulsets", "watch"),
-        ("", "secrets", "get"),
-        ("", "events", "create"),
-    }
-    assert not {(g, r, v) for g, r, v in used if r == "secrets" and v != "get"}
+    live = {kind: child for kind, child in children(kube, namespace, "edge").items() if child}
+    assert len(live) == 6
+    applied = f"{naming.GROUP}/applied-hash"
+    for child in live.values():
+        resource = k8s.resource_for(child["apiVersion"], child["kind"])
+        patch = {"metadata": {"annotations": {applied: "tampered"}}}
+        kube.merge_patch(resource, namespace, child["metadata"]["name"], patch)
+
+    def repaired() -> bool:
+        now = children(kube, namespace, "edge")
+        return all(
+            (child or {}).get("metadata", {}).get("annotations", {}).get(applied)
+            == live[kind]["metadata"]["annotations"][applied]
+            for kind, child in now.items()
+        )
+
+    operator_process.until(repaired, "the resync to restore every child")
+    assert emulator.call(lambda: list(emulator.emulator.denied)) == []
+    granted = _granted(operator_rules(all_namespaces=True, peering=False)[0])
+    assert _used(emulator) == granted
 
 
 def test_namespace_scoped_operator_leaves_other_namespaces_alone(tmp_path: Path) -> None:
     """`mailrelay operator --namespace mail` on its own API server: it reconciles `mail` only."""
-    rules = yaml.safe_load(RBAC.read_text())
-    grants = {OPERATOR_TOKEN: [*rules["namespaced"], *rules["cluster"]]}
+    cluster_rules, role_rules = operator_rules(all_namespaces=False, peering=False)
+    grants = {OPERATOR_TOKEN: [*cluster_rules, *role_rules]}  # the emulator binds rules everywhere
     with EmulatorThread(KubernetesApiEmulator(token=TOKEN, grants=grants)) as server:
         server.call(lambda: server.emulator.load_crds(CRDS))
         http = RawHttp(server.url)
@@ -498,6 +524,7 @@ def test_namespace_scoped_operator_leaves_other_namespaces_alone(tmp_path: Path)
             assert admin.get(k8s.STATEFULSETS, "other", "edge") is None
             assert not (admin.get(k8s.MAILRELAYS, "other", "edge") or {}).get("status")
             assert server.call(lambda: list(server.emulator.denied)) == []
+            assert ("", "namespaces", "watch") in _used(server)  # what namespaceScoped is for
         finally:
             assert process.stop() == 0, process.tail()
             admin.close()
