@@ -60,6 +60,12 @@ def _seconds(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
 @click.option("--cluster-domain", default="cluster.local", show_default=True, help="DNS suffix of Services.")
 @click.option("--image", default=None, help="Relay image for the pods (default: this version's image).")
 @click.option(
+    "--image-pull-policy",
+    type=click.Choice(["IfNotPresent", "Always", "Never"]),
+    default=None,
+    help="imagePullPolicy of the relay containers (default: Kubernetes' own; a MailRelay may override).",
+)
+@click.option(
     "--kubeconfig", default=None, type=click.Path(dir_okay=False), help="Kubeconfig (not in a pod)."
 )
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
@@ -74,6 +80,7 @@ def operator_command(
     retry_delay: float,
     cluster_domain: str,
     image: str | None,
+    image_pull_policy: str | None,
     kubeconfig: str | None,
     verbose: bool,
 ) -> None:
@@ -103,7 +110,9 @@ def operator_command(
         retry_delay=retry_delay,
         kubeconfig=kubeconfig,
         cluster_domain=cluster_domain,
-        build=builders.BuildOptions(image=image) if image else builders.BuildOptions(),
+        build=builders.BuildOptions(
+            image=image or builders.DEFAULT_IMAGE, image_pull_policy=image_pull_policy
+        ),
     )
     registry = kopf.OperatorRegistry()
     handlers.register(registry, handlers.Runtime(options))

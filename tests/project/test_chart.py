@@ -172,6 +172,7 @@ def test_default_operator_is_cluster_wide_standalone_hardened_and_probed() -> No
         "--all-namespaces",
         "--liveness=http://0.0.0.0:8080/healthz",
         f"--image=mailrelay:{app_version}",
+        "--image-pull-policy=IfNotPresent",
         "--cluster-domain=cluster.local",
         "--standalone",
     ]
@@ -203,6 +204,7 @@ def test_namespaced_operator_watches_each_namespace_with_peering_and_debug_logs(
         "--namespace=edge",
         "--liveness=http://0.0.0.0:8080/healthz",
         "--image=mailrelay:0.1.0",
+        "--image-pull-policy=IfNotPresent",
         "--cluster-domain=corp.internal",
         "--peering=mail-ops",
         "--priority=10",
@@ -229,6 +231,7 @@ def test_custom_values_reach_the_pod_unchanged() -> None:
     assert container["image"] == "registry.example.com/team/mailrelay:1.2.3"
     assert "--image=registry.example.com/team/mailrelay:1.2.3" in container["args"], "relays use it too"
     assert container["imagePullPolicy"] == "Always"
+    assert "--image-pull-policy=Always" in container["args"], "relays are pulled the same way"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
         assert pod[key] == operator[key], key

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
 T = TypeVar("T")
 TOKEN = "emulator-token"  # the emulator refuses requests without it (401), like a real server
+OPERATOR_IMAGE = "registry.example.com/mailrelay:e2e"  # what the e2e operator gives relay pods
 OPERATOR_TOKEN = "operator-token"  # may do only what operator/relay_operator/rbac.yaml grants
 
 
@@ -148,6 +149,10 @@ class OperatorProcess:
             "3s",
             "--retry-delay",
             "1s",
+            "--image",
+            OPERATOR_IMAGE,
+            "--image-pull-policy",
+            "Always",
         ]
         env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1")
         self._log_file = log.open("wb")

@@ -13,7 +13,14 @@ from typing import Any
 import yaml
 
 from relay_operator import k8s, naming
-from tests.relay_operator.conftest import CRDS, OPERATOR_TOKEN, TOKEN, OperatorProcess, RawHttp
+from tests.relay_operator.conftest import (
+    CRDS,
+    OPERATOR_IMAGE,
+    OPERATOR_TOKEN,
+    TOKEN,
+    OperatorProcess,
+    RawHttp,
+)
 from tests.relay_operator.crd_tools import operator_rules
 from tests.relay_operator.k8s_emulator import EmulatorThread, KubernetesApiEmulator
 
@@ -146,6 +153,8 @@ def test_apply_creates_owned_children_and_status(
     assert valid is not None and valid["status"] == "True"
     ready = condition(body, "Ready")
     assert ready is not None and ready["status"] == "False"  # no pods are ready yet
+    (container,) = objects["StatefulSet"]["spec"]["template"]["spec"]["containers"]  # type: ignore[index]
+    assert (container["image"], container["imagePullPolicy"]) == (OPERATOR_IMAGE, "Always")  # the flags
     config = relay_config(kube, namespace, "edge")
     hop = config["routes"][0]["nextHop"]
     assert (hop["kind"], hop["host"], hop["port"]) == (
