@@ -23,7 +23,11 @@ What one transaction does (RFC 5321 3.3, 4.1.1):
   (RFC 6152 3), and bounced 5.6.3 when it cannot be converted (8-bit bytes in the header).
 
 Connections are reused across messages: at most ``queue.maxPerDestination`` per key, idle ones
-are kept for `IDLE_SECONDS` and RSET before reuse.
+are kept for `IDLE_SECONDS`. A connection that finished a transaction less than
+`PROBE_AFTER_IDLE` seconds ago is reused as it is (the server is waiting for MAIL, RFC 5321
+4.1.4; a closed one is noticed by the event loop and dropped); one idle for longer is probed
+with RSET first. If a reused connection breaks before the server accepted MAIL, the
+transaction is retried once on a new connection, so a stale pooled session never defers mail.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from relay.model import DeliveryRequest, Disposition, Envelope, Recipient, Recip
 log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 30.0  # keep an idle pooled connection this long (servers drop idle ones after minutes)
+PROBE_AFTER_IDLE = 2.0  # RSET a pooled connection before reuse only after this long idle
 
 TargetTls = Literal["none", "starttls", "implicit", "opportunistic"]
 
@@ -188,6 +193,7 @@ class _TransactionError(Exception):
         self.status = status
         self.text = text
         self.broken = broken
+        self.before_mail = False  # the session failed before the server accepted MAIL
 
 
 @dataclass
@@ -350,6 +356,8 @@ class SmtpClient:
             if now - connection.idle_since > IDLE_SECONDS or not connection.smtp.is_connected:
                 connection.smtp.close()
                 continue
+            if now - connection.idle_since < PROBE_AFTER_IDLE:
+                return connection  # busy and known good: no RSET round trip
             try:
                 response = await connection.smtp.rset(timeout=self.queue.command_timeout)
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
@@ -417,24 +425,31 @@ class SmtpClient:
         recipients = request.recipients
         pool = self._pool(target)
         async with pool.limit:
-            try:
-                connection = await self._acquire(target)
-            except _TransactionError as exc:
-                return [self._failure(r, exc, target) for r in recipients]
-            results: dict[int, RecipientOutcome] = {}
-            reusable = False
-            try:
-                reusable = await self._transaction(connection, target, request, results)
-            except _TransactionError as exc:
+            for fresh_retry in (False, True):
+                try:
+                    connection = await (self._open(target) if fresh_retry else self._acquire(target))
+                except _TransactionError as exc:
+                    return [self._failure(r, exc, target) for r in recipients]
+                results: dict[int, RecipientOutcome] = {}
                 reusable = False
-                for index, recipient in enumerate(recipients):
-                    if index not in results:
-                        results[index] = self._failure(recipient, exc, target)
-            except asyncio.CancelledError:
-                connection.smtp.close()
-                raise
-            finally:
-                self._release(target, connection, reusable)
+                try:
+                    reusable = await self._transaction(connection, target, request, results)
+                except _TransactionError as exc:
+                    reusable = False
+                    if exc.before_mail and connection.used and not fresh_retry:
+                        # a pooled session that went stale: nothing was sent, use a new one
+                        log.info("pooled connection to %s broke (%s); reconnecting", target.label, exc.text)
+                        connection.smtp.close()
+                        continue
+                    for index, recipient in enumerate(recipients):
+                        if index not in results:
+                            results[index] = self._failure(recipient, exc, target)
+                except asyncio.CancelledError:
+                    connection.smtp.close()
+                    raise
+                finally:
+                    self._release(target, connection, reusable)
+                break
             return [results[i] for i in range(len(recipients))]
 
     def _failure(
@@ -521,11 +536,17 @@ class SmtpClient:
         except UnicodeEncodeError as exc:  # pragma: no cover - needs_smtputf8 covers this
             raise _TransactionError(553, "5.6.7", f"address cannot be sent without SMTPUTF8: {exc}") from exc
 
-        reply = await self._command(smtp, b"MAIL", b"FROM:" + sender, *(o.encode() for o in mail_options))
+        try:
+            reply = await self._command(smtp, b"MAIL", b"FROM:" + sender, *(o.encode() for o in mail_options))
+        except _TransactionError as exc:
+            exc.before_mail = True
+            raise
         if reply.code != 250:
-            raise _TransactionError(
+            error = _TransactionError(
                 reply.code, outcome.split_enhanced(reply.code, reply.message)[0], reply.message
             )
+            error.before_mail = reply.code == 421  # the server is closing this session
+            raise error
 
         accepted: list[int] = []
         for index, recipient in enumerate(recipients):

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trustme
 
+from relay import delivery
 from relay.config import QueueConfig, SmarthostHop
 from relay.delivery import (
     SmtpClient,
@@ -32,7 +33,7 @@ from relay.model import (
     Recipient,
     RecipientOutcome,
 )
-from tests.relay.smtpsink import SmtpSink
+from tests.relay.smtpsink import SmtpSink, _SinkSMTP
 from tests.relay.test_scheduler import free_port
 
 CONTENT = b"From: s@sender.test\r\nSubject: hi\r\n\r\nhello\r\n.leading dot\r\n"
@@ -130,6 +131,59 @@ async def test_connection_pool_reuses_one_connection_with_rset(
     assert sink.connections == 1
     assert client.connections_opened == 1
     assert client.idle_connections() == 1
+
+
+async def test_busy_pooled_connection_is_reused_without_rset_and_idle_one_is_probed(
+    client: SmtpClient, sinks: list[SmtpSink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = await start(sinks)
+    target = SmtpTarget("127.0.0.1", sink.port)
+    rsets: list[str] = []
+    original = _SinkSMTP.smtp_RSET
+
+    async def counting_rset(self: _SinkSMTP, arg: str | None) -> None:
+        rsets.append("RSET")
+        await original(self, arg)
+
+    monkeypatch.setattr(_SinkSMTP, "smtp_RSET", counting_rset)
+    for i in range(3):
+        outcomes = await client.deliver(target, request([f"r{i}@d.test"]))
+        assert outcomes[0].disposition is Disposition.DELIVERED
+    assert rsets == []  # reused straight away: no RSET round trip per message
+    for pool in client._pools.values():  # as if it had idled for a while
+        for connection in pool.idle:
+            connection.idle_since -= delivery.PROBE_AFTER_IDLE + 1
+    outcomes = await client.deliver(target, request(["late@d.test"]))
+    assert outcomes[0].disposition is Disposition.DELIVERED
+    assert rsets == ["RSET"]
+    assert sink.connections == 1 and len(sink.messages) == 4
+
+
+async def test_pooled_connection_closing_at_mail_is_retried_on_a_new_one(
+    client: SmtpClient, sinks: list[SmtpSink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server ends a reused session at MAIL (421, as when it shuts down): the message goes
+    out on a fresh connection instead of being deferred."""
+    sink = await start(sinks)
+    target = SmtpTarget("127.0.0.1", sink.port)
+    original = _SinkSMTP.smtp_MAIL
+
+    async def mail(self: _SinkSMTP, arg: str | None) -> None:
+        served = getattr(self, "served", 0)
+        self.served = served + 1
+        if served == 1:
+            await self.push("421 4.3.2 shutting down")
+            self.transport.close()
+            return
+        await original(self, arg)
+
+    monkeypatch.setattr(_SinkSMTP, "smtp_MAIL", mail)
+    first = await client.deliver(target, request(["a@d.test"]))
+    second = await client.deliver(target, request(["b@d.test"]))
+    assert dispositions(first) == [("delivered", "2.0.0")]
+    assert second[0].disposition is Disposition.DELIVERED
+    assert [m.rcpt_tos for m in sink.messages] == [["a@d.test"], ["b@d.test"]]
+    assert sink.connections == 2
 
 
 async def test_broken_pooled_connection_is_replaced(client: SmtpClient, sinks: list[SmtpSink]) -> None:
