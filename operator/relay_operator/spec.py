@@ -275,12 +275,26 @@ class RelayTarget(_Spec):
     name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
+class CaSecretRef(_Spec):
+    """A Secret key holding the PEM certificate(s) of a private CA (cert-manager's ``ca.crt``)."""
+
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(default="ca.crt", min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
+
+
 class SmarthostSpec(_Spec):
     host: str = Field(min_length=1, max_length=253, pattern=HOSTNAME_PATTERN)
     port: int = Field(default=587, ge=1, le=65535)
     tls: TlsMode = "starttls"
     insecure_skip_verify: bool = False
     auth_secret_ref: NamedRef | None = None
+    ca_secret_ref: CaSecretRef | None = None
+
+    @model_validator(mode="after")
+    def _ca_needs_verification(self) -> SmarthostSpec:
+        if self.ca_secret_ref is not None and (self.tls == "none" or self.insecure_skip_verify):
+            raise ValueError("caSecretRef needs tls starttls or implicit, without insecureSkipVerify")
+        return self
 
 
 class MxSpec(_Spec):
@@ -298,9 +312,18 @@ class WebhookSpec(_Spec):
     format: Literal["json", "rfc822"] = "json"
     auth_secret_ref: KeyedSecretRef | None = None
     insecure_skip_verify: bool = False
+    ca_secret_ref: CaSecretRef | None = None
     timeout: str = "30s"
 
     _timeout = field_validator("timeout", mode="before")(_duration)
+
+    @model_validator(mode="after")
+    def _ca_needs_verification(self) -> WebhookSpec:
+        if self.ca_secret_ref is not None and (
+            not self.url.startswith("https://") or self.insecure_skip_verify
+        ):
+            raise ValueError("caSecretRef needs an https:// url, without insecureSkipVerify")
+        return self
 
 
 class MaildirSpec(_Spec):

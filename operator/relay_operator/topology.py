@@ -152,7 +152,7 @@ class SecretUse:
     """A Secret a relay needs mounted: where, for what, and which keys must be in it."""
 
     secret: str
-    purpose: Literal["tls", "auth", "smarthost", "webhook"]
+    purpose: Literal["tls", "auth", "smarthost", "webhook", "ca"]
     mount_dir: PurePosixPath
     keys: tuple[str, ...]
     used_by: str  # "spec.tls", "spec.auth" or "RelayRoute <name>"
@@ -387,6 +387,10 @@ def _hop_config(
         }
         if smarthost.auth_secret_ref is not None:
             data["credentialsDir"] = str(context.secret_dir(smarthost.auth_secret_ref.name))
+        if smarthost.ca_secret_ref is not None:
+            data["caFile"] = str(
+                context.secret_dir(smarthost.ca_secret_ref.name) / smarthost.ca_secret_ref.key
+            )
         return data, None
     if hop.mx is not None:
         return {"kind": "mx", "port": hop.mx.port, "tls": hop.mx.tls}, None
@@ -402,6 +406,9 @@ def _hop_config(
             if gateway.webhook.auth_secret_ref is not None:
                 ref = gateway.webhook.auth_secret_ref
                 webhook["authHeaderFile"] = str(context.secret_dir(ref.name) / ref.key)
+            if gateway.webhook.ca_secret_ref is not None:
+                ca = gateway.webhook.ca_secret_ref
+                webhook["caFile"] = str(context.secret_dir(ca.name) / ca.key)
             return {"kind": "gateway", "webhook": webhook}, None
         if gateway.maildir is not None:
             path = context.maildir_root / gateway.maildir.path
@@ -481,6 +488,19 @@ def _secret_uses(relay: MailRelay, routes: Sequence[RelayRoute], context: Render
                         context.secret_dir(ref.name),
                         (ref.key,),
                         f"RelayRoute {route.key.name}",
+                    )
+                )
+            ca = (
+                hop.smarthost.ca_secret_ref
+                if hop.smarthost is not None
+                else hop.gateway.webhook.ca_secret_ref
+                if hop.gateway is not None and hop.gateway.webhook is not None
+                else None
+            )
+            if ca is not None:
+                uses.append(
+                    SecretUse(
+                        ca.name, "ca", context.secret_dir(ca.name), (ca.key,), f"RelayRoute {route.key.name}"
                     )
                 )
     return uses

@@ -252,6 +252,40 @@ INVALID_BODIES: list[tuple[str, dict[str, Any], str, str]] = [
         "failover hop needs exactly one",
         "exactly one",
     ),
+    (
+        "smarthost-ca-without-tls",
+        route_body(
+            nextHop={"smarthost": {"host": "a.example", "tls": "none", "caSecretRef": {"name": "ca"}}}
+        ),
+        "caSecretRef needs tls",
+        "caSecretRef needs tls",
+    ),
+    (
+        "smarthost-ca-skipping-verification",
+        route_body(
+            failover=[
+                {
+                    "smarthost": {
+                        "host": "a.example",
+                        "insecureSkipVerify": True,
+                        "caSecretRef": {"name": "ca"},
+                    }
+                }
+            ]
+        ),
+        "without insecureSkipVerify",
+        "without insecureSkipVerify",
+    ),
+    (
+        "webhook-ca-on-http",
+        route_body(
+            nextHop={
+                "gateway": {"webhook": {"url": "http://archive.example/in", "caSecretRef": {"name": "ca"}}}
+            }
+        ),
+        "caSecretRef needs an https:// url",
+        "caSecretRef needs an https:// url",
+    ),
     # schema bounds, enums and patterns
     ("listener-port-range", relay_body(listeners=[{"name": "smtp", "port": 70000}]), "70000", "65535"),
     ("listener-tls-enum", relay_body(listeners=[{"name": "smtp", "port": 25, "tls": "ssl"}]), "ssl", "tls"),
@@ -266,4 +300,10 @@ INVALID_BODIES: list[tuple[str, dict[str, Any], str, str]] = [
     ("failover-reject", route_body(failover=[{"reject": {}}]), "reject", "reject"),
     ("unknown-field", relay_body(listener=[]), "listener", "listener"),
     ("maildir-parent", route_body(nextHop={"gateway": {"maildir": {"path": "../etc"}}}), "../etc", "path"),
+    (
+        "ca-key-pattern",
+        route_body(nextHop={"smarthost": {"host": "a.example", "caSecretRef": {"name": "ca", "key": "a/b"}}}),
+        "a/b",
+        "key",
+    ),
 ]

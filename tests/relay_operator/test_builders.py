@@ -67,9 +67,23 @@ def full_relay_plan() -> RelayPlan:
     )
     routes = [
         crd_tools.route_body(
-            nextHop={"smarthost": {"host": "smtp.example.net", "authSecretRef": {"name": "creds"}}},
+            nextHop={
+                "smarthost": {
+                    "host": "smtp.example.net",
+                    "authSecretRef": {"name": "creds"},
+                    "caSecretRef": {"name": "private-ca", "key": "root.pem"},
+                }
+            },
             failover=[
-                {"gateway": {"webhook": {"url": "https://h.example/", "authSecretRef": {"name": "creds"}}}}
+                {
+                    "gateway": {
+                        "webhook": {
+                            "url": "https://h.example/",
+                            "authSecretRef": {"name": "creds"},
+                            "caSecretRef": {"name": "creds"},
+                        }
+                    }
+                }
             ],
         )
     ]
@@ -159,6 +173,11 @@ def test_mounts_match_the_paths_in_the_config() -> None:
     hop = config.routes[0].next_hop
     assert hop.kind == "smarthost" and hop.credentials_dir is not None
     assert volumes[mounts[str(hop.credentials_dir)]]["secret"]["secretName"] == "creds"
+    assert hop.ca_file is not None and hop.ca_file.name == "root.pem"
+    assert volumes[mounts[str(hop.ca_file.parent)]]["secret"]["secretName"] == "private-ca"
+    webhook = config.routes[0].failover[0]
+    assert webhook.kind == "gateway" and webhook.webhook is not None and webhook.webhook.ca_file is not None
+    assert str(webhook.webhook.ca_file) == f"{hop.credentials_dir}/ca.crt"  # the default key
     assert mounts[str(config.queue.directory.parent)] == naming.SPOOL_VOLUME
     # One Secret used twice by routes is mounted once.
     assert sum(v.get("secret", {}).get("secretName") == "creds" for v in pod["volumes"]) == 1

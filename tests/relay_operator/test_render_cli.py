@@ -76,8 +76,9 @@ def test_check_the_samples_warns_about_secrets_it_was_not_given() -> None:
     code, out, _ = run("check", "-f", str(crd_tools.SAMPLES_DIR))
     assert code == 0
     lines = out.strip().splitlines()
-    assert lines[-1] == "ok: 2 MailRelay(s) and 7 RelayRoute(s) in 1 namespace(s): 0 error(s), 4 warning(s)"
+    assert lines[-1] == "ok: 2 MailRelay(s) and 7 RelayRoute(s) in 1 namespace(s): 0 error(s), 5 warning(s)"
     assert any("Secret edge-tls (for spec.tls) is not among the given manifests" in line for line in lines)
+    assert any("Secret internal-ca (for RelayRoute corp-mailstore) is not among" in line for line in lines)
     assert run("check", "--strict", "-f", str(crd_tools.SAMPLES_DIR))[0] == 1
 
 
@@ -94,6 +95,7 @@ def test_check_with_secrets(tmp_path: Path) -> None:
             ("edge-tls", {"tls.crt": "x", "tls.key": "y"}),
             ("edge-users", {"users": "alice:$2b$..."}),
             ("provider-credentials", {"username": "u"}),
+            ("internal-ca", {"ca.crt": "-----BEGIN CERTIFICATE-----"}),
         ]
     ]
     secrets.append(
