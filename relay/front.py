@@ -482,11 +482,14 @@ class FrontSession(SMTP):
             except ConnectionError:
                 self._writer.close()
                 return
+            except TLSSetupException as error:
+                # The client broke off the handshake (it did not trust our certificate, spoke
+                # no TLS, went away): its problem, not an internal error; no reply can reach it.
+                log.info("session %s: TLS handshake failed: %r", self.client_ip, error.__cause__ or error)
+                self._close()
+                return
             except Exception as error:
                 reply = await self.handle_exception(error)
-                if isinstance(error, TLSSetupException):
-                    self._close()
-                    return
                 with contextlib.suppress(Exception):
                     await self.push(reply)
 
