@@ -8,8 +8,9 @@ and converges:
 
 - a child that does not exist is created, owned by its MailRelay (controller ownerReference with
   the MailRelay's uid, so the garbage collector removes it with the MailRelay);
-- a child whose applied-hash annotation or content differs from the desired object is replaced
-  (PUT with its resourceVersion: fields the operator no longer sets disappear, a concurrent
+- a child whose applied-hash annotation or content differs from the desired object (values the
+  server adds are ignored, resource quantities compare by amount: "0.5" equals the "500m" the
+  server stores) is replaced (PUT with its resourceVersion: fields the operator no longer sets disappear, a concurrent
   change fails with Conflict and the pass is retried); the StatefulSet's immutable fields
   (selector, serviceName, podManagementPolicy, volumeClaimTemplates) keep their live values and
   a change to them is reported as an Event instead of a request the API server would refuse;
@@ -31,9 +32,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from relay_operator import builders, conditions, naming
@@ -210,15 +213,53 @@ def desired_hash(manifest: Mapping[str, Any]) -> str:
     ]
 
 
-def contains(live: Any, desired: Any) -> bool:
+# Maps of resource quantities (ResourceRequirements, PVC requests): the API server stores their
+# values in canonical form ("0.5" becomes "500m", "1024Mi" becomes "1Gi").
+_QUANTITY_MAPS = frozenset({"requests", "limits"})
+_QUANTITY = re.compile(
+    r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(?:[eE]([+-]?[0-9]+)|(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]))?$"
+)
+_QUANTITY_SCALE = {
+    **{
+        suffix: Decimal(1024) ** power
+        for power, suffix in enumerate(("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))
+    },
+    **{suffix: Decimal(10) ** exp for suffix, exp in (("n", -9), ("u", -6), ("m", -3), ("k", 3), ("M", 6))},
+    **{suffix: Decimal(10) ** exp for suffix, exp in (("G", 9), ("T", 12), ("P", 15), ("E", 18))},
+}
+
+
+def quantity_value(value: Any) -> Decimal | None:
+    """The number a Kubernetes quantity ("500m", "1Gi", "1e3", 2) stands for; None if it is none."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    match = _QUANTITY.match(str(value))
+    if match is None:
+        return None
+    number, exponent, suffix = match.groups()
+    scale = Decimal(10) ** int(exponent) if exponent else _QUANTITY_SCALE[suffix or ""]
+    return Decimal(number) * scale
+
+
+def contains(live: Any, desired: Any, *, quantities: bool = False) -> bool:
     """Whether `live` carries everything `desired` sets (values the server added are allowed:
-    defaults, status, metadata it owns). Lists must have the same length, item by item."""
+    defaults, status, metadata it owns). Lists must have the same length, item by item. Values
+    of resource quantity maps compare by the amount they stand for, not their spelling, so that
+    the server's canonical form is not mistaken for drift."""
     if isinstance(desired, Mapping):
         return isinstance(live, Mapping) and all(
-            k in live and contains(live[k], v) for k, v in desired.items()
+            k in live and contains(live[k], v, quantities=quantities or k in _QUANTITY_MAPS)
+            for k, v in desired.items()
         )
     if isinstance(desired, list):
-        return isinstance(live, list) and len(live) == len(desired) and all(map(contains, live, desired))
+        return (
+            isinstance(live, list)
+            and len(live) == len(desired)
+            and all(contains(a, b, quantities=quantities) for a, b in zip(live, desired, strict=True))
+        )
+    if quantities and live != desired:
+        amount = quantity_value(desired)
+        return amount is not None and quantity_value(live) == amount
     return bool(live == desired)
 
 

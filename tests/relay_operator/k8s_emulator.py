@@ -33,6 +33,8 @@ What it emulates (each is checked in test_emulator.py):
   (422 Invalid), like a structural schema on a real server;
 - namespace deletion removes the namespace's objects;
 - a StatefulSet update that changes an immutable spec field is refused (422), as on a server;
+- resource quantities of StatefulSet containers and claim templates are stored in canonical form
+  ("0.5" -> "500m"), as the server's typed decoding does;
 - bearer-token authentication (401) and RBAC authorization per verb and resource (403) for the
   tokens given rules, so the operator can run with exactly the chart's ClusterRole.
 
@@ -48,6 +50,7 @@ import asyncio
 import contextlib
 import copy
 import datetime
+import decimal
 import json
 import random
 import re
@@ -368,6 +371,67 @@ class WatchEvent:
     old: JSON | None
 
 
+_QUANTITY = re.compile(
+    r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(?:([eE][+-]?[0-9]+)|(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]))?$"
+)
+_BINARY = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+_DECIMAL = {-9: "n", -6: "u", -3: "m", 0: "", 3: "k", 6: "M", 9: "G", 12: "T", 15: "P", 18: "E"}
+
+
+def canonical_quantity(value: Any) -> Any:
+    """A resource quantity the way the API server stores it (k8s.io/apimachinery Quantity's
+    canonical form): "0.5" -> "500m", "1024Mi" -> "1Gi", "1.5Gi" -> "1536Mi", "1000" -> "1k",
+    "1e3" -> "1e3". Binary suffixes stay binary while the amount is a whole number of at least 1Ki;
+    everything else is a decimal mantissa with the largest exponent (a multiple of 3) that keeps it
+    whole. Values that are not quantities come back unchanged (validation is not emulated)."""
+    match = (
+        _QUANTITY.match(str(value)) if isinstance(value, int | str) and not isinstance(value, bool) else None
+    )
+    if match is None:
+        return value
+    number, exponent, suffix = match.groups()
+    amount = decimal.Decimal(number) * (
+        decimal.Decimal(10) ** int(exponent[1:])
+        if exponent
+        else decimal.Decimal(1024) ** _BINARY.index(suffix)
+        if suffix in _BINARY and suffix
+        else decimal.Decimal(10) ** next((e for e, s in _DECIMAL.items() if s == (suffix or "")))
+    )
+    amount = amount.quantize(decimal.Decimal("1e-9"), rounding=decimal.ROUND_CEILING)
+    if amount == 0:
+        return "0"
+    if suffix in _BINARY[1:] and amount == amount.to_integral_value() and abs(amount) >= 1024:
+        power = 0
+        while power < len(_BINARY) - 1 and amount % 1024 ** (power + 1) == 0:
+            power += 1
+        return f"{int(amount) // 1024**power}{_BINARY[power]}"
+    exp = -9
+    while (
+        exp < 18
+        and (amount / decimal.Decimal(10) ** (exp + 3))
+        == (amount / decimal.Decimal(10) ** (exp + 3)).to_integral_value()
+    ):
+        exp += 3
+    mantissa = int(amount / decimal.Decimal(10) ** exp)
+    if exponent:
+        return f"{mantissa}e{exp}" if exp else str(mantissa)
+    return f"{mantissa}{_DECIMAL[exp]}"
+
+
+def canonicalize_pod_quantities(statefulset: JSON) -> None:
+    """Resource quantities of a StatefulSet's containers and claim templates in canonical form."""
+    spec = statefulset.get("spec") or {}
+    pod = (spec.get("template") or {}).get("spec") or {}
+    holders = [c.get("resources") for c in (pod.get("containers") or []) + (pod.get("initContainers") or [])]
+    holders += [(t.get("spec") or {}).get("resources") for t in spec.get("volumeClaimTemplates") or []]
+    for resources in holders:
+        for key in ("requests", "limits"):
+            amounts = (resources or {}).get(key)
+            if isinstance(amounts, dict):
+                for name, amount in amounts.items():
+                    amounts[name] = canonical_quantity(amount)
+
+
 @dataclass(eq=False)
 class _Watcher:
     key: tuple[str, str]
@@ -673,6 +737,8 @@ class KubernetesApiEmulator:
         if rt.status and rt.key != (CRD_GROUP, "customresourcedefinitions"):
             obj.pop("status", None)  # status is written through the subresource only
         obj = self._check_custom(rt, obj)
+        if rt.key == ("apps", "statefulsets"):
+            canonicalize_pod_quantities(obj)
         stored = self._store(rt, obj)
         if meta.get("ownerReferences"):
             self._schedule_gc()
@@ -728,6 +794,7 @@ class KubernetesApiEmulator:
         result["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         result["apiVersion"], result["kind"] = rt.api_version, rt.kind
         if rt.key == ("apps", "statefulsets"):
+            canonicalize_pod_quantities(result)
             old_spec, new_spec = old.get("spec") or {}, result.get("spec") or {}
             frozen = {k for k in set(old_spec) | set(new_spec) if k not in STATEFULSET_MUTABLE}
             if any(old_spec.get(k) != new_spec.get(k) for k in frozen):

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.relay_operator.conftest import RawHttp, wait_for
-from tests.relay_operator.k8s_emulator import EmulatorThread
+from tests.relay_operator.k8s_emulator import EmulatorThread, canonicalize_pod_quantities
 
 WIDGET_CRD: dict[str, Any] = {
     "apiVersion": "apiextensions.k8s.io/v1",
@@ -129,6 +129,52 @@ def test_writes_change_resource_version_and_generation_honestly(http: RawHttp, n
     stale = dict(ready, metadata=dict(ready["metadata"], resourceVersion=rv))
     status, conflict = http("PUT", item, stale)
     assert status == 409 and conflict["reason"] == "Conflict"
+
+
+@pytest.mark.parametrize(
+    ("written", "stored"),
+    [
+        ("0.5", "500m"),
+        ("1.5", "1500m"),
+        ("1000", "1k"),
+        ("1024Mi", "1Gi"),
+        ("1.5Gi", "1536Mi"),
+        ("0.5Gi", "512Mi"),
+        (1073741824, "1073741824"),
+        ("12e6", "12e6"),
+        ("250m", "250m"),
+        ("0", "0"),
+    ],
+)
+def test_statefulset_quantities_are_stored_in_canonical_form(written: Any, stored: str) -> None:
+    """As the API server's typed decoding does for resources of pods and claim templates."""
+    sts = {
+        "spec": {
+            "template": {"spec": {"containers": [{"name": "c", "resources": {"limits": {"cpu": written}}}]}},
+            "volumeClaimTemplates": [{"spec": {"resources": {"requests": {"storage": written}}}}],
+        }
+    }
+    canonicalize_pod_quantities(sts)
+    assert sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == stored
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == stored
+
+
+def test_statefulset_writes_store_canonical_quantities(http: RawHttp, namespace: str) -> None:
+    path = f"/apis/apps/v1/namespaces/{namespace}/statefulsets"
+    container = {"name": "c", "image": "i", "resources": {"requests": {"cpu": "0.5", "memory": "1024Mi"}}}
+    body = {
+        "metadata": {"name": "q"},
+        "spec": {"selector": {}, "template": {"spec": {"containers": [container]}}},
+    }
+    status, created = http("POST", path, body)
+    assert status == 201
+    assert created["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {
+        "cpu": "500m",
+        "memory": "1Gi",
+    }
+    # Writing the same amounts in another spelling is a no-op: nothing changes, not even the version.
+    _, again = http("PUT", f"{path}/q", dict(body, metadata=created["metadata"]))
+    assert again["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
 
 
 def test_merge_and_json_patch_including_test_op(http: RawHttp, namespace: str) -> None:

@@ -223,6 +223,34 @@ def test_route_change_rewrites_only_the_configmap(
     }
 
 
+def test_quantities_the_server_canonicalizes_are_not_drift(
+    kube: Any, namespace: str, operator_process: OperatorProcess, emulator: EmulatorThread
+) -> None:
+    """The API server stores cpu "0.5" as "500m" and "1024Mi" as "1Gi"; comparing spellings would
+    make the operator replace the StatefulSet on every resync."""
+    resources = {"requests": {"cpu": "0.5", "memory": "1024Mi"}, "limits": {"memory": "1.5Gi"}}
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge", resources=resources))
+    operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
+    sts = kube.get(k8s.STATEFULSETS, namespace, "edge")
+    assert sts["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "500m", "memory": "1Gi"},
+        "limits": {"memory": "1536Mi"},
+    }
+    sts_path = f"/namespaces/{namespace}/statefulsets/edge"
+    seen = requests_for(emulator, sts_path)
+    operator_process.until(
+        lambda: requests_for(emulator, sts_path) >= seen + 2, "two more reconcile passes", timeout=15
+    )
+    writes = emulator.call(
+        lambda: [m for m, path, _ in emulator.emulator.requests if path.endswith(sts_path) and m != "GET"]
+    )
+    assert writes == []  # created (POST to the collection), never replaced
+    assert (
+        kube.get(k8s.STATEFULSETS, namespace, "edge")["metadata"]["resourceVersion"]
+        == (sts["metadata"]["resourceVersion"])
+    )
+
+
 def test_listener_change_rolls_the_pods(kube: Any, namespace: str, operator_process: OperatorProcess) -> None:
     kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
     operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
