@@ -72,6 +72,8 @@ async def test_dns_failures_defer_then_deliver_and_nonexistence_bounces(
                 "faults.dns",
                 sent=4,
                 accepted=4,
+                delivered=len(set(mx.tokens())),
+                duplicated=sum(n - 1 for n in mx.tokens().values()),
                 delivered_after_servfail=mx.tokens()["servfail"],
                 delivered_after_timeout=mx.tokens()["timeout"],
                 bounced_with_dsn=len(bounced),

@@ -162,6 +162,19 @@ async def test_mail_queued_before_the_disk_filled_is_delivered_without_restart(t
             filler.unlink()
             sink.start()
             await asyncio.to_thread(sink.wait_tokens, {"queued-1", "queued-2"}, 30)
-            assert sink.tokens() == {"queued-1": 1, "queued-2": 1}
+            assert relay.run.process is not None and relay.run.process.poll() is None  # no restart
+            arrived = sink.tokens()
+            record_figures(
+                "faults.spool_full_strands_nothing",
+                sent=2,
+                accepted=2,
+                delivered=len(arrived),
+                lost=2 - len(arrived),
+                duplicated=sum(n - 1 for n in arrived.values()),
+                retries_into_full_disk=relay.run.count("could not write the deferral"),
+                restarts=0,
+            )
+            assert arrived == {"queued-1": 1, "queued-2": 1}
+            assert relay.run.count("could not write the deferral") >= 1  # the fault really happened
         finally:
             relay.stop()

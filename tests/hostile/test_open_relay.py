@@ -52,6 +52,7 @@ def test_open_relay_probe_is_refused(hostile: Hostile, probe: str, sender: str) 
         assert s.cmd(f"MAIL FROM:<{sender}>")[0] == 250
         code, text = s.cmd(f"RCPT TO:<{probe}>")
         REFUSED["probes"] += 1
+        REFUSED["accepted"] += code == 250
         if probe in SYNTAX_ERRORS:
             assert (code, text.split()[1]) == (553, "5.1.3"), text
             REFUSED["refused_5_1_3"] += 1
