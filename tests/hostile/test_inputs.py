@@ -191,6 +191,20 @@ def _plain(user: str, password: str) -> str:
     return "AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
 
 
+def test_commands_injected_behind_starttls_are_discarded(hostile: Hostile) -> None:
+    """CVE-2011-0411 (STARTTLS command injection): plaintext sent in the same packet as
+    STARTTLS must not be executed inside the TLS session."""
+    with session(hostile, port=hostile.submission_port) as s:
+        assert s.cmd("EHLO client.test")[0] == 250
+        s.send(b"STARTTLS\r\nRSET injected\r\n")
+        assert s.reply()[0] == 220
+        context = ssl.create_default_context(cafile=str(hostile.certs.ca_file))
+        s.sock = context.wrap_socket(s.sock, server_hostname="localhost")
+        # had "RSET injected" survived, its 501 would come before the NOOP's 250
+        assert s.cmd("NOOP")[0] == 250
+        assert s.cmd("EHLO client.test")[0] == 250
+
+
 def test_auth_before_tls_is_refused(hostile: Hostile) -> None:
     with session(hostile, port=hostile.submission_port) as s:
         code, ehlo = s.cmd("EHLO client.test")
