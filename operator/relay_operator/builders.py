@@ -48,8 +48,10 @@ class BuildOptions:
 
 
 def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The controller ownerReference to a MailRelay body (needs metadata.uid)."""
+    """The controller ownerReference to a MailRelay body read from the API (it has a uid)."""
     metadata = body["metadata"]
+    if not metadata.get("uid"):
+        raise ValueError("an owner reference needs the owner's uid: read the owner from the API first")
     return {
         "apiVersion": body.get("apiVersion", naming.API_VERSION),
         "kind": body.get("kind", naming.MAILRELAY_KIND),

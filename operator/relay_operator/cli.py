@@ -14,8 +14,8 @@ error (one line each), 2 when the input cannot be read. Registered through the
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import click
 import yaml
@@ -24,7 +24,29 @@ from relay_operator import builders, manifests, topology
 from relay_operator.topology import NamespacePlan, Problem
 
 _DEFAULT_OPTIONS = builders.BuildOptions()
-_FILE_HELP = "A manifest file or folder (searched recursively); '-' reads standard input. Repeatable."
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def manifest_options(*, stdin: bool) -> Callable[[_F], _F]:
+    """The options of every command that reads manifests: -f/--filename (repeatable; '-' is
+    standard input when `stdin`) and -n/--namespace for documents that name none."""
+    files = "A manifest file or folder (searched recursively)"
+    files += "; '-' reads standard input. Repeatable." if stdin else ". Repeatable."
+
+    def decorate(command: _F) -> _F:
+        command = click.option(
+            "-n",
+            "--namespace",
+            "default_namespace",
+            default="default",
+            show_default=True,
+            help="Namespace for documents that name none.",
+        )(command)
+        return click.option(
+            "-f", "--filename", "paths", multiple=True, required=True, metavar="PATH", help=files
+        )(command)
+
+    return decorate
 
 
 def _load(paths: Sequence[str], default_namespace: str) -> manifests.ManifestSet:
@@ -105,15 +127,7 @@ def render_documents(
 
 
 @click.command("render")
-@click.option("-f", "--filename", "paths", multiple=True, required=True, metavar="PATH", help=_FILE_HELP)
-@click.option(
-    "-n",
-    "--namespace",
-    "default_namespace",
-    default="default",
-    show_default=True,
-    help="Namespace for documents that name none.",
-)
+@manifest_options(stdin=True)
 @click.option(
     "--image",
     default=builders.DEFAULT_IMAGE,
@@ -147,15 +161,7 @@ def render_command(paths: Sequence[str], default_namespace: str, image: str, clu
 
 
 @click.command("check")
-@click.option("-f", "--filename", "paths", multiple=True, required=True, metavar="PATH", help=_FILE_HELP)
-@click.option(
-    "-n",
-    "--namespace",
-    "default_namespace",
-    default="default",
-    show_default=True,
-    help="Namespace for documents that name none.",
-)
+@manifest_options(stdin=True)
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 def check_command(paths: Sequence[str], default_namespace: str, strict: bool) -> None:
     """Validate MailRelays and RelayRoutes: specs, routing loops, unknown relays, conflicting

@@ -22,13 +22,11 @@ import click
 
 from relay.config import GatewayHop, ListenerConfig, RelayConfig, RelayHop, SmarthostHop
 from relay_operator import manifests, topology
-from relay_operator.cli import plan_manifests
+from relay_operator.cli import manifest_options, plan_manifests
 from relay_operator.local.graph import GraphRelay, GraphvizError, render_image, to_dot, to_text
 from relay_operator.local.layout import StateDir, StateDirBusyError, locked
 from relay_operator.local.plan import LocalOptions, LocalRelay, Plan, PortBook, Refused, build_plan
 from relay_operator.local.up import Console, Supervisor, UpOptions, busy_listeners
-
-_FILE_HELP = "A manifest file or folder (searched recursively). Repeatable."
 
 
 def _users_hint(relay: LocalRelay) -> str | None:
@@ -114,15 +112,7 @@ def startup_lines(plan: Plan, state: StateDir, bind: str) -> list[str]:
 
 
 @click.command("up")
-@click.option("-f", "--filename", "paths", multiple=True, required=True, metavar="PATH", help=_FILE_HELP)
-@click.option(
-    "-n",
-    "--namespace",
-    "default_namespace",
-    default="default",
-    show_default=True,
-    help="Namespace for documents that name none.",
-)
+@manifest_options(stdin=False)
 @click.option("--bind", default="127.0.0.1", show_default=True, help="Address every listener binds.")
 @click.option(
     "--port-offset",
@@ -224,15 +214,7 @@ def graph_relays(plans: Sequence[topology.NamespacePlan]) -> list[GraphRelay]:
 
 
 @click.command("graph")
-@click.option("-f", "--filename", "paths", multiple=True, required=True, metavar="PATH", help=_FILE_HELP)
-@click.option(
-    "-n",
-    "--namespace",
-    "default_namespace",
-    default="default",
-    show_default=True,
-    help="Namespace for documents that name none.",
-)
+@manifest_options(stdin=False)
 @click.option(
     "-o",
     "--output",

@@ -45,11 +45,6 @@ def find_condition(conditions: Sequence[Mapping[str, Any]] | None, type_: str) -
     return next((c for c in conditions or () if c.get("type") == type_), None)
 
 
-def is_true(conditions: Sequence[Mapping[str, Any]] | None, type_: str) -> bool:
-    found = find_condition(conditions, type_)
-    return found is not None and found.get("status") == "True"
-
-
 def set_condition(
     conditions: Sequence[Mapping[str, Any]] | None,
     type_: str,

@@ -2,7 +2,8 @@
 
 Everything the reconcile path reads or writes goes through `KubeApi`: get, list (with a label
 selector), create, replace (PUT with optimistic concurrency), JSON merge patch (RFC 7386) of an
-object or its ``/status`` subresource, delete, and posting a core/v1 Event. It speaks the REST
+object or its ``/status`` subresource, and posting a core/v1 Event; never delete (the garbage
+collector removes a MailRelay's children, and the RBAC rules grant no delete). It speaks the REST
 paths directly over the `kubernetes` package's `ApiClient`, which brings configuration
 (in-cluster service account or kubeconfig), authentication and TLS, and nothing else: no typed
 models, no strategic merge patch, no server-side apply, so the write path is the same on every
@@ -181,8 +182,6 @@ class KubeApi(Protocol):
         self, resource: Resource, namespace: str | None, name: str, body: Mapping[str, Any]
     ) -> JSON: ...
 
-    def delete(self, resource: Resource, namespace: str | None, name: str) -> None: ...
-
     def post_event(
         self, involved: Mapping[str, Any], *, type_: str, reason: str, message: str, action: str = "Reconcile"
     ) -> None: ...
@@ -299,6 +298,8 @@ class ClientKubeApi:
         return self._request("PUT", resource.path(namespace, name), body=dict(body))
 
     def delete(self, resource: Resource, namespace: str | None, name: str) -> None:
+        """Not part of `KubeApi`: for administrative clients such as the tests' (background
+        propagation; an object that is already gone is fine)."""
         with contextlib.suppress(NotFound):
             self._request("DELETE", resource.path(namespace, name), body={"propagationPolicy": "Background"})
 
@@ -335,18 +336,3 @@ class ClientKubeApi:
         }
         with contextlib.suppress(KubeError):
             self.create(EVENTS, namespace, body)
-
-
-def owner_reference(owner: Mapping[str, Any]) -> JSON:
-    """The controller owner reference to `owner` (a body read from the API: it has a uid)."""
-    meta = owner.get("metadata") or {}
-    if not meta.get("uid"):
-        raise ValueError("an owner reference needs the owner's uid: read the owner from the API first")
-    return {
-        "apiVersion": owner["apiVersion"],
-        "kind": owner["kind"],
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }

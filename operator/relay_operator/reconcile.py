@@ -10,10 +10,11 @@ and converges:
   the MailRelay's uid, so the garbage collector removes it with the MailRelay);
 - a child whose applied-hash annotation or content differs from the desired object (values the
   server adds are ignored, resource quantities compare by amount: "0.5" equals the "500m" the
-  server stores) is replaced (PUT with its resourceVersion: fields the operator no longer sets disappear, a concurrent
-  change fails with Conflict and the pass is retried); the StatefulSet's immutable fields
-  (selector, serviceName, podManagementPolicy, volumeClaimTemplates) keep their live values and
-  a change to them is reported as an Event instead of a request the API server would refuse;
+  server stores) is replaced (PUT with its resourceVersion: fields the operator no longer sets
+  disappear, a concurrent change fails with Conflict and the pass is retried); the StatefulSet's
+  immutable fields (selector, serviceName, podManagementPolicy, volumeClaimTemplates) keep their
+  live values and a change to them is reported as an Event instead of a request the API server
+  would refuse;
 - a child that is unchanged is not written at all, so a route edit rewrites only the ConfigMap
   and a resync writes nothing;
 - a child of the same name that another owner controls is left alone and reported.

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from relay.config import normalize_domain_pattern, parse_duration, parse_quantity
+from relay.config import normalize_domain_pattern, parse_duration
 from relay_operator import naming
 
 # Shared with the CRD schema (tests/relay_operator/test_spec.py checks they are the same).
@@ -563,11 +563,6 @@ def parse_relayroute(body: Mapping[str, Any], default_namespace: str = "default"
     if errors or spec is None:
         return Invalid("RelayRoute", key, tuple(errors), generation)
     return RelayRoute(key=key, spec=spec, labels=labels, uid=uid, generation=generation)
-
-
-def quantity_bytes(value: str | int) -> int:
-    """Bytes of a validated quantity (for comparisons; the relay parses its own copy)."""
-    return parse_quantity(value)
 
 
 def messages(items: Sequence[Invalid]) -> list[str]:

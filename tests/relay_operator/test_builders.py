@@ -253,6 +253,8 @@ def test_owner_references_on_every_object_and_none_without() -> None:
         "metadata": {"name": "edge", "uid": OWNER["uid"]},
     }
     assert builders.owner_reference(body) == OWNER
+    with pytest.raises(ValueError, match="uid"):
+        builders.owner_reference({"metadata": {"name": "edge"}})
 
 
 def _template_and_configmap(

@@ -405,5 +405,3 @@ def test_adapter_reports_an_unreachable_server(tmp_path: Any) -> None:
     api = k8s.ClientKubeApi.from_environment(kubeconfig=str(config))
     with pytest.raises(k8s.Unavailable):
         api.get(k8s.CONFIGMAPS, "default", "x")
-    with pytest.raises(ValueError):
-        k8s.owner_reference({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}})

@@ -101,6 +101,17 @@ def requests_for(emulator: EmulatorThread, path_part: str) -> int:
     )
 
 
+def two_more_passes(emulator: EmulatorThread, operator_process: OperatorProcess, namespace: str) -> str:
+    """Wait until the operator has read StatefulSet edge twice more (two reconcile passes, at
+    least one a resync); returns that StatefulSet's path."""
+    sts_path = f"/namespaces/{namespace}/statefulsets/edge"
+    seen = requests_for(emulator, sts_path)
+    operator_process.until(
+        lambda: requests_for(emulator, sts_path) >= seen + 2, "two more reconcile passes", timeout=15
+    )
+    return sts_path
+
+
 def events_for(kube: Any, namespace: str, name: str) -> list[tuple[str, str, str]]:
     return [
         (e["type"], e["reason"], e["message"])
@@ -191,11 +202,7 @@ def test_route_change_rewrites_only_the_configmap(
         "the ConfigMap to carry the changed route",
     )
     # Let the operator reconcile at least twice more (a resync), then nothing else may have moved.
-    sts_path = f"/namespaces/{namespace}/statefulsets/edge"
-    seen = requests_for(emulator, sts_path)
-    operator_process.until(
-        lambda: requests_for(emulator, sts_path) >= seen + 2, "another reconcile pass", timeout=15
-    )
+    two_more_passes(emulator, operator_process, namespace)
     after = children(kube, namespace, "edge")
     for kind in before:
         if kind == "ConfigMap":
@@ -236,11 +243,7 @@ def test_quantities_the_server_canonicalizes_are_not_drift(
         "requests": {"cpu": "500m", "memory": "1Gi"},
         "limits": {"memory": "1536Mi"},
     }
-    sts_path = f"/namespaces/{namespace}/statefulsets/edge"
-    seen = requests_for(emulator, sts_path)
-    operator_process.until(
-        lambda: requests_for(emulator, sts_path) >= seen + 2, "two more reconcile passes", timeout=15
-    )
+    sts_path = two_more_passes(emulator, operator_process, namespace)
     writes = emulator.call(
         lambda: [m for m, path, _ in emulator.emulator.requests if path.endswith(sts_path) and m != "GET"]
     )
