@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-deps
 
-.PHONY: up test lint typecheck imports pytest install system-deps helm crds clean fuzz-long bench
+.PHONY: up test lint typecheck imports pytest install system-deps helm crds clean fuzz-long bench reliability
 
 ## up: create the virtualenv on first use and run the quickstart topology on this machine
 up: install
@@ -51,7 +51,13 @@ crds: install
 
 ## fuzz-long: the long property-based fuzzing run (>= 100,000 examples per target)
 fuzz-long: install
-	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q -m fuzz_long -p no:timeout
+	HYPOTHESIS_PROFILE=long MAILRELAY_FIGURES=$(CURDIR)/.reliability-fuzz-long.json $(BIN)/python -m pytest -q -m fuzz_long -p no:timeout
+
+## reliability: run the fault, hostile-input and peer suites and write their figures into docs/RELIABILITY.md
+reliability: install system-deps
+	rm -f $(CURDIR)/.reliability.json
+	PATH="$(CURDIR)/$(BIN):$$PATH" MAILRELAY_FIGURES=$(CURDIR)/.reliability.json $(BIN)/python -m pytest -q -m "not fuzz_long" tests/faults tests/hostile tests/peers
+	$(BIN)/python -m tests.faults.report $(CURDIR)/.reliability.json $(wildcard $(CURDIR)/.reliability-fuzz-long.json) --write docs/RELIABILITY.md
 
 ## bench: the Postfix side-by-side benchmark (see bench/README.md)
 bench: install system-deps
