@@ -17,8 +17,11 @@ removes stale duplicates.
 
 `store` returns only after the file and its directory entry are on disk (write temp, fsync,
 rename, fsync the directory: the rule that lets the front answer 250). Directory fsyncs are
-group-committed: concurrent stores share one. Blocking calls run in a thread pool, never on the
-event loop. The spool decides nothing about delivery; the scheduler does.
+group-committed: concurrent stores share one, done by the pool thread that did the rename (no
+extra hop back to the event loop). Blocking calls run in a thread pool, never on the event
+loop; short metadata operations (claims, removals) that queue up while one batch runs go
+together as the next batch, one thread hop for many messages under load. The spool decides
+nothing about delivery; the scheduler does.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from relay.model import Message, QueueEntry
 
@@ -114,15 +118,17 @@ def read_header(path: Path) -> QueueEntry:
 
 
 class _DirectorySync:
-    """Group commit for directory fsyncs: one fsync covers every rename finished before it began."""
+    """Group commit for directory fsyncs, called from the pool's threads right after a rename:
+    one fsync covers every rename that finished before it began, so concurrent stores share
+    it (and no extra hop back to the event loop is needed)."""
 
-    def __init__(self, path: Path, executor: ThreadPoolExecutor, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool) -> None:
         self._path = path
-        self._executor = executor
         self._enabled = enabled
+        self._cond = threading.Condition()
         self._requested = 0
         self._completed = 0
-        self._running: asyncio.Future[None] | None = None
+        self._syncing = False
 
     def _fsync(self) -> None:
         fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY)
@@ -131,33 +137,78 @@ class _DirectorySync:
         finally:
             os.close(fd)
 
-    def _start(self) -> asyncio.Future[None]:
-        covers = self._requested
-        running = asyncio.get_running_loop().run_in_executor(self._executor, self._fsync)
-
-        def finished(future: asyncio.Future[None]) -> None:
-            # Runs before any awaiter resumes: callbacks fire in the order they were added.
-            if self._running is future:
-                self._running = None
-            if not future.cancelled() and future.exception() is None:
-                self._completed = max(self._completed, covers)
-
-        running.add_done_callback(finished)
-        self._running = running
-        return running
-
-    async def sync(self) -> None:
-        """Return once a directory fsync that began after this call has finished."""
+    def sync(self) -> None:
+        """Return once a directory fsync that began after this call has finished (blocking)."""
         if not self._enabled:
             return
-        self._requested += 1
-        target = self._requested
-        while self._completed < target:
-            running = self._running
-            if running is not None and running.done():
-                await asyncio.sleep(0)  # its completion callback has not run yet
+        with self._cond:
+            self._requested += 1
+            ticket = self._requested
+            while self._completed < ticket:
+                if self._syncing:
+                    self._cond.wait()
+                    continue
+                self._syncing = True
+                covers = self._requested
+                self._cond.release()
+                try:
+                    self._fsync()
+                finally:
+                    self._cond.acquire()
+                    self._syncing = False
+                    self._cond.notify_all()
+                self._completed = max(self._completed, covers)
+
+
+class _Batcher:
+    """Runs short metadata operations (claim renames and reads, unlinks) queued while the
+    previous batch ran as one job in the pool: one thread hop for many messages under load."""
+
+    def __init__(self, executor: ThreadPoolExecutor) -> None:
+        self._executor = executor
+        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._running = False
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((func, args, future))
+        if not self._running:
+            self._start()
+        return await future
+
+    def _start(self) -> None:
+        batch, self._pending = self._pending, []
+        self._running = True
+        job = asyncio.get_running_loop().run_in_executor(self._executor, _run_batch, batch)
+        job.add_done_callback(lambda done: self._finished(batch, done))
+
+    def _finished(self, batch: list[tuple[Any, Any, asyncio.Future[Any]]], done: asyncio.Future[Any]) -> None:
+        self._running = False
+        outcomes: list[tuple[bool, Any]]
+        if done.cancelled() or done.exception() is not None:
+            error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+            outcomes = [(False, error)] * len(batch)
+        else:
+            outcomes = done.result()
+        for (_func, _args, future), (ok, value) in zip(batch, outcomes, strict=True):
+            if future.done():
                 continue
-            await asyncio.shield(running or self._start())
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        if self._pending:
+            self._start()
+
+
+def _run_batch(batch: list[tuple[Callable[..., Any], tuple[Any, ...], Any]]) -> list[tuple[bool, Any]]:
+    outcomes: list[tuple[bool, Any]] = []
+    for func, args, _future in batch:
+        try:
+            outcomes.append((True, func(*args)))
+        except Exception as exc:
+            outcomes.append((False, exc))
+    return outcomes
 
 
 class Spool:
@@ -167,9 +218,8 @@ class Spool:
         self.directory = Path(directory)
         self.fsync = fsync
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool")
-        self._dir_sync = {
-            state: _DirectorySync(self.directory / state, self._executor, fsync) for state in STATES
-        }
+        self._dir_sync = {state: _DirectorySync(self.directory / state, fsync) for state in STATES}
+        self._batcher = _Batcher(self._executor)
 
     # ----------------------------------------------------------------- setup
 
@@ -297,6 +347,7 @@ class Spool:
         self._write_to(active, entry, content, entry.next_attempt)
         try:
             os.rename(active, self.path("deferred", entry.queue_id))
+            self._dir_sync["deferred"].sync()
         except OSError as exc:
             raise _classify(exc) from exc
 
@@ -307,9 +358,12 @@ class Spool:
 
     async def store(self, entry: QueueEntry, content: bytes) -> None:
         """Make a new message durable in incoming/. Returns only once it is on disk."""
-        await self._run(self._write_file, "incoming", entry.with_changes(size=len(content)), content, None)
+        await self._run(self._store, entry.with_changes(size=len(content)), content)
+
+    def _store(self, entry: QueueEntry, content: bytes) -> None:
+        self._write_file("incoming", entry, content, None)
         try:
-            await self._dir_sync["incoming"].sync()
+            self._dir_sync["incoming"].sync()
         except OSError as exc:
             raise _classify(exc) from exc
 
@@ -319,20 +373,16 @@ class Spool:
         message whose next attempt is later stays deferred (None): the caller may have seen
         the id in incoming/ before another worker attempted and deferred it.
         Raises CorruptEntryError for unreadable files."""
-        return await self._run(self._claim, queue_id, ("incoming", "deferred"), due_by)
+        return await self._batcher.run(self._claim, queue_id, ("incoming", "deferred"), due_by)
 
     async def defer(self, entry: QueueEntry, content: bytes) -> None:
         """Rewrite a claimed message (mtime = next attempt) and move it from active/ to
         deferred/. Returns once the move is on disk."""
         await self._run(self._defer, entry, content)
-        try:
-            await self._dir_sync["deferred"].sync()
-        except OSError as exc:
-            raise _classify(exc) from exc
 
     async def complete(self, queue_id: str) -> None:
         """Every recipient has a final outcome (and any DSN is queued): remove the message."""
-        await self._run(self._unlink, "active", queue_id)
+        await self._batcher.run(self._unlink, "active", queue_id)
 
     def _unlink(self, state: str, queue_id: str) -> None:
         try:

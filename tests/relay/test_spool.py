@@ -163,6 +163,30 @@ async def test_truncated_file_is_quarantined_on_claim(spool: Spool) -> None:
     assert spool.ids("corrupt") == [entry.queue_id]
 
 
+async def test_concurrent_claims_and_completes_each_get_their_own_result(spool: Spool) -> None:
+    """Claims and removals that queue up together run as one batch; every caller still gets
+    its own message, its own None or its own error."""
+    good = [make_entry() for _ in range(20)]
+    for entry in good:
+        await spool.store(entry, CONTENT)
+    broken = make_entry().with_changes(size=len(CONTENT))
+    (spool.directory / "incoming" / broken.queue_id).write_bytes(encode(broken, CONTENT)[:-5])
+    missing = new_queue_id()
+    results = await asyncio.gather(
+        *(spool.claim(e.queue_id) for e in good),
+        spool.claim(broken.queue_id),
+        spool.claim(missing),
+        return_exceptions=True,
+    )
+    for entry, result in zip(good, results[:20], strict=True):
+        assert not isinstance(result, BaseException) and result is not None
+        assert result.entry.queue_id == entry.queue_id
+    assert isinstance(results[20], CorruptEntryError)
+    assert results[21] is None
+    await asyncio.gather(*(spool.complete(e.queue_id) for e in good))
+    assert spool.ids("active") == [] and spool.ids("corrupt") == [broken.queue_id]
+
+
 async def test_admin_hold_retry_delete(spool: Spool) -> None:
     entry = make_entry()
     await spool.store(entry, CONTENT)
