@@ -65,9 +65,10 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 ACCEPT = ["example.com"]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def figures() -> Iterator[None]:
-    TRIED.clear()
+    """After every test, the inputs tried so far in this module (an interrupted long run still
+    leaves the figures of the targets it finished)."""
     yield
     long_run = any(key.endswith("_long") for key in TRIED)
     record_figures("hostile.fuzz_long" if long_run else "hostile.fuzz", inputs=dict(TRIED), crashes=0)
