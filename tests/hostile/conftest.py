@@ -42,6 +42,14 @@ class Hostile:
     def port(self) -> int:
         return self.relay.port
 
+    def health(self) -> dict[str, int]:
+        """Measured: relay processes that died (crashes) and tracebacks in the relay's log."""
+        process = self.relay.run.process
+        return {
+            "crashes": int(process is None or process.poll() is not None),
+            "tracebacks_in_log": self.relay.log().count("Traceback"),
+        }
+
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:

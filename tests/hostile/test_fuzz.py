@@ -71,7 +71,7 @@ def figures() -> Iterator[None]:
     leaves the figures of the targets it finished)."""
     yield
     long_run = any(key.endswith("_long") for key in TRIED)
-    record_figures("hostile.fuzz_long" if long_run else "hostile.fuzz", inputs=dict(TRIED), crashes=0)
+    record_figures("hostile.fuzz_long" if long_run else "hostile.fuzz", inputs=dict(TRIED))
 
 
 def both(strategy: Any) -> Callable[[Callable[..., None]], tuple[Any, Any]]:
@@ -280,6 +280,7 @@ def test_relay_over_a_socket_long(hostile: Hostile, steps: list[bytes], body: by
 
 
 def test_relay_survived_the_fuzzing(hostile: Hostile) -> None:
+    record_figures("hostile.fuzz_relay_process", **hostile.health())
     assert hostile.relay.run.process is not None and hostile.relay.run.process.poll() is None
     hostile.relay.assert_no_traceback()
     hostile.relay.wait_queue_empty(60)

@@ -230,6 +230,7 @@ def test_auth_brute_force_is_slowed_then_refused(hostile: Hostile) -> None:
 
 
 def test_no_traceback_and_figures(hostile: Hostile) -> None:
+    record_figures("hostile.inputs", **FIGURES, **hostile.health())
     hostile.relay.assert_no_traceback()
+    assert hostile.health()["crashes"] == 0
     assert hostile.victim.messages == []
-    record_figures("hostile.inputs", **FIGURES, crashes=0)

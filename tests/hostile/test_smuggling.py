@@ -92,4 +92,6 @@ def test_smuggled_end_of_data_is_content(hostile: Hostile, client: str, name: st
 
 
 def test_no_traceback_after_smuggling(hostile: Hostile) -> None:
+    record_figures("hostile.smtp_smuggling", variants=len(VARIANTS), **RESULTS, **hostile.health())
     hostile.relay.assert_no_traceback()
+    assert hostile.health()["crashes"] == 0
