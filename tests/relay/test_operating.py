@@ -8,6 +8,7 @@ and leaves every message on disk. Real sockets on 127.0.0.1, relays as subproces
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -20,9 +21,11 @@ from typing import Any
 import aiosmtplib
 import pytest
 import yaml
+from click.testing import CliRunner, Result
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import RelayProcess
+from relay.cli import main
 from relay.config import parse_config
 from relay.spool import Spool
 from tests.relay.apphelp import RelayRun, free_port
@@ -306,3 +309,72 @@ async def test_sigterm_with_a_full_queue_and_a_hanging_next_hop(tmp_path: Path, 
         assert await asyncio.to_thread(again.wait, 30) == 0
     finally:
         await sink.stop()
+
+
+def queue_cli(config: Path, *args: str) -> Result:
+    """`mailrelay queue ARGS --config FILE` (in this process; the relay is another process)."""
+    return CliRunner().invoke(main, ["queue", *args, "--config", str(config)])
+
+
+async def queue_op(config: Path, *args: str) -> str:
+    """An admin command on a running relay's spool. A message the scheduler holds in active/ at
+    that instant is not waiting (exit 1); the operator simply tries again."""
+    for _ in range(20):
+        result = await asyncio.to_thread(queue_cli, config, *args)
+        if result.exit_code == 0:
+            return result.output
+        assert "no message" in result.output, result.output
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"queue {args} kept failing")
+
+
+async def test_queue_commands_on_a_running_relay(tmp_path: Path, runs: list[RelayRun]) -> None:
+    """hold, delete, retry and list while the scheduler keeps retrying the same messages."""
+    smtp_port, metrics_port, hop_port = free_port(), free_port(), free_port()
+    data = config_data(tmp_path, smtp_port, metrics_port)
+    data["routes"][0]["nextHop"]["port"] = hop_port  # down for now
+    path = write_config(tmp_path, data)
+    run = RelayRun(path).start()
+    runs.append(run)
+    sink: SmtpSink | None = None
+    try:
+        await asyncio.to_thread(run.wait_for, r"ready \(pid")
+        ids = {}
+        for name in ("held", "deleted", "kept"):
+            ids[name] = (await send(smtp_port, [f"{name}@example.com"])).rsplit(" ", 1)[1]
+
+        async def all_deferred() -> bool:
+            result = await asyncio.to_thread(queue_cli, path, "list", "--json")
+            rows = [json.loads(line) for line in result.output.splitlines()]
+            return len(rows) == 3 and all(row["attempts"] >= 1 for row in rows)
+
+        await until(all_deferred)
+        await queue_op(path, "hold", ids["held"])
+        await queue_op(path, "delete", ids["deleted"])
+        listing = await asyncio.to_thread(queue_cli, path, "list")
+        assert f"{ids['held']}  hold" in listing.output and ids["deleted"] not in listing.output
+        sink = await SmtpSink(port=hop_port).start()
+
+        async def kept_arrived() -> bool:
+            return sink is not None and [m.rcpt_tos for m in sink.messages] == [["kept@example.com"]]
+
+        await until(kept_arrived)  # the next retry (backoff 1-2 s) delivers the message not held
+        assert Spool(tmp_path / "queue").ids("hold") == [ids["held"]]
+        await queue_op(path, "retry", ids["held"])
+
+        async def held_arrived() -> bool:
+            return sink is not None and len(sink.messages) == 2
+
+        await until(held_arrived)
+        assert sorted(r for m in sink.messages for r in m.rcpt_tos) == [
+            "held@example.com",
+            "kept@example.com",
+        ]
+        final = await asyncio.to_thread(queue_cli, path, "list")
+        assert final.output.strip() == "queue is empty"
+        assert not list((tmp_path / "queue" / "corrupt").iterdir())
+        run.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(run.wait, 30) == 0
+    finally:
+        if sink is not None:
+            await sink.stop()
