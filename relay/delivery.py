@@ -135,6 +135,21 @@ def ensure_crlf_end(content: bytes) -> bytes:
     return content if content.endswith(b"\r\n") or not content else content + b"\r\n"
 
 
+def data_payload(content: bytes) -> bytes | None:
+    """What follows the 354 reply for `content` (dot-stuffed, RFC 5321 4.5.2, and the final
+    ``.<CRLF>``), when every line already ends with CRLF and so does the content (what the
+    front stores); None otherwise. Bytes operations only: a regex over a 100 KB message per
+    delivery (aiosmtplib's ``data()``) cost a third of the relay's CPU for large mail."""
+    crlf = content.count(b"\r\n")
+    if not content.endswith(b"\r\n") or content.count(b"\r") != crlf or content.count(b"\n") != crlf:
+        return None
+    if content.startswith(b"."):
+        content = b"." + content
+    if b"\r\n." in content:
+        content = content.replace(b"\r\n.", b"\r\n..")
+    return content + b".\r\n"
+
+
 # --------------------------------------------------------------------------- targets
 
 
@@ -570,17 +585,34 @@ class SmtpClient:
             reply = await self._command(smtp, b"RSET")
             return reply.code == 250
 
-        try:
-            reply = await smtp.data(content, timeout=self.queue.data_timeout)
-        except aiosmtplib.SMTPDataError as exc:
-            reply = SMTPResponse(exc.code, exc.message)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            raise _TransactionError(421, "4.4.2", f"DATA failed: {exc}", broken=True) from exc
+        reply = await self._data(smtp, content)
         for index in accepted:
             results[index] = outcome.from_reply(
                 recipients[index], reply.code, reply.message, remote_mta=remote, relayed=not dsn
             )
         return smtp.is_connected
+
+    async def _data(self, smtp: aiosmtplib.SMTP, content: bytes) -> SMTPResponse:
+        """DATA, the content and the final dot; the reply (any code) or _TransactionError."""
+        payload = data_payload(content)
+        try:
+            if payload is None:  # not CRLF-clean: let aiosmtplib normalise the line ends
+                try:
+                    return await smtp.data(content, timeout=self.queue.data_timeout)
+                except aiosmtplib.SMTPDataError as exc:
+                    return SMTPResponse(exc.code, exc.message)
+            start = await smtp.execute_command(b"DATA", timeout=self.queue.command_timeout)
+            if start.code != 354:
+                return start
+            protocol = smtp.protocol
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            # No await between the write and read_response: the reply cannot be missed.
+            protocol.write(payload)
+            return await protocol.read_response(timeout=self.queue.data_timeout)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            smtp.close()
+            raise _TransactionError(421, "4.4.2", f"DATA failed: {exc}", broken=True) from exc
 
 
 def is_connection_failure(result: RecipientOutcome) -> bool:

@@ -88,6 +88,32 @@ async def test_delivers_with_exact_content_and_one_outcome_per_recipient(
     assert outcomes[0].remote_mta == "127.0.0.1"
 
 
+@pytest.mark.parametrize(
+    ("content", "payload"),
+    [
+        (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+        (b".x\r\n.\r\n..y\r\nz.\r\n", b"..x\r\n..\r\n...y\r\nz.\r\n.\r\n"),
+        (b"", None),
+        (b"a\r\nb", None),  # no CRLF at the end
+        (b"a\nb\r\n", None),  # bare LF
+        (b"a\rb\r\n", None),  # bare CR
+        (b"a\n\r\n", None),
+    ],
+)
+def test_data_payload_stuffs_dots_of_crlf_clean_content_only(content: bytes, payload: bytes | None) -> None:
+    assert delivery.data_payload(content) == payload
+
+
+async def test_content_with_bare_line_ends_still_goes_out_with_crlf(
+    client: SmtpClient, sinks: list[SmtpSink]
+) -> None:
+    sink = await start(sinks)
+    content = b"Subject: odd\n\nline one\rline two\n.dot\r\n"
+    outcomes = await client.deliver(SmtpTarget("127.0.0.1", sink.port), request(["a@d.test"], content))
+    assert dispositions(outcomes) == [("delivered", "2.0.0")]
+    assert sink.messages[0].content == b"Subject: odd\r\n\r\nline one\r\nline two\r\n.dot\r\n"
+
+
 async def test_per_recipient_rcpt_results(client: SmtpClient, sinks: list[SmtpSink]) -> None:
     sink = await start(
         sinks, rcpt_replies={"bad@d.test": "550 5.1.1 no such user", "busy@d.test": "452 4.2.2 full"}
