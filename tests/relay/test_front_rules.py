@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from relay import status
 from relay.addresses import client_is_trusted, has_routing_characters, postmaster_address, relay_permission
 from relay.auth import UsersFileError, hash_password, parse_users, verify_password
+from relay.config import parse_config
 from relay.received import (
     TraceInfo,
     build_received,
@@ -320,6 +321,13 @@ def test_received_header_and_hops() -> None:
     assert protocol_name(esmtp=False, tls=False, authenticated=False, smtputf8=False) == "SMTP"
     assert protocol_name(esmtp=True, tls=False, authenticated=False, smtputf8=True) == "UTF8SMTP"
     assert protocol_name(esmtp=True, tls=True, authenticated=False, smtputf8=False) == "ESMTPS"
+
+
+def test_hop_limit_defaults_to_100() -> None:
+    """RFC 5321 6.3: the hop limit is configurable and at least 100 by default."""
+    minimal = {"hostname": "r.test", "listeners": [{"name": "smtp", "port": 25}]}
+    assert parse_config(minimal).limits.max_hops == 100
+    assert parse_config({**minimal, "limits": {"maxHops": 30}}).limits.max_hops == 30
 
 
 def test_submission_headers_only_when_missing() -> None:
