@@ -41,7 +41,7 @@ What it emulates (each is checked in test_emulator.py):
 Known gaps (answered with an error, never silently): server-side apply and strategic merge patch
 (415); CEL `x-kubernetes-validations` are not evaluated; built-in kinds are not schema-validated;
 no controllers run (a StatefulSet never gets pods or status unless a test writes it); Foreground
-deletion acts like Background; no pagination (`limit` is ignored); no admission, RBAC or auth.
+deletion acts like Background; no pagination (`limit` is ignored); no admission webhooks.
 """
 
 from __future__ import annotations
