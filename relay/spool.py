@@ -246,7 +246,9 @@ class Spool:
         duplicates = 0
         requeued = 0
         quarantined = 0
-        settled = {p.name for state in ("deferred", "hold") for p in (self.directory / state).iterdir()}
+        held = set(os.listdir(self.directory / "hold"))
+        deferred = os.listdir(self.directory / "deferred")
+        settled = held.union(deferred)
         for path in list((self.directory / "active").iterdir()):
             if path.name in settled or (self.directory / "incoming" / path.name).exists():
                 path.unlink(missing_ok=True)
@@ -260,10 +262,9 @@ class Spool:
                 continue
             os.replace(path, self.directory / "incoming" / path.name)
             requeued += 1
-        for path in list((self.directory / "deferred").iterdir()):
-            if (self.directory / "hold" / path.name).exists():
-                path.unlink(missing_ok=True)
-                duplicates += 1
+        for name in held.intersection(deferred):  # names only: no stat per queued message
+            (self.directory / "deferred" / name).unlink(missing_ok=True)
+            duplicates += 1
         for state in STATES:
             self._fsync_dir_now(self.directory / state)
         report = RecoveryReport(requeued, discarded, quarantined, duplicates)

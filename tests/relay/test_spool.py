@@ -154,6 +154,17 @@ def test_recover_requeues_active_drops_partial_and_quarantines(spool: Spool) -> 
     assert spool.ids("active") == []
 
 
+def test_recover_drops_the_deferred_copy_of_a_held_message(spool: Spool) -> None:
+    held, other = make_entry(), make_entry()
+    for state in ("hold", "deferred"):
+        (spool.directory / state / held.queue_id).write_bytes(encode(held, CONTENT))
+    (spool.directory / "deferred" / other.queue_id).write_bytes(encode(other, CONTENT))
+    report = spool.recover()
+    assert report.duplicates_removed == 1
+    assert spool.ids("hold") == [held.queue_id]
+    assert spool.ids("deferred") == [other.queue_id]
+
+
 async def test_truncated_file_is_quarantined_on_claim(spool: Spool) -> None:
     entry = make_entry().with_changes(size=len(CONTENT))
     data = encode(entry, CONTENT)
