@@ -35,7 +35,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,11 +409,21 @@ class Spool:
                 counts[state] = 0
         return counts
 
-    def scan_deferred(self) -> Iterator[tuple[str, float]]:
-        """(queue id, next attempt) for every deferred message, from directory entries only."""
+    def scan_deferred(self, known: Mapping[str, float] | None = None) -> Iterator[tuple[str, float]]:
+        """(queue id, next attempt) for every deferred message, from directory entries only.
+
+        `known` maps ids to next-attempt times remembered from an earlier scan: those entries
+        are not stat()ed again (a rescan of 100,000 deferred messages then costs a directory
+        listing, not 100,000 system calls). A remembered time can only be too early (a deferral
+        moves it later), which `claim(due_by=...)` catches."""
         try:
             with os.scandir(self.directory / "deferred") as entries:
                 for item in entries:
+                    if known is not None:
+                        due = known.get(item.name)
+                        if due is not None:
+                            yield item.name, due
+                            continue
                     try:
                         yield item.name, item.stat().st_mtime
                     except FileNotFoundError:

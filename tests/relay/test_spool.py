@@ -133,6 +133,19 @@ async def test_a_worker_claiming_during_a_deferral_does_not_lose_the_message(
     assert found is not None and found[1].entry.attempts == 1
 
 
+async def test_scan_deferred_takes_remembered_due_times_and_stats_the_rest(spool: Spool) -> None:
+    ids = []
+    for due in (2_000_000_000.0, 2_000_000_100.0):
+        entry = make_entry()
+        await spool.store(entry, CONTENT)
+        message = await spool.claim(entry.queue_id)
+        assert message is not None
+        await spool.defer(message.entry.with_changes(next_attempt=due), message.content)
+        ids.append(entry.queue_id)
+    known = {ids[0]: 1_000.0, "GONE": 5.0}  # a remembered (stale) time and a vanished message
+    assert sorted(spool.scan_deferred(known)) == sorted([(ids[0], 1_000.0), (ids[1], 2_000_000_100.0)])
+
+
 def test_recover_requeues_active_drops_partial_and_quarantines(spool: Spool) -> None:
     good = make_entry()
     (spool.directory / "active" / good.queue_id).write_bytes(encode(good, CONTENT))
