@@ -114,6 +114,9 @@ class Scheduler:
         self._gateway_limits: dict[str, asyncio.Semaphore] = {}
         self._ready: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
+        # next-attempt times of deferred messages seen by the last scan (ids and floats only:
+        # the queue itself stays on disk); a rescan stats only names it has not seen
+        self._known_due: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._wake: asyncio.Event | None = None
@@ -253,11 +256,15 @@ class Scheduler:
         now = self._clock()
         ids = self._spool.ids("incoming")
         next_due: float | None = None
-        for queue_id, due in self._spool.scan_deferred():
+        seen: dict[str, float] = {}
+        for queue_id, due in self._spool.scan_deferred(self._known_due):
             if due <= now:
-                ids.append(queue_id)
-            elif next_due is None or due < next_due:
+                ids.append(queue_id)  # due: claimed soon, so its time is not remembered
+                continue
+            seen[queue_id] = due
+            if next_due is None or due < next_due:
                 next_due = due
+        self._known_due = seen
         return ids, next_due, self._spool.depth()
 
     def _scan(self) -> float | None:
@@ -312,7 +319,9 @@ class Scheduler:
 
     async def _run(self, queue_id: str) -> None:
         try:
-            message = await self._spool.claim(queue_id)
+            # due_by: the id may have been seen in incoming/ (or with an old next-attempt time)
+            # before another worker attempted and deferred it; then it is not due yet
+            message = await self._spool.claim(queue_id, due_by=self._clock())
         except CorruptEntryError as exc:
             log.error("[%s] %s", queue_id, exc)
             return

@@ -301,6 +301,31 @@ async def test_start_picks_up_incoming_and_due_deferred_mail(h: Harness) -> None
     assert h.spool.ids("deferred") == [later]
 
 
+async def test_a_message_another_worker_deferred_again_is_not_attempted_early(h: Harness) -> None:
+    """Two workers share the spool. This scheduler's scan remembered a deferred message's next
+    attempt; meanwhile another worker attempted it and deferred it further. At the remembered
+    time it must stay deferred (not attempted early), and go out at the new time."""
+    sink = await h.sink()
+    config = make_config(h.tmp_path, [{"name": "all", "nextHop": relay_hop(sink.port)}])
+    queue_id = await store(h.spool, ["a@dest.test"])
+    message = await h.spool.claim(queue_id)
+    assert message is not None
+    await h.spool.defer(message.entry.with_changes(next_attempt=T0 + 100, attempts=1), message.content)
+    scheduler = await h.scheduler(config)  # its start scan sees T0 + 100
+    other = await h.spool.claim(queue_id)  # "the other worker" (early, by hand)
+    assert other is not None
+    await h.spool.defer(other.entry.with_changes(next_attempt=T0 + 500, attempts=2), other.content)
+    h.clock.now = T0 + 100
+    await scheduler.rescan()
+    await asyncio.wait_for(scheduler.wait_idle(), 30)
+    assert sink.messages == []
+    assert dict(h.spool.scan_deferred())[queue_id] == T0 + 500
+    h.clock.now = T0 + 500
+    await scheduler.rescan()
+    await asyncio.wait_for(scheduler.wait_idle(), 30)
+    assert sink.recipients == ["a@dest.test"]
+
+
 async def test_stop_leaves_waiting_mail_on_disk(h: Harness) -> None:
     sink = await h.sink(rcpt_replies={"a@dest.test": "451 4.3.0 later"})
     config = make_config(h.tmp_path, [{"name": "all", "nextHop": relay_hop(sink.port)}])
