@@ -26,8 +26,15 @@ DELIVERY_SECONDS = Histogram(
     ["route"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 86400),
 )
-QUEUE_DEPTH = Gauge("mailrelay_queue_messages", "Messages in the spool by state", ["state"])
+# With several worker processes (PROMETHEUS_MULTIPROC_DIR) every worker scans the same shared
+# spool: the most recent scan of a live worker is the depth (not a sum, no stale dead pids).
+QUEUE_DEPTH = Gauge(
+    "mailrelay_queue_messages",
+    "Messages in the spool by state",
+    ["state"],
+    multiprocess_mode="livemostrecent",
+)
 CONFIG_RELOADS = Counter(
     "mailrelay_config_reloads", "Configuration reloads by result (ok, invalid)", ["result"]
 )
-SESSIONS = Gauge("mailrelay_smtp_sessions", "Open SMTP sessions", ["listener"])
+SESSIONS = Gauge("mailrelay_smtp_sessions", "Open SMTP sessions", ["listener"], multiprocess_mode="livesum")

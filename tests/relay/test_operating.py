@@ -186,6 +186,18 @@ async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
             return len(sink.messages) == 6
 
         await until(all_arrived)
+
+        # gauges of the shared spool: one value per state, not one per (dead or live) worker
+        async def depth_scraped() -> bool:
+            body = (await get(metrics_port, "/metrics"))[1]
+            return 'mailrelay_queue_messages{state="incoming"}' in body
+
+        await until(depth_scraped)
+        body = (await get(metrics_port, "/metrics"))[1]
+        depth = [line for line in body.splitlines() if line.startswith("mailrelay_queue_messages{")]
+        assert len(depth) == 5 and not any("pid=" in line for line in depth), depth
+        sessions = [line for line in body.splitlines() if line.startswith("mailrelay_smtp_sessions{")]
+        assert sessions and not any("pid=" in line for line in sessions), sessions
         run.signal(signal.SIGTERM)
         assert await asyncio.to_thread(run.wait, 60) == 0
     finally:
