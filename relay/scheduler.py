@@ -490,6 +490,12 @@ class Scheduler:
                 helo=self._config.hostname,
             )
             await self._spool.store(dsn_entry, content)
+        except SpoolError as exc:
+            # Full or read-only spool: the original must not complete without its DSN. The
+            # attempt is deferred as a whole (a delivered recipient may get a duplicate on the
+            # retry; a lost bounce would be worse).
+            log.error("[%s] could not queue the DSN for %d recipients: %s", entry.queue_id, len(reports), exc)
+            raise
         except Exception:
             log.exception("[%s] could not queue the DSN for %d recipients", entry.queue_id, len(reports))
             return

@@ -178,3 +178,58 @@ async def test_mail_queued_before_the_disk_filled_is_delivered_without_restart(t
             assert relay.run.count("could not write the deferral") >= 1  # the fault really happened
         finally:
             relay.stop()
+
+
+async def test_a_bounce_on_a_full_spool_still_gets_its_dsn(tmp_path: Path) -> None:
+    """A recipient bounces while the spool is full, so the DSN cannot be written: the message
+    must stay queued (a duplicate for the delivered recipient is acceptable, a lost DSN is not)
+    and the DSN is sent once space is back."""
+    with small_tmpfs(tmp_path / "spool") as spool, running_sink() as inbox, running_sink() as refusing:
+        refusing.data_replies = ["550 5.1.1 no such user"] * 100
+        refusing.stop()
+        config = relay_config(
+            tmp_path,
+            smtp_port=free_port(),
+            routes=[
+                {
+                    "name": "refusing",
+                    "priority": 10,
+                    "match": {"recipientDomains": ["gone.test"]},
+                    "nextHop": {
+                        "kind": "relay",
+                        "name": "refusing",
+                        "host": "127.0.0.1",
+                        "port": refusing.port,
+                    },
+                },
+                {
+                    "name": "inbox",
+                    "nextHop": {"kind": "relay", "name": "inbox", "host": "127.0.0.1", "port": inbox.port},
+                },
+            ],
+        )
+        config["queue"]["directory"] = str(spool / "queue")
+        relay = Relay(tmp_path, config)
+        try:
+            await relay.astart()
+            await send_one(relay.port, "bounce-me", rcpt="nobody@gone.test")
+            await asyncio.to_thread(relay.run.wait_for, r"deferred 1 recipients")
+            filler = fill(spool)
+            refusing.start()  # the next attempt bounces, and the DSN does not fit
+            await asyncio.to_thread(relay.run.wait_for, r"could not queue the DSN", timeout=60)
+            filler.unlink()
+            await asyncio.to_thread(inbox.wait, lambda s: any(m.mail_from == "" for m in s.messages), 60)
+            await asyncio.to_thread(relay.wait_queue_empty, 60)
+            dsns = [m for m in inbox.messages if m.mail_from == ""]
+            record_figures(
+                "faults.spool_full_during_bounce",
+                sent=1,
+                accepted=1,
+                dsns_delivered=len(dsns),
+                lost=int(not dsns),
+                refusals_at_hop=refusing.transactions,
+            )
+            assert len(dsns) == 1 and dsns[0].rcpt_tos == ["sender@sender.test"]
+            assert b"nobody@gone.test" in dsns[0].content
+        finally:
+            relay.stop()
