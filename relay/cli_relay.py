@@ -40,7 +40,7 @@ def _load_or_exit(path: Path, what: str) -> Any:
     "config_path",
     required=True,
     type=click.Path(path_type=Path, dir_okay=False),
-    help="The relay configuration (YAML), e.g. examples/relay.yaml.",
+    help="The relay configuration (YAML), e.g. examples/standalone/relay.yaml.",
 )
 @click.option(
     "--grace",

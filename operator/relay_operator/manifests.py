@@ -125,6 +125,11 @@ def group_documents(
         kind = str(doc.get("kind") or "")
         api_version = str(doc.get("apiVersion") or "")
         metadata = doc.get("metadata")
+        if not kind and not api_version and "listeners" in doc:
+            raise ManifestError(
+                f"{source}: this is a relay config file, not a Kubernetes manifest; "
+                "run it with `mailrelay relay --config` or leave it out of -f"
+            )
         if not isinstance(metadata, dict) or not metadata.get("name"):
             raise ManifestError(f"{source}: a {kind or 'document'} has no metadata.name")
         name = str(metadata["name"])

@@ -1,5 +1,5 @@
 """Issue 2's "Done when", as one test: a relay started from the documented example config
-(`examples/relay-edge.yaml`, with only ports, directories, the next relay's and the MX port and
+(`examples/standalone/relay-edge.yaml`, with only ports, directories, the next relay's and the MX port and
 the DNS server moved to this test's) accepts mail from swaks and from Python's smtplib and
 delivers it
 - through a second relay (the same example, its next hop pointed at an aiosmtpd sink) to the sink,
@@ -28,7 +28,7 @@ from tests.relay.dnsserver import DnsServer
 from tests.relay.smtpsink import SmtpSink
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "relay-edge.yaml"
+EXAMPLE = ROOT / "examples" / "standalone" / "relay-edge.yaml"
 SWAKS = "/usr/bin/swaks"
 
 

@@ -166,6 +166,7 @@ def test_stdin_and_kubectl_lists(tmp_path: Path) -> None:
         ("- 1\n", "is not a mapping"),
         ("kind: MailRelay\napiVersion: mailrelay.dev/v1alpha1\nspec: {}\n", "has no metadata.name"),
         ("kind: MailRelay\napiVersion: mailrelay.dev/v1\nmetadata: {name: a}\n", "is not served"),
+        ("hostname: relay.example.com\nlisteners: [{name: smtp, port: 25}]\n", "this is a relay config file"),
         (
             "kind: RelayRoute\napiVersion: mailrelay.dev/v1alpha1\nmetadata: {name: a}\n---\n"
             "kind: RelayRoute\napiVersion: mailrelay.dev/v1alpha1\nmetadata: {name: a}\n",
