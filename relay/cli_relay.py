@@ -10,6 +10,7 @@ Exit status: 0 done, 1 the thing asked for does not exist or failed, 2 usage or 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -54,6 +55,9 @@ def relay_command(config_path: Path, grace: float) -> None:
 
     Reloads the file on SIGHUP and when it changes; stops cleanly on SIGTERM.
     """
+    # A SIGHUP before the event loop installs its handler must not kill a starting relay (nor a
+    # starting worker, which inherits the disposition); the file is read after this point anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = _load_or_exit(config_path, "relay")
     from relay.app import run_relay
 

@@ -8,6 +8,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,3 +262,24 @@ def test_config_watcher_sees_a_symlink_swap(tmp_path: Path) -> None:
     assert not watcher.check()
     (configmap.directory / "..data").unlink()  # mid-swap: the file is gone for a moment
     assert not watcher.check()
+
+
+def test_sighup_while_starting_does_not_kill_the_relay(tmp_path: Path, runs: list[RelayRun]) -> None:
+    # A reload may be signalled at any moment once the relay runs, also before its event loop is up
+    # (the relay's first log line is printed before the spool recovery and the loop start).
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(relay_config(tmp_path, free_port(), free_port(), free_port())))
+    run = RelayRun(path).start()
+    runs.append(run)
+    assert run.process is not None
+    run.wait_for(".")
+    signals_sent = 0
+    deadline = time.monotonic() + 60
+    while run.count(r"ready \(pid") == 0:
+        assert time.monotonic() < deadline, f"relay not ready after {signals_sent} SIGHUPs:\n{run.log}"
+        assert run.process.poll() is None, f"relay died after {signals_sent} SIGHUPs:\n{run.log}"
+        run.signal(signal.SIGHUP)
+        signals_sent += 1
+        time.sleep(0.02)
+    assert signals_sent >= 1
+    assert run.process.poll() is None
