@@ -65,13 +65,24 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 ACCEPT = ["example.com"]
 
 
+def count(target: str) -> None:
+    """One more input tried; the figures are written every 1,000 inputs and after each test,
+    so an interrupted long run still leaves what it measured."""
+    TRIED[target] += 1
+    if TRIED[target] % 1000 == 0:
+        save(target)
+
+
+def save(target: str) -> None:
+    profile = "long" if target.endswith("_long") else "short"
+    record_figures(f"hostile.fuzz.{target.removesuffix('_long')}.{profile}", inputs=TRIED[target])
+
+
 @pytest.fixture(autouse=True)
 def figures() -> Iterator[None]:
-    """After every test, the inputs tried so far in this module (an interrupted long run still
-    leaves the figures of the targets it finished)."""
     yield
-    long_run = any(key.endswith("_long") for key in TRIED)
-    record_figures("hostile.fuzz_long" if long_run else "hostile.fuzz", inputs=dict(TRIED))
+    for target in TRIED:
+        save(target)
 
 
 def both(strategy: Any) -> Callable[[Callable[..., None]], tuple[Any, Any]]:
@@ -83,7 +94,7 @@ def both(strategy: Any) -> Callable[[Callable[..., None]], tuple[Any, Any]]:
         @SHORT
         @given(strategy)
         def short(value: Any) -> None:
-            TRIED[name] += 1
+            count(name)
             check(value)
 
         @pytest.mark.fuzz_long
@@ -91,7 +102,7 @@ def both(strategy: Any) -> Callable[[Callable[..., None]], tuple[Any, Any]]:
         @LONG
         @given(strategy)
         def long(value: Any) -> None:
-            TRIED[name + "_long"] += 1
+            count(name + "_long")
             check(value)
 
         return short, long
@@ -266,7 +277,7 @@ def relay_session(hostile: Hostile, steps: list[bytes], body: bytes) -> None:
 @SOCKET_SHORT
 @given(steps=SESSION, body=CONTENT)
 def test_relay_over_a_socket(hostile: Hostile, steps: list[bytes], body: bytes) -> None:
-    TRIED["relay_sessions"] += 1
+    count("relay_sessions")
     relay_session(hostile, steps, body)
 
 
@@ -275,7 +286,7 @@ def test_relay_over_a_socket(hostile: Hostile, steps: list[bytes], body: bytes) 
 @LONG
 @given(steps=SESSION, body=CONTENT)
 def test_relay_over_a_socket_long(hostile: Hostile, steps: list[bytes], body: bytes) -> None:
-    TRIED["relay_sessions_long"] += 1
+    count("relay_sessions_long")
     relay_session(hostile, steps, body)
 
 
