@@ -57,7 +57,7 @@ fuzz-long: install
 reliability: install system-deps
 	rm -f $(CURDIR)/.reliability.json
 	PATH="$(CURDIR)/$(BIN):$$PATH" MAILRELAY_FIGURES=$(CURDIR)/.reliability.json $(BIN)/python -m pytest -q -m "not fuzz_long" tests/faults tests/hostile tests/peers
-	$(BIN)/python -m tests.faults.report $(CURDIR)/.reliability.json $(wildcard $(CURDIR)/.reliability-fuzz-long.json) --write docs/RELIABILITY.md
+	$(BIN)/python -m tests.faults.report $(CURDIR)/.reliability.json $(wildcard $(CURDIR)/.reliability-fuzz-long*.json) --write docs/RELIABILITY.md
 
 ## bench: the Postfix side-by-side benchmark (see bench/README.md)
 bench: install system-deps
