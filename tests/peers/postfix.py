@@ -18,10 +18,15 @@ import subprocess
 import time
 from pathlib import Path
 
+# /usr/sbin is not on every PATH (CI shells, sudo -E): look there too.
+POSTFIX = shutil.which("postfix") or next(
+    (p for p in ("/usr/sbin/postfix", "/sbin/postfix") if os.access(p, os.X_OK)), None
+)
+
 
 def available() -> str | None:
     """None when a private Postfix can run here, else the reason it cannot."""
-    if shutil.which("postfix") is None:
+    if POSTFIX is None:
         return "postfix is not installed (make system-deps)"
     if os.geteuid() != 0:
         return "a private Postfix master needs root"
@@ -114,7 +119,11 @@ smtp_connect_timeout = 5s
 
     def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["postfix", "-c", str(self.etc), *args], capture_output=True, text=True, check=False, timeout=60
+            [POSTFIX or "postfix", "-c", str(self.etc), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
         )
 
     def start(self, timeout: float = 60.0) -> PrivatePostfix:
