@@ -62,7 +62,10 @@ async def test_hop_down_dropping_and_slow(tmp_path: Path) -> None:
 
             # down: every message is deferred at least once while nothing listens
             await asyncio.to_thread(
-                relay.run.wait_for, r"deferred 1 recipients.*user@down\.test", occurrences=DOWN_MESSAGES
+                relay.run.wait_for,
+                r"deferred 1 recipients.*user@down\.test",
+                occurrences=DOWN_MESSAGES,
+                timeout=60,
             )
             assert down.tokens() == {}
             down.start()
