@@ -698,6 +698,23 @@ def table(rows: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- main
 
 
+def report(info: dict[str, str], runs: list[Run], options: Options, path: Path) -> None:
+    """Write the raw results and print the table and the target lines (also after an interrupt)."""
+    rows = summarize(runs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"machine": info, "summary": rows, "runs": [asdict(r) for r in runs]}
+    path.write_text(json.dumps(data, indent=1))
+    print(
+        f"\nmailrelay vs Postfix -- {info['date']}, {info['cores']} cores, Python {info['python']}, "
+        f"Postfix {info['postfix']}, mailrelay workers={options.workers}, medians of {options.repeat} run(s)"
+    )
+    print(table(rows))
+    print()
+    for line in verdicts(rows):
+        print(line)
+    print(f"\nraw results: {path}", flush=True)
+
+
 def ensure_tools() -> None:
     missing = [tool for tool in ("postfix", "smtp-source", "smtp-sink", "postconf") if not shutil.which(tool)]
     if missing:
@@ -773,23 +790,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"scenario {scenario}")
             getattr(bench, scenario.replace("-", "_"))()
     finally:
+        info["duration_s"] = f"{time.monotonic() - started:.0f}"
+        report(info, bench.runs, options, args.json)
         if not args.keep:
+            log(f"removing {workdir}")
             shutil.rmtree(workdir, ignore_errors=True)
-    info["duration_s"] = f"{time.monotonic() - started:.0f}"
-    rows = summarize(bench.runs)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps({"machine": info, "summary": rows, "runs": [asdict(r) for r in bench.runs]}, indent=1)
-    )
-    print(
-        f"\nmailrelay vs Postfix -- {info['date']}, {info['cores']} cores, Python {info['python']}, "
-        f"Postfix {info['postfix']}, mailrelay workers={options.workers}, medians of {options.repeat} run(s)"
-    )
-    print(table(rows))
-    print()
-    for line in verdicts(rows):
-        print(line)
-    print(f"\nraw results: {args.json}")
     return 0
 
 
