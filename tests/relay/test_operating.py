@@ -157,7 +157,12 @@ async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
     try:
         await asyncio.to_thread(run.wait_for, r"\[w0\].*ready \(pid")
         await asyncio.to_thread(run.wait_for, r"\[w1\].*ready \(pid")
-        assert (await get(metrics_port, "/readyz"))[0] == 200
+
+        async def ready() -> bool:
+            # a worker logs "ready" just before it signals the parent
+            return (await get(metrics_port, "/readyz"))[0] == 200
+
+        await until(ready)
         line = run.wait_for(r"worker 0 started \(pid \d+\)")
         pid = int(re.search(r"pid (\d+)", line).group(1))  # type: ignore[union-attr]
         os.kill(pid, signal.SIGKILL)
@@ -175,10 +180,7 @@ async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
         new_line = run.wait_for(r"worker 0 started \(pid \d+\)", occurrences=2)
         assert f"pid {pid})" not in new_line
 
-        async def ready_again() -> bool:
-            return (await get(metrics_port, "/readyz"))[0] == 200
-
-        await until(ready_again)
+        await until(ready)
         for _ in range(3):
             assert (await send(smtp_port, ["user@example.com"])).startswith("2.0.0")
 
