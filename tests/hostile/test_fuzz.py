@@ -291,7 +291,17 @@ def test_relay_over_a_socket_long(hostile: Hostile, steps: list[bytes], body: by
 
 
 def test_relay_survived_the_fuzzing(hostile: Hostile) -> None:
-    record_figures("hostile.fuzz_relay_process", **hostile.health())
+    survived(hostile, "hostile.fuzz_relay_process")
+
+
+@pytest.mark.fuzz_long
+@LONG_ONLY
+def test_relay_survived_the_socket_fuzzing_long(hostile: Hostile) -> None:
+    survived(hostile, "hostile.fuzz_relay_process.long")
+
+
+def survived(hostile: Hostile, case: str) -> None:
+    record_figures(case, **hostile.health())
     assert hostile.relay.run.process is not None and hostile.relay.run.process.poll() is None
     hostile.relay.assert_no_traceback()
     hostile.relay.wait_queue_empty(60)
