@@ -108,11 +108,11 @@ class KubeError(Exception):
 
 
 class NotFound(KubeError):
-    pass
+    """The object does not exist (404): create it, or treat it as already gone."""
 
 
 class AlreadyExists(KubeError):
-    pass
+    """A create met an existing object of that name (409 AlreadyExists): read and update it."""
 
 
 class Conflict(KubeError):
