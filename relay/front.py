@@ -77,6 +77,13 @@ from relay.status import Reply, reject_reply, with_enhanced_code
 
 log = logging.getLogger(__name__)
 
+
+def routed_text(path_argument: str | None) -> bool:
+    """Whether a raw RCPT argument carries source-routing characters (several ``@``, ``%``, ``!``)."""
+    text = path_argument or ""
+    return text.count("@") > 1 or "%" in text or "!" in text
+
+
 READ_CHUNK = 64 * 1024
 IDENT = "ESMTP mailrelay"
 
@@ -730,9 +737,15 @@ class FrontSession(SMTP):
                 raise CommandError(status.BAD_ARGUMENTS, "parameters need EHLO")
             params = parse_rcpt_params(path.params)
         except CommandError as exc:
+            reply = exc.reply
+            may_relay = self.trusted or self.authenticated
+            if reply == status.BAD_RECIPIENT and not may_relay and routed_text(arg):
+                # Not an address, and it carries routing characters: an open-relay probe from a
+                # client that may not relay, refused as one (5.7.1), not as a typo (5.1.3).
+                reply = status.ROUTING_CHARACTERS
             metrics.REJECTED.labels("syntax").inc()
-            log.info("%s: RCPT refused: %s (%s)", self._queue_id, exc.reply, exc)
-            await self.reply(exc.reply)
+            log.info("%s: RCPT refused: %s (%s)", self._queue_id, reply, exc)
+            await self.reply(reply)
             return
         config = self.front.config
         bare_postmaster = not path.domain

@@ -149,7 +149,7 @@ async def test_relay_permission_on_the_wire(tmp_path: Path) -> None:
             "@example.com:victim@evil.com": "554 5.7.1",
             "victim@[127.0.0.1]": "554 5.7.1",
             "victim@localhost": "554 5.7.1",
-            "victim@evil.com@example.com": "553 5.1.3",
+            "victim@evil.com@example.com": "550 5.7.1",
             "ok@example.com": "250 2.1.5",
         }
         for rcpt, expected in probes.items():
