@@ -62,6 +62,45 @@ async def test_concurrent_stores_are_all_durable(spool: Spool) -> None:
     assert sorted(spool.ids("incoming")) == sorted(e.queue_id for e in entries)
 
 
+async def test_store_fsyncs_the_file_once_it_has_its_final_name(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One fsync per stored message, issued after the rename into incoming/: that fsync makes
+    the name durable too (the rename changed the inode), so no directory fsync is needed. An
+    fsync before the rename would leave the name to the next journal commit: a 250 could be
+    answered for mail a power loss then takes away."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    entry = make_entry()
+    await spool.store(entry, CONTENT)
+    assert synced == [str(spool.path("incoming", entry.queue_id))]
+
+
+async def test_defer_makes_the_content_durable_before_it_replaces_the_claimed_copy(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = make_entry()
+    await spool.store(entry, CONTENT)
+    message = await spool.claim(entry.queue_id)
+    assert message is not None
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).parent.name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    await spool.defer(message.entry.with_changes(attempts=1, next_attempt=1.0), message.content)
+    assert synced == ["tmp", "deferred"]
+
+
 async def test_only_one_claim_wins(spool: Spool) -> None:
     entry = make_entry()
     await spool.store(entry, CONTENT)
