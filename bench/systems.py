@@ -2,10 +2,12 @@
 process, each on its own 127.0.0.1 port, with a durable queue in a temporary directory, relaying
 everything to one next hop and ``probe.test`` to the latency probe sink.
 
-Postfix: its own config directory (main.cf + a master.cf derived from Debian's with chroot off
-and smtpd on our port), queue and data directories, started with ``postfix -c DIR start`` and
-stopped with ``postfix -c DIR stop`` (then SIGKILL by pid for anything left). Its defaults keep
-it durable: cleanup fsyncs the queue file before smtpd answers 250.
+Postfix: `PrivatePostfix`, its own config directory (main.cf + a master.cf derived from Debian's
+with chroot off and smtpd on our port), queue and data directories, started with
+``postfix -c DIR start`` and stopped with ``postfix -c DIR stop`` (then SIGKILL by pid for anything
+left). Its defaults keep it durable: cleanup fsyncs the queue file before smtpd answers 250. The
+interop tests (tests/peers) start their Postfix with this same class; the benchmark imports
+nothing from tests/.
 
 mailrelay: ``mailrelay relay --config FILE`` with a generated config (trusted 127.0.0.0/8, a
 ``*`` route to the next hop, spool in the temporary directory, fsync on -- the spool always
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -69,7 +72,25 @@ def postfix_version() -> str:
     return out.stdout.split("=", 1)[1].strip()
 
 
+# /usr/sbin is not on every PATH (CI shells, sudo -E): look there too.
+POSTFIX = shutil.which("postfix") or next(
+    (p for p in ("/usr/sbin/postfix", "/sbin/postfix") if os.access(p, os.X_OK)), None
+)
+POSTFIX_QUEUES = ("incoming", "active", "deferred", "maildrop", "hold")
+
+
+def private_postfix_unavailable() -> str | None:
+    """None when a private Postfix can run here, else the reason it cannot (for a skip)."""
+    if POSTFIX is None:
+        return "postfix is not installed (make system-deps)"
+    if os.geteuid() != 0:
+        return "a private Postfix master needs root"
+    return None
+
+
 def _master_cf(port: int) -> str:
+    """Debian's master.cf with smtpd on 127.0.0.1:port and chroot off (the private queue
+    directory has no chroot files)."""
     lines = []
     for line in Path("/etc/postfix/master.cf").read_text().splitlines():
         fields = line.split()
@@ -77,45 +98,77 @@ def _master_cf(port: int) -> str:
             if fields[0] == "smtp" and fields[1] == "inet":
                 line = f"127.0.0.1:{port} inet n - n - - smtpd"
             elif fields[4] == "y":
-                fields[4] = "n"  # no chroot: the private queue directory has no chroot files
+                fields[4] = "n"
                 line = " ".join(fields)
         lines.append(line)
     return "\n".join(lines) + "\n"
 
 
-class Postfix:
-    """A private Postfix instance (own config, queue and data directories)."""
+class PrivatePostfix:
+    """A private Postfix instance, the one launcher of the benchmark and of the interop tests
+    (tests/peers): its own config, queue and data directories under `directory`, smtpd on
+    127.0.0.1:port only, nothing delivered locally (mydestination is empty): mail goes where
+    `transports` (domain -> transport, a ``transport_maps`` inline table) or `relayhost` say.
 
-    def __init__(self, name: str, workdir: Path, next_hop: Hop, probe: Hop | None, port: int | None = None):
-        self.name = name
-        self.dir = workdir / name
-        self.port = port or procs.free_port()
-        self.next_hop = next_hop
-        self.probe = probe
-        self._master: int | None = None
+    With `cert_file` and `key_file` it offers STARTTLS (smtpd) and uses TLS when the next hop
+    offers it (smtp, ``may``); without them it does no TLS in either direction. Needs root and
+    Debian's postfix package (`private_postfix_unavailable` says why not otherwise)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        port: int,
+        *,
+        hostname: str,
+        relayhost: str = "",
+        transports: dict[str, str] | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+    ) -> None:
+        self.dir = directory
+        self.port = port
+        self.hostname = hostname
+        self.relayhost = relayhost
+        self.transports = transports or {}
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.master_pid: int | None = None
 
     @property
     def etc(self) -> Path:
         return self.dir / "etc"
+
+    @property
+    def maillog(self) -> str:
+        path = self.dir / "maillog"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def _write_config(self) -> None:
         for sub in ("etc", "queue", "data"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         shutil.chown(self.dir / "data", user="postfix")
         transport = ""
-        if self.probe is not None:
-            transport = f"transport_maps = inline:{{probe.test=smtp:[{self.probe.host}]:{self.probe.port}}}\n"
+        if self.transports:
+            inline = ", ".join(f"{domain}={target}" for domain, target in self.transports.items())
+            transport = f"transport_maps = inline:{{{inline}}}\n"
+        tls = ""
+        if self.cert_file is not None and self.key_file is not None:
+            tls = (
+                f"smtpd_tls_cert_file = {self.cert_file}\nsmtpd_tls_key_file = {self.key_file}\n"
+                "smtpd_tls_security_level = may\nsmtp_tls_security_level = may\n"
+            )
         (self.etc / "main.cf").write_text(
             f"""compatibility_level = 3.6
 queue_directory = {self.dir}/queue
 data_directory = {self.dir}/data
-myhostname = {self.name}.bench.test
+myhostname = {self.hostname}
 mydestination =
 mynetworks = 127.0.0.0/8
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
-relayhost = [{self.next_hop.host}]:{self.next_hop.port}
-{transport}smtpd_relay_restrictions = permit_mynetworks, reject
+relayhost = {self.relayhost}
+{transport}{tls}smtpd_relay_restrictions = permit_mynetworks, reject
+smtputf8_enable = yes
 alias_maps =
 alias_database =
 local_transport = error:local delivery disabled
@@ -129,38 +182,80 @@ smtp_connect_timeout = 5s
 
     def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["postfix", "-c", str(self.etc), *args], capture_output=True, text=True, check=False
+            [POSTFIX or "postfix", "-c", str(self.etc), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
         )
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60.0) -> PrivatePostfix:
+        """``postfix -c DIR start``; return once the master's pid is known and smtpd accepts."""
         self._write_config()
         result = self._postfix("start")
         if result.returncode != 0:
-            log = (self.dir / "maillog").read_text() if (self.dir / "maillog").exists() else ""
-            raise RuntimeError(f"postfix {self.name} did not start: {result.stderr}{log[-2000:]}")
+            raise RuntimeError(
+                f"postfix {self.hostname} did not start: {result.stdout}{result.stderr}{self.maillog[-3000:]}"
+            )
         pid_file = self.dir / "queue" / "pid" / "master.pid"
-        deadline = time.monotonic() + 20
-        while not pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self._master = int(pid_file.read_text().split()[0])
-        procs.wait_port("127.0.0.1", self.port)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.master_pid = int(pid_file.read_text().split()[0])
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2):
+                    return self
+            except (OSError, ValueError, IndexError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"postfix {self.hostname} not listening on {self.port}: {self.maillog[-3000:]}"
+                    ) from None
+                time.sleep(0.05)
 
     def stop(self) -> None:
-        pids = self.pids()
+        """``postfix -c DIR stop``, then SIGKILL by pid for whatever of this master's process
+        tree is still alive after 15 s (and only that)."""
+        pids = procs.tree([self.master_pid]) if self.master_pid is not None else []
         self._postfix("stop")
         deadline = time.monotonic() + 15
         while procs.tree(pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         procs.kill_tree(pids)
 
+    def queued(self, states: tuple[str, ...] = POSTFIX_QUEUES) -> dict[str, int]:
+        """Files in each queue directory (a message is one file)."""
+        return {state: _count_files(self.dir / "queue" / state) for state in states}
+
+
+class Postfix:
+    """The benchmark's Postfix: a `PrivatePostfix` relaying everything to `next_hop` and
+    ``probe.test`` to the latency probe."""
+
+    def __init__(self, name: str, workdir: Path, next_hop: Hop, probe: Hop | None, port: int | None = None):
+        self.name = name
+        self.port = port or procs.free_port()
+        transports = {}
+        if probe is not None:
+            transports["probe.test"] = f"smtp:[{probe.host}]:{probe.port}"
+        self.instance = PrivatePostfix(
+            workdir / name,
+            self.port,
+            hostname=f"{name}.bench.test",
+            relayhost=f"[{next_hop.host}]:{next_hop.port}",
+            transports=transports,
+        )
+
+    def start(self) -> None:
+        self.instance.start()
+
+    def stop(self) -> None:
+        self.instance.stop()
+
     def pids(self) -> list[int]:
-        return [self._master] if self._master is not None else []
+        master = self.instance.master_pid
+        return [master] if master is not None else []
 
     def queued(self) -> dict[str, int]:
-        queue = self.dir / "queue"
-        return {
-            state: _count_files(queue / state) for state in ("incoming", "active", "deferred", "maildrop")
-        }
+        return self.instance.queued(("incoming", "active", "deferred", "maildrop"))
 
 
 # ----------------------------------------------------------------------------- mailrelay

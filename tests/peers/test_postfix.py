@@ -24,13 +24,15 @@ from pathlib import Path
 
 import pytest
 
+from bench.systems import PrivatePostfix, private_postfix_unavailable
 from tests.faults.harness import Relay, record_figures, relay_config
-from tests.peers.postfix import PrivatePostfix, available
 from tests.relay.apphelp import free_port
 from tests.relay.fronthelp import Certs, make_certs
 from tests.relay.smtpsink import SmtpSink
 
-pytestmark = pytest.mark.skipif(available() is not None, reason=f"no private Postfix: {available()}")
+pytestmark = pytest.mark.skipif(
+    private_postfix_unavailable() is not None, reason=f"no private Postfix: {private_postfix_unavailable()}"
+)
 
 BODY = "Grüße aus Zürich: 8-bit body, not encoded.\r\n".encode()
 SENDER = "josé@sender.test"  # a UTF-8 address: the transaction needs SMTPUTF8 (RFC 6531)
@@ -63,6 +65,7 @@ async def peers(tmp_path: Path) -> AsyncIterator[Peers]:
     postfix = PrivatePostfix(
         postfix_dir,
         postfix_port,
+        hostname="postfix.peers.test",
         transports={
             "in.test": f"smtp:[127.0.0.1]:{relay_port}",
             "out.test": f"smtp:[127.0.0.1]:{sink.port}",
@@ -177,5 +180,5 @@ async def test_postfix_relays_into_mailrelay_and_mailrelay_into_postfix(peers: P
     relay_to_postfix = received_headers(by_token["via-mailrelay"][0].content)[0]
     assert "by postfix.peers.test (Postfix)" in relay_to_postfix
     assert re.search(r"with (UTF8SMTPS|ESMTPS) ", relay_to_postfix), relay_to_postfix  # STARTTLS, verified
-    assert peers.postfix.queue_files() == 0
+    assert sum(peers.postfix.queued().values()) == 0
     peers.relay.assert_no_traceback()
