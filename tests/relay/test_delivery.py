@@ -1,5 +1,8 @@
 """relay.delivery: the pooled SMTP client against real aiosmtpd servers on loopback (trustme
-certificates for TLS)."""
+certificates for TLS). Every test runs twice: against the sink as it is (aiosmtpd does not
+advertise PIPELINING: one command at a time) and with PIPELINING advertised (aiosmtpd reads
+pipelined commands in order), so both paths of relay.smtp_client meet a real server.
+Wire-level pipelining cases with scripted servers are in test_smtp_client.py."""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from relay.model import (
     Recipient,
     RecipientOutcome,
 )
-from tests.relay.smtpsink import SmtpSink, _SinkSMTP
+from tests.relay.smtpsink import SmtpSink, _Handler, _SinkSMTP
 from tests.relay.test_scheduler import free_port
 
 CONTENT = b"From: s@sender.test\r\nSubject: hi\r\n\r\nhello\r\n.leading dot\r\n"
@@ -47,6 +50,23 @@ def request(
     envelope.setdefault("mail_from", "s@sender.test")
     entry = QueueEntry("Q1", Envelope(recipients=rcpts, **envelope), 0.0, rcpts)
     return DeliveryRequest(Message(entry, content), rcpts)
+
+
+@pytest.fixture(autouse=True, params=["lockstep", "pipelined"])
+def pipelining(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """In the "pipelined" run the sinks advertise PIPELINING (RFC 2920)."""
+    if request.param == "lockstep":
+        return False
+    original = _Handler.handle_EHLO
+
+    async def handle_ehlo(
+        self: _Handler, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        out = await original(self, server, session, envelope, hostname, responses)
+        return [*out[:-1], "250-PIPELINING", out[-1]]
+
+    monkeypatch.setattr(_Handler, "handle_EHLO", handle_ehlo)
+    return True
 
 
 @pytest.fixture
@@ -86,6 +106,16 @@ async def test_delivers_with_exact_content_and_one_outcome_per_recipient(
     assert sink.messages[0].content == CONTENT  # dot-stuffing undone by the server
     assert sink.messages[0].rcpt_tos == ["a@d.test", "b@d.test"]
     assert outcomes[0].remote_mta == "127.0.0.1"
+
+
+async def test_the_client_pipelines_exactly_when_advertised(
+    client: SmtpClient, sinks: list[SmtpSink], pipelining: bool
+) -> None:
+    sink = await start(sinks)
+    target = SmtpTarget("127.0.0.1", sink.port)
+    await client.deliver(target, request(["a@d.test"]))
+    (connection,) = client._pools[target].idle
+    assert connection.supports("pipelining") is pipelining
 
 
 @pytest.mark.parametrize(
