@@ -1,7 +1,13 @@
-"""Run `mailrelay relay --config FILE` as a real subprocess and follow its log."""
+"""Run `mailrelay relay --config FILE` as a real subprocess and follow its log, and what the
+tests that do so share: a free loopback port, a config for a relay that sends to one sink, the
+config file, an HTTP GET of the metrics port, and polling for what no event announces.
+
+The `runs` fixture (tests/conftest.py) kills every `RelayRun` a test started."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import re
 import signal
@@ -10,16 +16,92 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from relay.config import parse_config
 
-def free_port() -> int:
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (connections to it are refused)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def relay_to_sink_config(
+    tmp_path: Path,
+    *,
+    hostname: str,
+    domains: list[str],
+    smtp_port: int,
+    metrics_port: int,
+    sink_port: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A relay on 127.0.0.1:smtp_port that accepts mail for `domains` (no trusted networks) and
+    sends it over the route ``to-sink`` to 127.0.0.1:sink_port; fast retries (1-2 s), the spool
+    in tmp_path/queue, metrics on 127.0.0.1:metrics_port. `extra` replaces top-level keys. The
+    result is checked with the relay's own parser (a test's config must be valid)."""
+    data: dict[str, Any] = {
+        "hostname": hostname,
+        "listeners": [{"name": "smtp", "host": "127.0.0.1", "port": smtp_port, "mode": "relay"}],
+        "acceptDomains": domains,
+        "queue": {
+            "directory": str(tmp_path / "queue"),
+            "retry": {"minBackoff": "1s", "maxBackoff": "2s", "maxLifetime": "1h"},
+        },
+        "routes": [
+            {
+                "name": "to-sink",
+                "match": {"recipientDomains": domains},
+                "nextHop": {"kind": "relay", "name": "sink", "host": "127.0.0.1", "port": sink_port},
+            }
+        ],
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        "logLevel": "info",
+    }
+    data.update(extra)
+    parse_config(data)
+    return data
+
+
+def write_config(directory: Path, data: dict[str, Any], name: str = "relay.yaml") -> Path:
+    """The config as YAML in directory/name (replacing what was there); returns its path."""
+    path = directory / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """GET http://127.0.0.1:port/path: (status, body), error statuses included."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    """Await a condition that no event announces (a file another process writes, a scrape, a
+    process state): ask it every 50 ms (a coroutine function is awaited), AssertionError after
+    `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        met = condition()
+        if inspect.isawaitable(met):
+            met = await met
+        if met:
+            return
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
 
 
 class ConfigMapDir:

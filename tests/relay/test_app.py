@@ -9,18 +9,21 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-import pytest
-import yaml
 
-from relay.config import parse_config
 from relay.config_watch import ConfigWatcher
-from tests.relay.apphelp import ConfigMapDir, RelayRun, free_port
+from tests.relay.apphelp import (
+    ConfigMapDir,
+    RelayRun,
+    free_port,
+    http_get,
+    relay_to_sink_config,
+    until,
+    write_config,
+)
 from tests.relay.fronthelp import RawClient
 from tests.relay.smtpsink import SmtpSink
 
@@ -30,35 +33,15 @@ MESSAGE = b"Subject: app test\r\nFrom: a@sender.org\r\n\r\nhello\r\n"
 def relay_config(
     tmp_path: Path, smtp_port: int, metrics_port: int, sink_port: int, **extra: Any
 ) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "hostname": "app.relay.test",
-        "listeners": [{"name": "smtp", "host": "127.0.0.1", "port": smtp_port, "mode": "relay"}],
-        "acceptDomains": ["example.com", "blocked.example.com"],
-        "queue": {
-            "directory": str(tmp_path / "queue"),
-            "retry": {"minBackoff": "1s", "maxBackoff": "2s", "maxLifetime": "1h"},
-        },
-        "routes": [
-            {
-                "name": "to-sink",
-                "match": {"recipientDomains": ["example.com", "blocked.example.com"]},
-                "nextHop": {"kind": "relay", "name": "sink", "host": "127.0.0.1", "port": sink_port},
-            }
-        ],
-        "metrics": {"host": "127.0.0.1", "port": metrics_port},
-        "logLevel": "info",
-    }
-    data.update(extra)
-    parse_config(data)  # the test's own config must be valid
-    return data
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+    return relay_to_sink_config(
+        tmp_path,
+        hostname="app.relay.test",
+        domains=["example.com", "blocked.example.com"],
+        smtp_port=smtp_port,
+        metrics_port=metrics_port,
+        sink_port=sink_port,
+        **extra,
+    )
 
 
 async def send(port: int, rcpt: str = "user@example.com") -> str:
@@ -80,29 +63,10 @@ async def rcpt_reply(port: int, rcpt: str) -> int:
     return code
 
 
-async def until(condition: Any, timeout: float = 30.0) -> None:  # noqa: ASYNC109
-    """Await a condition that no event announces (a file on disk, a subprocess state)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def runs() -> Iterator[list[RelayRun]]:
-    started: list[RelayRun] = []
-    yield started
-    for run in started:
-        run.kill()
-
-
 def test_invalid_config_exits_2_naming_the_field(tmp_path: Path) -> None:
-    path = tmp_path / "relay.yaml"
     data = relay_config(tmp_path, 2525, 0, 2526)
     data["listeners"][0]["port"] = 70000
-    path.write_text(yaml.safe_dump(data))
+    path = write_config(tmp_path, data)
     result = subprocess.run(
         [sys.executable, "-m", "relay", "relay", "--config", str(path)],
         capture_output=True,
@@ -200,8 +164,7 @@ async def test_relay_process_delivers_reloads_and_drains(tmp_path: Path, runs: l
 
 async def test_sigkill_after_250_loses_nothing(tmp_path: Path, runs: list[RelayRun]) -> None:
     smtp_port, metrics_port, sink_port = free_port(), free_port(), free_port()
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump(relay_config(tmp_path, smtp_port, metrics_port, sink_port)))
+    path = write_config(tmp_path, relay_config(tmp_path, smtp_port, metrics_port, sink_port))
     first = RelayRun(path).start()
     runs.append(first)
     await asyncio.to_thread(first.wait_for, r"ready \(pid")
@@ -230,8 +193,7 @@ async def test_sigkill_after_250_loses_nothing(tmp_path: Path, runs: list[RelayR
 async def test_two_workers_share_the_port(tmp_path: Path, runs: list[RelayRun]) -> None:
     sink = await SmtpSink().start()
     smtp_port, metrics_port = free_port(), free_port()
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump(relay_config(tmp_path, smtp_port, metrics_port, sink.port, workers=2)))
+    path = write_config(tmp_path, relay_config(tmp_path, smtp_port, metrics_port, sink.port, workers=2))
     run = RelayRun(path).start()
     runs.append(run)
     try:
@@ -267,8 +229,7 @@ def test_config_watcher_sees_a_symlink_swap(tmp_path: Path) -> None:
 def test_sighup_while_starting_does_not_kill_the_relay(tmp_path: Path, runs: list[RelayRun]) -> None:
     # A reload may be signalled at any moment once the relay runs, also before its event loop is up
     # (the relay's first log line is printed before the spool recovery and the loop start).
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump(relay_config(tmp_path, free_port(), free_port(), free_port())))
+    path = write_config(tmp_path, relay_config(tmp_path, free_port(), free_port(), free_port()))
     run = RelayRun(path).start()
     runs.append(run)
     assert run.process is not None

@@ -14,16 +14,14 @@ import copy
 import signal
 import smtplib
 import subprocess
-from collections.abc import Iterator
 from email import message_from_bytes
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from relay.config import parse_config
-from tests.relay.apphelp import RelayRun, free_port
+from tests.relay.apphelp import RelayRun, free_port, write_config
 from tests.relay.dnsserver import DnsServer
 from tests.relay.smtpsink import SmtpSink
 
@@ -44,9 +42,7 @@ def from_example(tmp_path: Path, name: str, *, next_relay_port: int, mx_port: in
     routes["example-to-next-relay"]["nextHop"]["port"] = next_relay_port
     routes["everything-else"]["nextHop"]["port"] = mx_port
     parse_config(data)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return write_config(tmp_path, data, f"{name}.yaml")
 
 
 def port_of(path: Path) -> int:
@@ -59,14 +55,6 @@ def received_by(content: bytes) -> list[str]:
     return [
         " ".join(value.split()).split(" by ", 1)[1].split()[0] for value in message.get_all("Received", [])
     ]
-
-
-@pytest.fixture
-def runs() -> Iterator[list[RelayRun]]:
-    started: list[RelayRun] = []
-    yield started
-    for run in started:
-        run.kill()
 
 
 async def test_example_relay_delivers_through_a_second_relay_and_by_mx(

@@ -12,14 +12,10 @@ import json
 import os
 import re
 import signal
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-import pytest
 import yaml
 from click.testing import CliRunner, Result
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,7 +24,7 @@ from relay.app import RelayProcess
 from relay.cli import main
 from relay.config import parse_config
 from relay.spool import Spool
-from tests.relay.apphelp import RelayRun, free_port
+from tests.relay.apphelp import RelayRun, free_port, http_get, relay_to_sink_config, until, write_config
 from tests.relay.fronthelp import RawClient
 from tests.relay.smtpsink import SmtpSink
 
@@ -36,41 +32,16 @@ MESSAGE = b"Subject: operating\r\nFrom: a@example.com\r\n\r\nhello\r\n"
 
 
 def config_data(tmp_path: Path, smtp_port: int, metrics_port: int, **extra: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "hostname": "ops.relay.test",
-        "listeners": [{"name": "smtp", "host": "127.0.0.1", "port": smtp_port, "mode": "relay"}],
-        "acceptDomains": ["example.com"],
-        "queue": {
-            "directory": str(tmp_path / "queue"),
-            "retry": {"minBackoff": "1s", "maxBackoff": "2s", "maxLifetime": "1h"},
-        },
-        "routes": [
-            {
-                "name": "to-sink",
-                "match": {"recipientDomains": ["example.com"]},
-                "nextHop": {"kind": "relay", "name": "sink", "host": "127.0.0.1", "port": free_port()},
-            }
-        ],
-        "metrics": {"host": "127.0.0.1", "port": metrics_port},
-        "logLevel": "info",
-    }
-    data.update(extra)
-    parse_config(data)
-    return data
-
-
-def write_config(tmp_path: Path, data: dict[str, Any]) -> Path:
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+    """The next hop is a port nothing listens on until a test points it at its sink."""
+    return relay_to_sink_config(
+        tmp_path,
+        hostname="ops.relay.test",
+        domains=["example.com"],
+        smtp_port=smtp_port,
+        metrics_port=metrics_port,
+        sink_port=free_port(),
+        **extra,
+    )
 
 
 async def get(port: int, path: str) -> tuple[int, str]:
@@ -88,30 +59,12 @@ def samples(body: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-async def until(condition: Any, timeout: float = 30.0) -> None:  # noqa: ASYNC109
-    """Await a condition that no event announces (a scrape, a process state)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.1)
-
-
 async def send(port: int, recipients: list[str], sender: str = "a@example.com") -> str:
     smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
     await smtp.connect()
     _errors, text = await smtp.sendmail(sender, recipients, MESSAGE)
     await smtp.quit()
     return text
-
-
-@pytest.fixture
-def runs() -> Iterator[list[RelayRun]]:
-    started: list[RelayRun] = []
-    yield started
-    for run in started:
-        run.kill()
 
 
 async def test_readyz_is_503_when_the_spool_is_not_writable_or_a_listener_is_gone(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import email
 import email.message
 import email.policy
-import socket
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from relay.config import RelayConfig, parse_config
 from relay.model import Envelope, QueueEntry, Recipient
 from relay.scheduler import Scheduler
 from relay.spool import Spool, new_queue_id
+from tests.relay.apphelp import free_port
 from tests.relay.dnsserver import DnsServer
 from tests.relay.smtpsink import SmtpSink
 
@@ -31,13 +31,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on (connections to it are refused)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def relay_hop(port: int, host: str = "127.0.0.1") -> dict[str, Any]:

@@ -30,7 +30,7 @@ from click.testing import CliRunner
 
 from relay.cli import main
 from tests.relay import media
-from tests.relay.apphelp import RelayRun, free_port
+from tests.relay.apphelp import RelayRun, free_port, until
 from tests.relay.smtpsink import SmtpSink
 
 
@@ -477,15 +477,6 @@ def test_console_script_in_a_subprocess_with_progress(plain: Server, tmp_path: P
 
 
 # --------------------------------------------------------------------------- through a real relay
-
-
-async def until(condition: Any, timeout: float = 30.0) -> None:  # noqa: ASYNC109
-    """Await files written by another process (no event announces them)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_send_through_a_real_relay_to_smtp_and_every_gateway(

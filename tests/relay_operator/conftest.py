@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.relay.apphelp import free_port
 from tests.relay_operator.crd_tools import operator_rules
 from tests.relay_operator.k8s_emulator import EmulatorThread, KubernetesApiEmulator
 
@@ -122,12 +122,6 @@ def namespace(emulator: EmulatorThread) -> str:
     status, _ = RawHttp(emulator.url)("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
     assert status == 201
     return name
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class OperatorProcess:

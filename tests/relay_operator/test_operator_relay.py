@@ -6,19 +6,18 @@ internal relay, exactly along the declared topology (edge → internal → smart
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-import pytest
 import yaml
 
 from relay_operator import k8s, naming
-from tests.relay.apphelp import RelayRun
+from tests.relay.apphelp import RelayRun, free_port
 from tests.relay.smtpsink import SmtpSink
-from tests.relay_operator.conftest import OperatorProcess, free_port
+from tests.relay_operator.conftest import OperatorProcess
 
 POD_PATHS = ("/etc/mailrelay", "/var/spool/mailrelay")
 
@@ -86,14 +85,6 @@ def relayroute(name: str, relay: str, next_hop: dict[str, Any]) -> dict[str, Any
         "metadata": {"name": name, "labels": {"relay": relay}},
         "spec": {"priority": 100, "match": {"recipientDomains": ["corp.example.com"]}, "nextHop": next_hop},
     }
-
-
-@pytest.fixture()
-def runs() -> Iterator[list[RelayRun]]:
-    started: list[RelayRun] = []
-    yield started
-    for run in started:
-        run.kill()
 
 
 def rendered_config(kube: Any, namespace: str, relay: str) -> dict[str, Any] | None:
