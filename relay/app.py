@@ -6,7 +6,9 @@ One process (``workers: 1``): recover the spool, start the scheduler and the SMT
 recovers the spool once, then starts N worker processes (spawned, not forked, so no thread or
 event-loop state is copied); each binds every listener with SO_REUSEPORT, so the kernel spreads
 connections over them, and each runs a front and a scheduler on the shared spool, whose rename
-claims keep two workers from delivering the same message. The parent serves the HTTP endpoints
+claims keep two workers from delivering the same message. A front that stored a message rings
+the workers' shared doorbell (relay.doorbell), so an idle worker delivers it while the busy
+one keeps reading mail. The parent serves the HTTP endpoints
 with prometheus_client's multi-process collector, watches the configuration, forwards reloads,
 and restarts a worker that died.
 
@@ -35,12 +37,14 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Coroutine
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from relay import metrics
 from relay.config import ConfigError, RelayConfig, load_config
 from relay.config_watch import ConfigWatcher
+from relay.doorbell import Doorbell
 from relay.front import Front
 from relay.health import HealthServer, metrics_registry, spool_writable
 from relay.scheduler import Scheduler
@@ -100,6 +104,7 @@ class RelayProcess:
         grace: float = DEFAULT_GRACE,
         on_ready: Callable[[], None] | None = None,
         watch_interval: float = 1.0,
+        doorbell: Doorbell | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self.config = config
@@ -110,6 +115,7 @@ class RelayProcess:
         self.grace = grace
         self.on_ready = on_ready
         self.watch_interval = watch_interval
+        self.doorbell = doorbell
         self.front: Front | None = None
         self.scheduler: Scheduler | None = None
         self.spool: Spool | None = None
@@ -169,7 +175,13 @@ class RelayProcess:
             spool.close()
             return 1
         scheduler = self.scheduler = Scheduler(config, spool)
-        front = self.front = Front(config, spool, on_stored=scheduler.notify)
+        doorbell = self.doorbell
+
+        def stored(queue_id: str) -> None:
+            if doorbell is None or not doorbell.ring(queue_id):
+                scheduler.notify(queue_id)
+
+        front = self.front = Front(config, spool, on_stored=stored)
         try:
             await front.start()
         except OSError as exc:
@@ -178,6 +190,8 @@ class RelayProcess:
             spool.close()
             return 1
         await scheduler.start()
+        if doorbell is not None:
+            doorbell.listen(scheduler.notify)
         health: HealthServer | None = None
         if self.serve_health:
             health = HealthServer(config.metrics.host, config.metrics.port, self.ready)
@@ -207,6 +221,8 @@ class RelayProcess:
             loop.remove_signal_handler(signum)
         if watcher is not None:
             await watcher.stop()
+        if doorbell is not None:
+            doorbell.close()  # mail stored from now on is delivered here or by the others' rescan
         await front.drain(self.grace * 0.6)
         await scheduler.stop(max(deadline - loop.time(), 0.5))
         if health is not None:
@@ -223,8 +239,18 @@ def configure_logging_level(config: RelayConfig) -> None:
 # ----------------------------------------------------------------------------- several workers
 
 
-def worker_main(config_path: str, index: int, ready: multiprocessing.synchronize.Event, grace: float) -> None:
+def worker_main(
+    config_path: str,
+    index: int,
+    ready: multiprocessing.synchronize.Event,
+    grace: float,
+    doorbell_pipe: tuple[Connection, Connection],
+) -> None:
     """Entry point of a spawned worker process."""
+    reader, writer = doorbell_pipe
+    doorbell = Doorbell(os.dup(reader.fileno()), os.dup(writer.fileno()))
+    reader.close()
+    writer.close()
     try:
         config = load_config(Path(config_path))
     except ConfigError as exc:
@@ -241,6 +267,7 @@ def worker_main(config_path: str, index: int, ready: multiprocessing.synchronize
         count_reloads=False,
         grace=grace,
         on_ready=ready.set,
+        doorbell=doorbell,
     )
     raise SystemExit(run_event_loop(process.run()))
 
@@ -258,6 +285,7 @@ class Supervisor:
         ] = []
         self._stopping = False
         self._stop: asyncio.Event | None = None
+        self._doorbell_pipe = self._context.Pipe(duplex=False)  # kept open for restarted workers
 
     def _spawn(
         self, index: int
@@ -265,7 +293,7 @@ class Supervisor:
         ready = self._context.Event()
         process = self._context.Process(
             target=worker_main,
-            args=(str(self.config_path), index, ready, self.grace),
+            args=(str(self.config_path), index, ready, self.grace, self._doorbell_pipe),
             name=f"mailrelay-worker-{index}",
         )
         process.start()
