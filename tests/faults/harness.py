@@ -8,7 +8,8 @@ message, so a test can say exactly how many were lost (accepted with 250, never 
 how many were duplicated (arrived more than once). It can also misbehave on purpose: answer the
 final dot only after a delay, drop the connection after the final dot, answer 4xx.
 
-Figures: `record_figures(case, **numbers)` merges measured numbers into a JSON file
+Figures: `delivery_figures` counts accepted, delivered, lost and duplicated messages;
+`record_figures(case, **numbers)` merges measured numbers into a JSON file
 (``$MAILRELAY_FIGURES``, default ``<tmp>/mailrelay-reliability.json``); `tests/faults/report.py`
 renders that file into docs/RELIABILITY.md. Only ever listens on and connects to 127.0.0.0/8.
 """
@@ -34,11 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-import yaml
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import parse_config
-from tests.relay.apphelp import RelayRun, free_port
+from tests.relay.apphelp import RelayRun, free_port, write_config
 
 TOKEN = re.compile(rb"^X-Token: (\S+)\r?$", re.MULTILINE)
 
@@ -219,6 +219,11 @@ def running_sink(host: str = "127.0.0.1", port: int = 0) -> Iterator[Sink]:
 # ----------------------------------------------------------------------------- relay config
 
 
+def relay_hop(name: str, port: int, host: str = "127.0.0.1") -> dict[str, Any]:
+    """A ``relay`` next hop (plain SMTP to host:port)."""
+    return {"kind": "relay", "name": name, "host": host, "port": port}
+
+
 def relay_config(
     tmp_path: Path,
     *,
@@ -230,17 +235,29 @@ def relay_config(
     routes: list[dict[str, Any]] | None = None,
     queue: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
+    submission_port: int | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """A relay on 127.0.0.1:smtp_port: every recipient to the next hop, fast retries."""
+    """A relay on 127.0.0.1:smtp_port: every recipient to the next hop, fast retries. With
+    `submission_port`, a second listener ``submission`` there: STARTTLS, AUTH required (RFC
+    6409; the caller gives ``tls`` and ``auth``)."""
     if routes is None:
         assert next_hop_port is not None
-        routes = [
+        routes = [{"name": "to-next-hop", "nextHop": relay_hop("next", next_hop_port, next_hop_host)}]
+    listeners: list[dict[str, Any]] = [
+        {"name": "smtp", "host": "127.0.0.1", "port": smtp_port, "mode": "relay"}
+    ]
+    if submission_port is not None:
+        listeners.append(
             {
-                "name": "to-next-hop",
-                "nextHop": {"kind": "relay", "name": "next", "host": next_hop_host, "port": next_hop_port},
+                "name": "submission",
+                "host": "127.0.0.1",
+                "port": submission_port,
+                "mode": "submission",
+                "tls": "starttls",
+                "auth": "required",
             }
-        ]
+        )
     queue_data: dict[str, Any] = {
         "directory": str(tmp_path / "queue"),
         "retry": {"minBackoff": "1s", "maxBackoff": "2s", "maxLifetime": "1h"},
@@ -249,7 +266,7 @@ def relay_config(
     queue_data.update(queue or {})
     data: dict[str, Any] = {
         "hostname": "relay.faults.test",
-        "listeners": [{"name": "smtp", "host": "127.0.0.1", "port": smtp_port, "mode": "relay"}],
+        "listeners": listeners,
         "trustedNetworks": trusted if trusted is not None else ["127.0.0.0/8"],
         "acceptDomains": accept_domains or ["example.com"],
         "queue": queue_data,
@@ -268,9 +285,8 @@ class Relay:
     the same config (and so the same port and spool)."""
 
     def __init__(self, tmp_path: Path, config: dict[str, Any], *, grace: float = 10.0, name: str = "relay"):
-        self.path = tmp_path / f"{name}.yaml"
+        self.path = write_config(tmp_path, config, f"{name}.yaml")
         self.config = config
-        self.path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.port = int(config["listeners"][0]["port"])
         self.queue = Path(config["queue"]["directory"])
         self.grace = grace
@@ -420,6 +436,18 @@ class RawSession:
 
 
 # ----------------------------------------------------------------------------- figures
+
+
+def delivery_figures(accepted: set[str], arrived: collections.Counter[str]) -> dict[str, int]:
+    """What became of the messages the relay answered 250 for (`accepted`, by token), counted
+    at the sink (`arrived`, token -> copies): delivered (accepted and arrived), lost (accepted,
+    never arrived) and duplicated (copies beyond the first)."""
+    return {
+        "accepted": len(accepted),
+        "delivered": len(set(arrived) & accepted),
+        "lost": len(accepted - set(arrived)),
+        "duplicated": sum(n - 1 for n in arrived.values()),
+    }
 
 
 def figures_path() -> Path:

@@ -11,7 +11,7 @@ import asyncio
 import signal
 from pathlib import Path
 
-from tests.faults.harness import Relay, record_figures, relay_config, running_sink, send_one
+from tests.faults.harness import Relay, delivery_figures, record_figures, relay_config, running_sink, send_one
 from tests.relay.apphelp import free_port
 
 ROUNDS = 4
@@ -73,17 +73,13 @@ async def test_sigkill_under_load_loses_nothing(tmp_path: Path) -> None:
             assert await asyncio.to_thread(relay.run.wait, 30) == 0
             arrived = sink.tokens()
             lost = load.accepted - set(arrived)
-            duplicates = sum(n - 1 for n in arrived.values())
             unconfirmed = set(arrived) - load.accepted
             record_figures(
                 "faults.sigkill_under_load",
                 rounds=ROUNDS,
                 clients=CLIENTS,
                 sent=load.attempted,
-                accepted=len(load.accepted),
-                delivered=len(set(arrived) & load.accepted),
-                lost=len(lost),
-                duplicated=duplicates,
+                **delivery_figures(load.accepted, arrived),
                 delivered_without_250=len(unconfirmed),
                 arrivals=sum(arrived.values()),
             )

@@ -17,7 +17,15 @@ import asyncio
 import signal
 from pathlib import Path
 
-from tests.faults.harness import Relay, record_figures, relay_config, running_sink, send_one
+from tests.faults.harness import (
+    Relay,
+    delivery_figures,
+    record_figures,
+    relay_config,
+    relay_hop,
+    running_sink,
+    send_one,
+)
 from tests.relay.apphelp import free_port
 
 SLOW_REPLY = 70.0
@@ -29,7 +37,7 @@ def route(name: str, domain: str, port: int) -> dict[str, object]:
     return {
         "name": name,
         "match": {"recipientDomains": [domain]},
-        "nextHop": {"kind": "relay", "name": name, "host": "127.0.0.1", "port": port},
+        "nextHop": relay_hop(name, port),
     }
 
 
@@ -84,27 +92,18 @@ async def test_hop_down_dropping_and_slow(tmp_path: Path) -> None:
             record_figures(
                 "faults.next_hop_down_then_back",
                 sent=DOWN_MESSAGES,
-                accepted=DOWN_MESSAGES,
-                delivered=len(set(down_arrived)),
-                lost=len(down_tokens - set(down_arrived)),
-                duplicated=sum(n - 1 for n in down_arrived.values()),
+                **delivery_figures(down_tokens, down_arrived),
             )
             record_figures(
                 "faults.next_hop_drops_after_dot",
                 sent=DROP_MESSAGES,
-                accepted=DROP_MESSAGES,
-                delivered=len(set(drop_arrived)),
-                lost=len(drop_tokens - set(drop_arrived)),
-                duplicated=sum(n - 1 for n in drop_arrived.values()),
+                **delivery_figures(drop_tokens, drop_arrived),
                 transactions_at_hop=drop.transactions,
             )
             record_figures(
                 "faults.next_hop_answers_after_70s",
                 sent=1,
-                accepted=1,
-                delivered=len(slow_arrived),
-                lost=1 - len(slow_arrived),
-                duplicated=sum(n - 1 for n in slow_arrived.values()),
+                **delivery_figures({"slow-0"}, slow_arrived),
                 transactions_at_hop=slow.transactions,
                 reply_delay_seconds=SLOW_REPLY,
                 seconds_until_done=round(waited, 1),

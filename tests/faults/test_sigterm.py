@@ -12,6 +12,7 @@ from pathlib import Path
 from tests.faults.harness import (
     RawSession,
     Relay,
+    delivery_figures,
     message_with_token,
     record_figures,
     relay_config,
@@ -86,10 +87,7 @@ async def test_sigterm_with_a_full_queue_and_open_sessions(tmp_path: Path) -> No
             record_figures(
                 "faults.sigterm_full_queue",
                 sent=QUEUED + 1,
-                accepted=len(accepted),
-                delivered=len(set(arrived) & accepted),
-                lost=len(accepted - set(arrived)),
-                duplicated=sum(n - 1 for n in arrived.values()),
+                **delivery_figures(accepted, arrived),
                 in_data_reply=data_code,
                 idle_session_reply=idle_replies[0][0],
                 grace_seconds=GRACE,

@@ -23,9 +23,11 @@ import pytest
 
 from tests.faults.harness import (
     Relay,
+    delivery_figures,
     message_with_token,
     record_figures,
     relay_config,
+    relay_hop,
     running_sink,
     send_one,
 )
@@ -126,12 +128,9 @@ async def test_spool_full_or_read_only_says_4xx_and_recovers_without_restart(tmp
             record_figures(
                 "faults.spool_full_and_read_only",
                 sent=len(accepted) + len(refused),
-                accepted=len(accepted),
+                **delivery_figures(accepted, arrived),
                 refused_4xx=sum(1 for code in refused if 400 <= code < 500),
                 answered_250_while_unwritable=sum(1 for code in refused if code == 250),
-                delivered=len(set(arrived) & accepted),
-                lost=len(accepted - set(arrived)),
-                duplicated=sum(n - 1 for n in arrived.values()),
                 restarts=0,
             )
             assert all(400 <= code < 500 for code in refused), refused
@@ -174,10 +173,7 @@ async def test_mail_queued_before_the_disk_filled_is_delivered_without_restart(t
             record_figures(
                 "faults.spool_full_strands_nothing",
                 sent=2,
-                accepted=2,
-                delivered=len(arrived),
-                lost=2 - len(arrived),
-                duplicated=sum(n - 1 for n in arrived.values()),
+                **delivery_figures({"queued-1", "queued-2"}, arrived),
                 retries_into_full_disk=relay.run.count("cannot record the attempt"),
                 restarts=0,
             )
@@ -202,16 +198,11 @@ async def test_a_bounce_on_a_full_spool_still_gets_its_dsn(tmp_path: Path) -> No
                     "name": "refusing",
                     "priority": 10,
                     "match": {"recipientDomains": ["gone.test"]},
-                    "nextHop": {
-                        "kind": "relay",
-                        "name": "refusing",
-                        "host": "127.0.0.1",
-                        "port": refusing.port,
-                    },
+                    "nextHop": relay_hop("refusing", refusing.port),
                 },
                 {
                     "name": "inbox",
-                    "nextHop": {"kind": "relay", "name": "inbox", "host": "127.0.0.1", "port": inbox.port},
+                    "nextHop": relay_hop("inbox", inbox.port),
                 },
             ],
         )

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import Relay, Sink, relay_config
+from tests.faults.harness import Relay, Sink, relay_config, relay_hop
 from tests.relay.apphelp import free_port
 from tests.relay.fronthelp import Certs, make_certs, write_users
 
@@ -60,9 +60,6 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
     users = write_users(tmp, USERS)
     smtp_port, submission_port = free_port(), free_port()
 
-    def hop(name: str, sink: Sink) -> dict[str, object]:
-        return {"kind": "relay", "name": name, "host": "127.0.0.1", "port": sink.port}
-
     config = relay_config(
         tmp,
         smtp_port=smtp_port,
@@ -73,29 +70,20 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
                 "name": "bounce",
                 "priority": 20,
                 "match": {"recipientDomains": ["bounce.example.com"]},
-                "nextHop": hop("bounce", bounce),
+                "nextHop": relay_hop("bounce", bounce.port),
             },
             {
                 "name": "inbox",
                 "priority": 10,
                 "match": {"recipientDomains": ["example.com", "sender.test"]},
-                "nextHop": hop("inbox", inbox),
+                "nextHop": relay_hop("inbox", inbox.port),
             },
-            {"name": "victim", "nextHop": hop("victim", victim)},
+            {"name": "victim", "nextHop": relay_hop("victim", victim.port)},
         ],
         limits={"maxRecipients": 50, "maxMessageSize": "64Ki", "idleTimeout": "3s", "maxErrors": 10},
         tls={"certFile": str(certs.cert_file), "keyFile": str(certs.key_file)},
         auth={"usersFile": str(users), "maxFailures": 3},
-    )
-    config["listeners"].append(
-        {
-            "name": "submission",
-            "host": "127.0.0.1",
-            "port": submission_port,
-            "mode": "submission",
-            "tls": "starttls",
-            "auth": "required",
-        }
+        submission_port=submission_port,
     )
     relay = Relay(tmp, config).start()
     try:

@@ -85,16 +85,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         tls={"certFile": str(certs.cert_file), "keyFile": str(certs.key_file)},
         auth={"usersFile": str(users)},
         hostname="relay.clients.test",
-    )
-    config["listeners"].append(
-        {
-            "name": "submission",
-            "host": "127.0.0.1",
-            "port": submission_port,
-            "mode": "submission",
-            "tls": "starttls",
-            "auth": "required",
-        }
+        submission_port=submission_port,
     )
     relay = Relay(tmp, config).start()
     try:

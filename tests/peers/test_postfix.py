@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from bench.systems import PrivatePostfix, private_postfix_unavailable
-from tests.faults.harness import Relay, record_figures, relay_config
+from tests.faults.harness import Relay, record_figures, relay_config, relay_hop
 from tests.relay.apphelp import free_port
 from tests.relay.fronthelp import Certs, make_certs
 from tests.relay.smtpsink import SmtpSink
@@ -80,7 +80,7 @@ async def peers(tmp_path: Path) -> AsyncIterator[Peers]:
             {
                 "name": "in",
                 "match": {"recipientDomains": ["in.test"]},
-                "nextHop": {"kind": "relay", "name": "sink", "host": "127.0.0.1", "port": sink.port},
+                "nextHop": relay_hop("sink", sink.port),
             },
             {
                 "name": "out",
