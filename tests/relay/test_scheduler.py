@@ -109,6 +109,14 @@ class Harness:
         self.sinks.append(sink)
         return sink
 
+    async def sink_and_bounces(self, **sink_kwargs: Any) -> tuple[SmtpSink, SmtpSink, RelayConfig]:
+        """A config whose route ``all`` sends every recipient to a sink (made with
+        `sink_kwargs`) and whose DSNs go to a second sink: (sink, bounce sink, config)."""
+        bounce_sink = await self.sink()
+        sink = await self.sink(**sink_kwargs)
+        routes = [{"name": "all", "nextHop": relay_hop(sink.port)}, bounce_route(bounce_sink.port)]
+        return sink, bounce_sink, make_config(self.tmp_path, routes)
+
     async def scheduler(self, config: RelayConfig, **kwargs: Any) -> Scheduler:
         scheduler = Scheduler(config, self.spool, clock=self.clock, scan_interval=30.0, **kwargs)
         await scheduler.start()
@@ -380,10 +388,8 @@ async def test_backoff_grows_exponentially(h: Harness) -> None:
 
 
 async def test_lifetime_expiry_bounces_with_4_4_7_and_dsn(h: Harness) -> None:
-    bounce_sink = await h.sink()
-    sink = await h.sink(rcpt_replies={"a@dest.test": "451 4.2.0 mailbox busy"})
-    config = make_config(
-        h.tmp_path, [{"name": "all", "nextHop": relay_hop(sink.port)}, bounce_route(bounce_sink.port)]
+    _sink, bounce_sink, config = await h.sink_and_bounces(
+        rcpt_replies={"a@dest.test": "451 4.2.0 mailbox busy"}
     )
     scheduler = await h.scheduler(config)
     queue_id = await store(h.spool, ["a@dest.test"], arrival=T0 - 5 * 86400 - 1)
@@ -412,10 +418,8 @@ async def test_next_attempt_is_not_later_than_expiry(h: Harness) -> None:
 
 
 async def test_bounce_produces_rfc3464_dsn(h: Harness) -> None:
-    bounce_sink = await h.sink()
-    sink = await h.sink(rcpt_replies={"bad@dest.test": "550 5.1.1 no such user"})
-    config = make_config(
-        h.tmp_path, [{"name": "all", "nextHop": relay_hop(sink.port)}, bounce_route(bounce_sink.port)]
+    sink, bounce_sink, config = await h.sink_and_bounces(
+        rcpt_replies={"bad@dest.test": "550 5.1.1 no such user"}
     )
     scheduler = await h.scheduler(config)
     queue_id = await store(
@@ -452,10 +456,8 @@ async def test_bounce_produces_rfc3464_dsn(h: Harness) -> None:
 
 
 async def test_no_dsn_for_null_sender(h: Harness) -> None:
-    bounce_sink = await h.sink()
-    sink = await h.sink(rcpt_replies={"a@dest.test": "550 5.1.1 no such user"})
-    config = make_config(
-        h.tmp_path, [{"name": "all", "nextHop": relay_hop(sink.port)}, bounce_route(bounce_sink.port)]
+    _sink, bounce_sink, config = await h.sink_and_bounces(
+        rcpt_replies={"a@dest.test": "550 5.1.1 no such user"}
     )
     scheduler = await h.scheduler(config)
     await run(scheduler, await store(h.spool, ["a@dest.test"], mail_from=""))
@@ -466,10 +468,8 @@ async def test_no_dsn_for_null_sender(h: Harness) -> None:
 
 
 async def test_notify_never_suppresses_the_dsn(h: Harness) -> None:
-    bounce_sink = await h.sink()
-    sink = await h.sink(rcpt_replies={"a@dest.test": "550 5.1.1 no such user"})
-    config = make_config(
-        h.tmp_path, [{"name": "all", "nextHop": relay_hop(sink.port)}, bounce_route(bounce_sink.port)]
+    _sink, bounce_sink, config = await h.sink_and_bounces(
+        rcpt_replies={"a@dest.test": "550 5.1.1 no such user"}
     )
     scheduler = await h.scheduler(config)
     await run(scheduler, await store(h.spool, [Recipient("a@dest.test", notify=("NEVER",))]))
@@ -478,11 +478,7 @@ async def test_notify_never_suppresses_the_dsn(h: Harness) -> None:
 
 
 async def test_relayed_dsn_for_success_notify_at_hop_without_dsn(h: Harness) -> None:
-    bounce_sink = await h.sink()
-    sink = await h.sink(dsn=False)
-    config = make_config(
-        h.tmp_path, [{"name": "all", "nextHop": relay_hop(sink.port)}, bounce_route(bounce_sink.port)]
-    )
+    sink, bounce_sink, config = await h.sink_and_bounces(dsn=False)
     scheduler = await h.scheduler(config)
     await run(scheduler, await store(h.spool, [Recipient("a@dest.test", notify=("SUCCESS", "FAILURE"))]))
     assert sink.recipients == ["a@dest.test"]
@@ -492,11 +488,7 @@ async def test_relayed_dsn_for_success_notify_at_hop_without_dsn(h: Harness) -> 
 
 
 async def test_no_success_dsn_when_next_hop_supports_dsn(h: Harness) -> None:
-    bounce_sink = await h.sink()
-    sink = await h.sink(dsn=True)
-    config = make_config(
-        h.tmp_path, [{"name": "all", "nextHop": relay_hop(sink.port)}, bounce_route(bounce_sink.port)]
-    )
+    sink, bounce_sink, config = await h.sink_and_bounces(dsn=True)
     scheduler = await h.scheduler(config)
     await run(scheduler, await store(h.spool, [Recipient("a@dest.test", notify=("SUCCESS",))]))
     assert sink.messages[0].dsn_rcpt == {"a@dest.test": {"NOTIFY": "SUCCESS"}}
@@ -504,11 +496,7 @@ async def test_no_success_dsn_when_next_hop_supports_dsn(h: Harness) -> None:
 
 
 async def test_delay_warning_once_for_notify_delay(h: Harness) -> None:
-    bounce_sink = await h.sink()
-    sink = await h.sink(rcpt_replies={"a@dest.test": "451 4.3.0 later"})
-    config = make_config(
-        h.tmp_path, [{"name": "all", "nextHop": relay_hop(sink.port)}, bounce_route(bounce_sink.port)]
-    )
+    _sink, bounce_sink, config = await h.sink_and_bounces(rcpt_replies={"a@dest.test": "451 4.3.0 later"})
     scheduler = await h.scheduler(config, delay_warning_after=3600)
     queue_id = await store(
         h.spool, [Recipient("a@dest.test", notify=("DELAY", "FAILURE"))], arrival=T0 - 7200
