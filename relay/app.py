@@ -36,6 +36,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -69,13 +70,34 @@ def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
+class _LogFormatter(logging.Formatter):
+    """The standard line format with the date and time formatted once per second, not once
+    per line (a relay logs two lines per message)."""
+
+    _second = -1
+    _stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
 def configure_logging(config: RelayConfig, worker: int | None = None) -> None:
+    # Fields the relay's log lines never show; skipping them halves the cost of a line
+    # (the logging documentation's "Optimization" section).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     prefix = f"[w{worker}] " if worker is not None else ""
     root = logging.getLogger()
     if not root.handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig()
     for handler in root.handlers:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s"))
+        handler.setFormatter(_LogFormatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s"))
     root.setLevel(config.log_level.upper())
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-line chatter
 
