@@ -50,6 +50,7 @@ import re
 import ssl
 from collections import deque
 from dataclasses import dataclass, field
+from typing import cast
 
 MAX_LINE_BYTES = 8192  # RFC 5321 4.5.3.1.5 says 512; real servers send longer EHLO lines
 MAX_REPLY_BYTES = 65536  # one (multi-line) reply
@@ -270,8 +271,7 @@ class SmtpConnection(asyncio.Protocol):
     # ------------------------------------------------------------- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
 
     def data_received(self, data: bytes) -> None:
         if self._error is not None:
@@ -513,8 +513,7 @@ class SmtpConnection(asyncio.Protocol):
             raise SmtpTlsError(f"TLS handshake failed: {exc}") from exc
         if tls_transport is None:  # pragma: no cover - the connection closed during the handshake
             raise SmtpConnectionLost("connection closed during the TLS handshake")
-        assert isinstance(tls_transport, asyncio.Transport)
-        self._transport = tls_transport
+        self._transport = cast(asyncio.Transport, tls_transport)
         self.tls = True
         self.extensions = {}
 

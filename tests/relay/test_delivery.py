@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trustme
+import uvloop
 
 from relay import delivery
 from relay.config import QueueConfig, SmarthostHop
@@ -573,3 +574,34 @@ def test_downgrade_non_mime_message_gets_mime_headers() -> None:
     parsed = email.message_from_bytes(converted, policy=email.policy.compat32)
     assert parsed["MIME-Version"] == "1.0"
     assert parsed.get_payload(decode=True) == "café\r\n".encode()
+
+
+# --------------------------------------------------------------------------- uvloop
+
+
+def test_starttls_auth_and_reuse_under_uvloop(
+    server_context: ssl.SSLContext, ca_file: Path, tmp_path: Path, pipelining: bool
+) -> None:
+    """The relay process runs on uvloop: STARTTLS (loop.start_tls), AUTH and a pooled
+    connection reused for a second message must work there too."""
+
+    async def scenario() -> tuple[list[tuple[str, str]], int, list[bool]]:
+        sink = await SmtpSink(starttls_context=server_context, users={"relay": "s3cret"}).start()
+        client = SmtpClient("relay.test", QUEUE)
+        try:
+            hop = SmarthostHop(
+                host="127.0.0.1",
+                port=sink.port,
+                ca_file=ca_file,
+                credentials_dir=credentials(tmp_path, "relay", "s3cret"),
+            )
+            outcomes = [
+                *await client.deliver(target_for_hop(hop), request(["a@d.test"])),
+                *await client.deliver(target_for_hop(hop), request(["b@d.test"])),
+            ]
+            return dispositions(outcomes), sink.connections, [m.tls for m in sink.messages]
+        finally:
+            await client.close()
+            await sink.stop()
+
+    assert uvloop.run(scenario()) == ([("delivered", "2.0.0")] * 2, 1, [True, True])

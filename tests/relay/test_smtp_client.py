@@ -13,8 +13,10 @@ import asyncio
 import base64
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import pytest
+import uvloop
 
 from relay import smtp_client
 from relay.config import QueueConfig
@@ -93,8 +95,7 @@ class RawSession(asyncio.Protocol):
         self.auth_step = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         self.server.sessions.append(self)
         if self.server.drip:
             asyncio.get_running_loop().create_task(self._drip())
@@ -665,3 +666,42 @@ def test_parse_extensions() -> None:
 )
 def test_normalised_payload(content: bytes, payload: bytes) -> None:
     assert normalised_payload(content) == payload
+
+
+# --------------------------------------------------------------------------- uvloop
+
+
+def test_the_wire_under_uvloop() -> None:
+    """The relay process runs on uvloop (its transports are no asyncio.Transport subclasses):
+    pipelined and lockstep transactions, a malformed reply and a vanished server there too."""
+
+    async def scenario() -> list[list[tuple[str, str, int]]]:
+        started: list[RawServer] = []
+        client = SmtpClient("relay.test", QUEUE)
+        try:
+            pipelined = await serve(
+                started, hold_until_data=True, rcpt_replies={"x@d.test": "550 5.1.1 unknown"}
+            )
+            lockstep = await serve(started, pipelining=False, strict_lockstep=True)
+            malformed = await serve(started, answer=lambda s, line: b"bogus\r\n" if line == "DATA" else None)
+            results = []
+            for server in (pipelined, pipelined, lockstep, malformed):
+                outcomes = await client.deliver(
+                    SmtpTarget("127.0.0.1", server.port), request(["a@d.test", "x@d.test"])
+                )
+                results.append(dispositions(outcomes))
+            assert pipelined.messages == [CONTENT, CONTENT] and len(pipelined.sessions) == 1
+            assert lockstep.messages == [CONTENT] and lockstep.violations == []
+            return results
+        finally:
+            await client.close()
+            for server in started:
+                await server.stop()
+
+    delivered, unknown = ("delivered", "2.0.0", 250), ("bounced", "5.1.1", 550)
+    assert uvloop.run(scenario()) == [
+        [delivered, unknown],
+        [delivered, unknown],
+        [delivered, delivered],
+        [("deferred", "4.4.2", 421)] * 2,
+    ]
