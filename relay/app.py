@@ -203,7 +203,7 @@ class RelayProcess:
             if doorbell is None or not doorbell.ring(queue_id):
                 scheduler.notify(queue_id)
 
-        front = self.front = Front(config, spool, on_stored=stored)
+        front = self.front = Front(config, spool, on_stored=stored, intake_gate=scheduler.room_for_intake)
         try:
             await front.start()
         except OSError as exc:

@@ -23,6 +23,10 @@ no route are refused at RCPT with ``550 5.4.4``; a RejectHop route answers with 
 ``RCPT TO:<postmaster>`` without a domain is accepted from anyone (RFC 5321 4.5.1) as
 ``postmaster@`` the first plain accept domain (else the hostname) and routed like that address.
 
+After storing, the front may hold its 250 for up to a second while new mail waits for delivery
+slots (the scheduler's ``room_for_intake``, Postfix's in_flow_delay), so clients send no
+faster than the relay delivers.
+
 What it must not do: decide delivery (the scheduler does), answer 250 before
 ``await spool.store`` returned, or let a library exception escape to the client (it becomes
 ``451 4.3.0`` and a log line).
@@ -41,7 +45,7 @@ import socket
 import ssl
 import time
 from base64 import b64decode
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -156,6 +160,7 @@ class Front:
         spool: Spool,
         *,
         on_stored: Callable[[str], None] | None = None,
+        intake_gate: Callable[[], Awaitable[object]] | None = None,
         users: UserDatabase | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -163,6 +168,7 @@ class Front:
         self.routes: list[RouteConfig] = config.ordered_routes()
         self.spool = spool
         self.on_stored = on_stored
+        self.intake_gate = intake_gate
         self.clock = clock
         self.users = users
         if users is None and config.auth is not None:
@@ -925,6 +931,8 @@ class FrontSession(SMTP):
                 self.front.on_stored(queue_id)
             except Exception:  # the message is safe on disk; the scheduler's rescan finds it
                 log.exception("%s: scheduler notification failed", queue_id)
+        if self.front.intake_gate is not None:
+            await self.front.intake_gate()  # in-flow control: at most a second, mail is safe
         return status.QUEUED.with_text(f"Ok: queued as {queue_id}")
 
     def _tls_description(self) -> str | None:

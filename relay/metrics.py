@@ -34,6 +34,10 @@ QUEUE_DEPTH = Gauge(
     ["state"],
     multiprocess_mode="livemostrecent",
 )
+INTAKE_DELAYED = Counter(
+    "mailrelay_intake_delayed",
+    "250 replies held back because new mail waited for delivery slots (in-flow control)",
+)
 CONFIG_RELOADS = Counter(
     "mailrelay_config_reloads", "Configuration reloads by result (ok, invalid)", ["result"]
 )
