@@ -652,3 +652,34 @@ async def test_smuggling_never_reaches_the_next_hop_as_a_second_message(tmp_path
         await scheduler.stop(5)
         spool.close()
         await sink.stop()
+
+
+async def test_the_front_stores_first_and_answers_250_only_after_the_gate(tmp_path: Path) -> None:
+    config = make_config(tmp_path, trustedNetworks=["127.0.0.0/8"])
+    gate = asyncio.Event()
+    gate_reached = asyncio.Event()
+
+    async def intake_gate() -> None:
+        gate_reached.set()
+        await gate.wait()
+
+    spool = Spool(tmp_path / "queue", fsync=False)
+    spool.prepare()
+    async with running_front(config, spool, intake_gate=intake_gate) as front:
+        host, port = front.addresses["smtp"]
+
+        def send() -> tuple[int, bytes]:
+            with smtplib.SMTP(host, port, timeout=30) as client:
+                client.ehlo("client.test")
+                client.mail("s@sender.test")
+                client.rcpt("a@example.com")
+                return client.data(b"Subject: held\r\n\r\nbody\r\n")
+
+        sending = asyncio.create_task(asyncio.to_thread(send))
+        await asyncio.wait_for(gate_reached.wait(), 30)
+        assert len(spool.ids("incoming")) == 1  # durable before the gate
+        assert not sending.done()  # and no reply yet
+        gate.set()
+        code, text = await asyncio.wait_for(sending, 30)
+        assert code == 250 and b"queued as" in text
+    spool.close()

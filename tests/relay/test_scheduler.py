@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from relay.config import RelayConfig, parse_config
 from relay.model import Envelope, QueueEntry, Recipient
@@ -629,3 +630,71 @@ async def test_mx_all_hosts_down_defers_4_4_1(h: Harness, dns_server: DnsServer)
     assert found is not None and found[0] == "deferred"
     assert found[1].entry.results[0].status == "4.4.1"
     assert found[1].entry.results[0].remote_mta == "mx2.dest.test"
+
+
+# --------------------------------------------------------------------------- intake flow control
+
+
+class SilentServer:
+    """Accepts connections and never greets: every delivery to it hangs until its timeout."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.connections = 0
+
+    async def start(self) -> int:
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            await reader.read()  # until the client gives up
+            writer.close()
+
+        self.server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.fixture
+async def silent() -> AsyncIterator[tuple[SilentServer, int]]:
+    server = SilentServer()
+    port = await server.start()
+    yield server, port
+    await server.stop()
+
+
+def delayed_count() -> float:
+    return REGISTRY.get_sample_value("mailrelay_intake_delayed_total") or 0.0
+
+
+async def test_room_closes_when_new_mail_waits_for_slots_and_opens_when_one_is_taken(
+    h: Harness, silent: tuple[SilentServer, int]
+) -> None:
+    _server, port = silent
+    config = make_config(
+        h.tmp_path, [{"name": "all", "nextHop": relay_hop(port)}], maxConcurrency=2, commandTimeout="2s"
+    )
+    scheduler = await h.scheduler(config)
+    ids = [await store(h.spool, ["a@dest.test"]) for _ in range(4)]
+    assert await scheduler.room_for_intake(timeout=0.01)
+    for queue_id in ids:
+        scheduler.notify(queue_id)  # two go in flight and hang; two wait for a slot
+    await asyncio.sleep(0)
+    before = delayed_count()
+    assert await scheduler.room_for_intake(timeout=0.05) is False  # held, then answered anyway
+    assert delayed_count() == before + 1
+    # the hung deliveries time out (commandTimeout 2 s) and free their slots: room again
+    assert await scheduler.room_for_intake(timeout=30) is True
+
+
+async def test_a_backlog_of_due_deferred_mail_does_not_hold_new_mail(
+    h: Harness, silent: tuple[SilentServer, int]
+) -> None:
+    _server, port = silent
+    config = make_config(h.tmp_path, [{"name": "all", "nextHop": relay_hop(port)}], maxConcurrency=2)
+    for _ in range(6):  # already queued when the relay starts: found by the scan, not notified
+        await store(h.spool, ["a@dest.test"])
+    scheduler = await h.scheduler(config)
+    await asyncio.sleep(0)
+    assert await scheduler.room_for_intake(timeout=0.01) is True
