@@ -491,8 +491,9 @@ class SmtpConnection(asyncio.Protocol):
         reply = await self.command(b"STARTTLS\r\n", timeout)
         if reply.code != 220:
             raise SmtpReplyError("STARTTLS", reply)
-        # RFC 3207 4.2 (injection): a server sends nothing after 220 until TLS is up; anything
-        # already buffered was not protected and is discarded
+        # RFC 3207 4.2 (injection): a server sends nothing after 220 until TLS is up. A complete
+        # reply that came with the 220 already failed the session (unsolicited); a partial one
+        # was not protected by TLS and is dropped here
         self._parser.clear()
         self._outstanding = 0
         transport = self._transport

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -597,6 +598,20 @@ async def test_auth_plain_or_login(servers: list[RawServer], offered: str, expec
     await connection.authenticate("relay", "s3crét", 2)
     assert server.commands[1:] == expected
     connection.close()
+
+
+async def test_reply_injected_after_starttls_220_fails_the_session(servers: list[RawServer]) -> None:
+    """RFC 3207 4.2: nothing may follow the 220 in cleartext; a client that read it as the
+    reply to its next (encrypted) command could be fooled."""
+    server = await serve(
+        servers,
+        extensions=["STARTTLS"],
+        answer=lambda s, line: b"220 2.0.0 ready\r\n250 injected\r\n" if line == "STARTTLS" else None,
+    )
+    connection = await connect(server)
+    with pytest.raises(SmtpProtocolError, match="unsolicited"):
+        await connection.starttls(ssl.create_default_context(), "raw.test", 2)
+    assert not connection.is_connected
 
 
 async def test_auth_without_a_known_mechanism(servers: list[RawServer]) -> None:
