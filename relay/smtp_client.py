@@ -514,7 +514,7 @@ class SmtpConnection(asyncio.Protocol):
             raise SmtpTlsError(f"TLS handshake failed: {exc}") from exc
         if tls_transport is None:  # pragma: no cover - the connection closed during the handshake
             raise SmtpConnectionLost("connection closed during the TLS handshake")
-        self._transport = cast(asyncio.Transport, tls_transport)
+        self._transport = tls_transport
         self.tls = True
         self.extensions = {}
 
