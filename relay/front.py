@@ -325,6 +325,9 @@ class FrontSession(SMTP):
         self._auth_failures = 0
         self._admission: Reply | None = None
         self._registered = False
+        self._trust: tuple[object, str, bool] | None = None  # (networks, client address, trusted)
+        self._idle_deadline = 0.0
+        self._idle_timer_armed = False
         self._reset_transaction()
         super().__init__(
             _NoHooks(),
@@ -367,7 +370,11 @@ class FrontSession(SMTP):
 
     @property
     def trusted(self) -> bool:
-        return client_is_trusted(self.client_ip, self.front.config.trusted_networks)
+        networks, client_ip = self.front.config.trusted_networks, self.client_ip
+        trust = self._trust
+        if trust is None or trust[0] is not networks or trust[1] != client_ip:  # once per session
+            trust = self._trust = (networks, client_ip, client_is_trusted(client_ip, networks))
+        return trust[2]
 
     def _tag(self) -> str:
         return self._queue_id or f"session {self.client_ip}"
@@ -390,6 +397,28 @@ class FrontSession(SMTP):
             if self._registered:
                 self._registered = False
                 self.front.release(self)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Move the idle deadline (every command and DATA chunk calls this). One timer per
+        session that re-arms itself when it fires before the deadline, instead of aiosmtpd's
+        cancel-and-create per call."""
+        delay = duration or self._timeout_duration
+        self._idle_deadline = self.loop.time() + delay
+        if not self._idle_timer_armed or (
+            self._timeout_handle is not None and self._timeout_handle.when() > self._idle_deadline
+        ):
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self._timeout_handle = self.loop.call_later(delay, self._idle_check)
+            self._idle_timer_armed = True
+
+    def _idle_check(self) -> None:
+        remaining = self._idle_deadline - self.loop.time()
+        if remaining > 0:
+            self._timeout_handle = self.loop.call_later(remaining, self._idle_check)
+            return
+        self._idle_timer_armed = False
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         log.info("%s: idle timeout", self._tag())

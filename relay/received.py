@@ -16,6 +16,7 @@ Pure functions over bytes; the time and randomness are arguments. Called by rela
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
@@ -80,6 +81,16 @@ def _ip_literal(ip: str) -> str:
     return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
 
 
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date(when: datetime) -> str:
+    return format_datetime(when)
+
+
+def rfc5322_date(when: datetime) -> str:
+    """RFC 5322 3.3 date-time (whole seconds), formatted once per second and zone."""
+    return _rfc5322_date(when.replace(microsecond=0))
+
+
 def build_received(info: TraceInfo) -> bytes:
     """One ``Received:`` field, folded, ending with CRLF."""
     tcp_info = (
@@ -92,7 +103,7 @@ def build_received(info: TraceInfo) -> bytes:
     if info.tls:
         lines.append(f"\t(using {info.tls})")
     lines.append(f"\tby {info.hostname} (mailrelay) with {info.protocol} id {info.queue_id}")
-    when = format_datetime(info.when)
+    when = rfc5322_date(info.when)
     if len(info.recipients) == 1:
         lines.append(f"\tfor <{info.recipients[0]}>; {when}")
     else:
@@ -101,7 +112,7 @@ def build_received(info: TraceInfo) -> bytes:
 
 
 def date_header(when: datetime) -> bytes:
-    return f"Date: {format_datetime(when)}\r\n".encode("ascii")
+    return f"Date: {rfc5322_date(when)}\r\n".encode("ascii")
 
 
 def message_id_header(queue_id: str, hostname: str, token: str) -> bytes:

@@ -37,9 +37,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -84,9 +86,12 @@ class RecoveryReport:
     duplicates_removed: int  # stale copies left by a crash between rename and unlink
 
 
+_ids = random.Random(secrets.randbits(64))  # unique, not secret: no system call per id
+
+
 def new_queue_id() -> str:
     """A sortable, unique queue id: microsecond time plus randomness, e.g. ``18B3F2A9C1D04E7A3F``."""
-    return f"{time.time_ns() // 1000:013X}{secrets.randbits(24):06X}"
+    return f"{time.time_ns() // 1000:013X}{_ids.getrandbits(24):06X}"
 
 
 def _classify(exc: OSError) -> SpoolError:
@@ -180,6 +185,8 @@ class Spool:
 
     def __init__(self, directory: Path, *, fsync: bool = True, threads: int = 8) -> None:
         self.directory = Path(directory)
+        self._root = str(self.directory)  # the hot path joins strings, not Path objects
+        self._tmp_names = itertools.count()
         self.fsync = fsync
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool")
         self._batcher = _Batcher(self._executor)
@@ -195,9 +202,12 @@ class Spool:
         self._executor.shutdown(wait=True)
 
     def path(self, state: str, queue_id: str) -> Path:
+        return Path(self._file(state, queue_id))
+
+    def _file(self, state: str, queue_id: str) -> str:
         if state not in STATES or not queue_id.isalnum():
             raise ValueError(f"bad queue reference {state}/{queue_id}")
-        return self.directory / state / queue_id
+        return f"{self._root}/{state}/{queue_id}"
 
     def recover(self) -> RecoveryReport:
         """Run once on start, before any scheduler: make the on-disk state consistent again."""
@@ -250,7 +260,7 @@ class Spool:
         self,
         entry: QueueEntry,
         content: bytes,
-        moves: tuple[Path, ...],
+        moves: tuple[str, ...],
         mtime: float | None,
         *,
         replaces_durable_copy: bool = False,
@@ -261,7 +271,7 @@ class Spool:
         fsynced before it, so a crash never leaves a truncated file in its place. Raises
         SpoolError; a failure before the first rename removes the temporary file, a later one
         leaves the renamed file to the caller."""
-        tmp = self.directory / "tmp" / f"{entry.queue_id}.{os.getpid()}.{secrets.token_hex(3)}"
+        tmp = f"{self._root}/tmp/{entry.queue_id}.{os.getpid()}.{next(self._tmp_names)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -283,25 +293,24 @@ class Spool:
                 os.close(fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp)
             raise _classify(exc) from exc
 
-    def _read(self, path: Path) -> Message:
-        data = path.read_bytes()
+    def _read(self, path: str) -> Message:
+        with open(path, "rb") as handle:
+            data = handle.read()
         try:
             return decode(data)
         except (ValueError, KeyError, TypeError) as exc:
-            quarantine = self.directory / "corrupt" / path.name
+            name = os.path.basename(path)
             with contextlib.suppress(OSError):
-                os.replace(path, quarantine)
-            raise CorruptEntryError(
-                f"queue file {path.name} is unreadable ({exc}); moved to corrupt/"
-            ) from exc
+                os.replace(path, f"{self._root}/corrupt/{name}")
+            raise CorruptEntryError(f"queue file {name} is unreadable ({exc}); moved to corrupt/") from exc
 
     def _claim(self, queue_id: str, sources: tuple[str, ...], due_by: float | None) -> Message | None:
-        target = self.path("active", queue_id)
+        target = self._file("active", queue_id)
         for state in sources:
-            source = self.path(state, queue_id)
+            source = self._file(state, queue_id)
             try:
                 os.rename(source, target)
             except FileNotFoundError:
@@ -322,7 +331,7 @@ class Spool:
     def _defer(self, entry: QueueEntry, content: bytes) -> None:
         """Rewrite the claimed file in place, then move it: the message is never in two places
         at once, so no other worker can claim a copy that this one then removes."""
-        moves = (self.path("active", entry.queue_id), self.path("deferred", entry.queue_id))
+        moves = (self._file("active", entry.queue_id), self._file("deferred", entry.queue_id))
         self._commit(entry, content, moves, entry.next_attempt, replaces_durable_copy=True)
 
     # ----------------------------------------------------------------- async API for the hot path
@@ -335,12 +344,12 @@ class Spool:
         await self._run(self._store, entry.with_changes(size=len(content)), content)
 
     def _store(self, entry: QueueEntry, content: bytes) -> None:
-        target = self.path("incoming", entry.queue_id)
+        target = self._file("incoming", entry.queue_id)
         try:
             self._commit(entry, content, (target,), None)
         except SpoolError:
             with contextlib.suppress(OSError):
-                target.unlink()  # the client is told 4xx: a copy that may not be durable must not go out
+                os.unlink(target)  # the client is told 4xx: a copy that may not be durable must not go out
             raise
 
     async def claim(self, queue_id: str, *, due_by: float | None = None) -> Message | None:
@@ -362,7 +371,9 @@ class Spool:
 
     def _unlink(self, state: str, queue_id: str) -> None:
         try:
-            self.path(state, queue_id).unlink(missing_ok=True)
+            os.unlink(self._file(state, queue_id))
+        except FileNotFoundError:
+            pass
         except OSError as exc:
             raise _classify(exc) from exc
 
