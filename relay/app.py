@@ -7,8 +7,8 @@ recovers the spool once, then starts N worker processes (spawned, not forked, so
 event-loop state is copied); each binds every listener with SO_REUSEPORT, so the kernel spreads
 connections over them, and each runs a front and a scheduler on the shared spool, whose rename
 claims keep two workers from delivering the same message. A front that stored a message rings
-the workers' shared doorbell (relay.doorbell), so an idle worker delivers it while the busy
-one keeps reading mail. The parent serves the HTTP endpoints
+another worker's doorbell (relay.doorbell), so with one busy session the other worker delivers
+while this one keeps reading mail. The parent serves the HTTP endpoints
 with prometheus_client's multi-process collector, watches the configuration, forwards reloads,
 and restarts a worker that died.
 
@@ -266,13 +266,16 @@ def worker_main(
     index: int,
     ready: multiprocessing.synchronize.Event,
     grace: float,
-    doorbell_pipe: tuple[Connection, Connection],
+    doorbells: list[tuple[Connection, Connection]],
 ) -> None:
     """Entry point of a spawned worker process."""
-    reader, writer = doorbell_pipe
-    doorbell = Doorbell(os.dup(reader.fileno()), os.dup(writer.fileno()))
-    reader.close()
-    writer.close()
+    doorbell = Doorbell(
+        os.dup(doorbells[index][0].fileno()),
+        [os.dup(writer.fileno()) for n, (_reader, writer) in enumerate(doorbells) if n != index],
+    )
+    for reader, writer in doorbells:
+        reader.close()
+        writer.close()
     try:
         config = load_config(Path(config_path))
     except ConfigError as exc:
@@ -307,7 +310,8 @@ class Supervisor:
         ] = []
         self._stopping = False
         self._stop: asyncio.Event | None = None
-        self._doorbell_pipe = self._context.Pipe(duplex=False)  # kept open for restarted workers
+        # one pipe per worker, kept open here so a restarted worker reads what its predecessor left
+        self._doorbells = [self._context.Pipe(duplex=False) for _ in range(config.workers)]
 
     def _spawn(
         self, index: int
@@ -315,7 +319,7 @@ class Supervisor:
         ready = self._context.Event()
         process = self._context.Process(
             target=worker_main,
-            args=(str(self.config_path), index, ready, self.grace, self._doorbell_pipe),
+            args=(str(self.config_path), index, ready, self.grace, self._doorbells),
             name=f"mailrelay-worker-{index}",
         )
         process.start()

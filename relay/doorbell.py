@@ -4,11 +4,13 @@ With ``workers: N`` every worker runs a front and a scheduler on one shared spoo
 doorbell the worker whose front stored a message would also deliver it, so one busy SMTP
 session (a single client sending mail after mail) keeps one worker's event loop doing both
 jobs while the other workers idle (measured: a single session ran at the speed of one core).
-The doorbell is one non-blocking pipe shared by every worker, made by the supervisor: a front
-that stored a message writes its queue id; every worker's event loop watches the read end, and
-whichever reads the record first queues the message for delivery, which is usually an idle
-worker. The spool's rename claim still decides who delivers, so a record read twice or late
-can never cause a second delivery.
+The supervisor makes one non-blocking pipe per worker; a front that stored a message writes its
+queue id into the pipe of another worker (the others in turn), whose event loop reads it and
+queues the message for delivery. With one busy session the other worker delivers everything
+while the storing one keeps reading mail; under load every worker both accepts and delivers.
+(A single pipe read by all workers was tried first: the storing worker, already awake, read a
+third of its own records. Measured with one session.) The spool's rename claim still decides
+who delivers, so a record read twice or late can never cause a second delivery.
 
 Records are fixed-size (`RECORD` bytes) and written in one ``write`` (atomic below PIPE_BUF),
 and reads ask for whole records, so a reader never sees part of one. Nothing here is needed
@@ -46,24 +48,32 @@ def decode_records(data: bytes) -> list[str]:
 
 
 class Doorbell:
-    """Both ends of the shared pipe as one worker sees them (file descriptors it owns)."""
+    """One worker's view: the read end of its own pipe and the write ends of the other
+    workers' pipes (file descriptors it owns)."""
 
-    def __init__(self, read_fd: int, write_fd: int) -> None:
+    def __init__(self, read_fd: int, peer_write_fds: list[int]) -> None:
         self._read_fd = read_fd
-        self._write_fd = write_fd
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
+        self._peers = list(peer_write_fds)
+        self._next = 0
+        for fd in (read_fd, *self._peers):
+            os.set_blocking(fd, False)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def ring(self, queue_id: str) -> bool:
-        """Offer a stored message to every worker; False when the caller must queue it itself."""
+        """Hand a stored message to another worker (the next one in turn, or the one after
+        when that pipe is full); False when the caller must queue it itself."""
         record = encode_record(queue_id)
-        if record is None or self._write_fd < 0:
+        if record is None:
             return False
-        try:
-            return os.write(self._write_fd, record) == RECORD
-        except (BlockingIOError, BrokenPipeError, OSError):
-            return False
+        for _ in range(len(self._peers)):
+            fd = self._peers[self._next]
+            self._next = (self._next + 1) % len(self._peers)
+            try:
+                if os.write(fd, record) == RECORD:
+                    return True
+            except OSError:  # full (EAGAIN), or that worker's end is gone
+                continue
+        return False
 
     def listen(self, deliver: Callable[[str], None]) -> None:
         """Call `deliver(queue_id)` on this event loop for every record this worker reads."""
@@ -92,8 +102,9 @@ class Doorbell:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._read_fd)
             self._loop = None
-        for fd in (self._read_fd, self._write_fd):
+        for fd in (self._read_fd, *self._peers):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._read_fd = self._write_fd = -1
+        self._read_fd = -1
+        self._peers = []

@@ -13,16 +13,19 @@ from relay.spool import new_queue_id
 
 
 @pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
-    read_fd, write_fd = os.pipe()
-    yield read_fd, write_fd
-    os.close(read_fd)
-    os.close(write_fd)
+def pipes() -> Iterator[list[tuple[int, int]]]:
+    """One pipe per worker, as the supervisor makes them (three workers)."""
+    made = [os.pipe() for _ in range(3)]
+    yield made
+    for read_fd, write_fd in made:
+        os.close(read_fd)
+        os.close(write_fd)
 
 
-def worker_end(pipe: tuple[int, int]) -> Doorbell:
-    """What one worker holds: its own copies of both ends, as a spawned worker gets them."""
-    return Doorbell(os.dup(pipe[0]), os.dup(pipe[1]))
+def worker_end(pipes: list[tuple[int, int]], index: int) -> Doorbell:
+    """What worker `index` holds: copies of its own read end and of the others' write ends."""
+    peers = [os.dup(write_fd) for n, (_read_fd, write_fd) in enumerate(pipes) if n != index]
+    return Doorbell(os.dup(pipes[index][0]), peers)
 
 
 def test_records_round_trip_and_odd_ids_are_refused() -> None:
@@ -35,29 +38,19 @@ def test_records_round_trip_and_odd_ids_are_refused() -> None:
     assert encode_record("") is None
 
 
-async def test_a_record_rung_by_one_worker_is_read_by_another(pipe: tuple[int, int]) -> None:
-    storing, idle = worker_end(pipe), worker_end(pipe)
-    got: asyncio.Queue[str] = asyncio.Queue()
-    idle.listen(got.put_nowait)
-    try:
-        queue_id = new_queue_id()
-        assert storing.ring(queue_id)
-        assert await asyncio.wait_for(got.get(), 10) == queue_id
-    finally:
-        storing.close()
-        idle.close()
-
-
-async def test_each_record_goes_to_exactly_one_listening_worker(pipe: tuple[int, int]) -> None:
-    workers = [worker_end(pipe) for _ in range(3)]
+async def test_records_go_to_the_other_workers_in_turn_never_back_to_the_ringer(
+    pipes: list[tuple[int, int]],
+) -> None:
+    workers = [worker_end(pipes, n) for n in range(3)]
     seen: list[list[str]] = [[] for _ in workers]
-    ids = [new_queue_id() for _ in range(2000)]
+    rung: list[list[str]] = [[] for _ in workers]
+    total = 3000
     all_read = asyncio.Event()
 
     def reader(bucket: list[str]) -> Callable[[str], None]:
         def read(queue_id: str) -> None:
             bucket.append(queue_id)
-            if sum(len(b) for b in seen) >= len(ids):
+            if sum(len(b) for b in seen) >= total:
                 all_read.set()
 
         return read
@@ -65,8 +58,10 @@ async def test_each_record_goes_to_exactly_one_listening_worker(pipe: tuple[int,
     for worker, bucket in zip(workers, seen, strict=True):
         worker.listen(reader(bucket))
     try:
-        for n, queue_id in enumerate(ids):
+        for n in range(total):
+            queue_id = new_queue_id()
             assert workers[n % 3].ring(queue_id)
+            rung[n % 3].append(queue_id)
             if n % 100 == 0:
                 await asyncio.sleep(0)  # let the readers drain now and then
         await asyncio.wait_for(all_read.wait(), 30)
@@ -74,17 +69,21 @@ async def test_each_record_goes_to_exactly_one_listening_worker(pipe: tuple[int,
         for worker in workers:
             worker.close()
     every = [queue_id for bucket in seen for queue_id in bucket]
-    assert sorted(every) == sorted(ids)  # none lost, none twice, none torn
+    assert sorted(every) == sorted(queue_id for ids in rung for queue_id in ids)  # none lost or twice
+    for index in range(3):
+        assert not set(seen[index]) & set(rung[index])  # nobody reads its own records
+        assert len(seen[index]) == total // 3  # half of each of the two others' records
 
 
-def test_a_full_pipe_or_a_closed_doorbell_tells_the_caller_to_queue_it_itself(
-    pipe: tuple[int, int],
+def test_a_full_pipe_goes_to_the_next_worker_and_all_full_or_closed_means_queue_it_yourself(
+    pipes: list[tuple[int, int]],
 ) -> None:
-    doorbell = worker_end(pipe)
+    doorbell = worker_end(pipes, 0)
     rung = 0
-    while doorbell.ring(new_queue_id()):  # nobody reads: the pipe fills up
+    while doorbell.ring(new_queue_id()):  # nobody reads: both peers' pipes fill up
         rung += 1
         assert rung < 1_000_000
-    assert rung * RECORD >= 4096  # a pipe holds at least a page
+    assert rung * RECORD >= 2 * 4096  # a pipe holds at least a page, and both took records
+    assert len(os.read(pipes[1][0], 1 << 20)) >= 4096 and len(os.read(pipes[2][0], 1 << 20)) >= 4096
     doorbell.close()
     assert doorbell.ring(new_queue_id()) is False
