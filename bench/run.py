@@ -534,7 +534,8 @@ def prefill_spool(directory: Path, count: int) -> None:
                 helo="source.bench.test",
                 size=len(content),
             )
-            spool._write_file("deferred", entry, content, entry.next_attempt)  # the spool's own writer
+            # the spool's own writer (its commit path), straight into deferred/
+            spool._commit(entry, content, (str(spool.path("deferred", queue_id)),), entry.next_attempt)
     finally:
         spool.close()
     os.sync()

@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 
 MAX_MX_HOSTS = 10  # hosts of one domain tried per attempt
 MAX_ADDRESSES_PER_HOST = 4
+DEFERRED_SCAN_INTERVAL = 60.0  # list deferred/ at least this often (sooner when something is due)
 IN_FLOW_DELAY = 1.0  # seconds the front may hold one 250 while new mail piles up (Postfix's default)
 DELAY_WARNING_AFTER = 4 * 3600.0  # NOTIFY=DELAY: report a recipient still deferred after this long
 UNROUTED = "(none)"
@@ -129,6 +130,13 @@ class Scheduler:
         # next-attempt times of deferred messages seen by the last scan (ids and floats only:
         # the queue itself stays on disk); a rescan stats only names it has not seen
         self._known_due: dict[str, float] = {}
+        # deferred/ is listed (O(queue)) only when something there may be due: at the earliest
+        # due time the last listing saw, at the earliest of this process's own deferrals since,
+        # and at least every DEFERRED_SCAN_INTERVAL (other workers' deferrals); incoming/ is
+        # listed at every scan
+        self._deferred_scan_at = 0.0
+        self._listed_next_due: float | None = None
+        self._own_next_due: float | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._wake: asyncio.Event | None = None
@@ -279,12 +287,24 @@ class Scheduler:
         else:
             self._idle.event.set()
 
-    def _scan_dirs(self) -> tuple[list[str], float | None, dict[str, int]]:
-        """Ids in incoming/ and due in deferred/, the next due time, and the queue depth.
-        Blocking directory walks: run in a thread."""
+    def _next_deferred_scan(self) -> float:
+        """When deferred/ must be listed next (clock time)."""
+        times = (self._deferred_scan_at, self._listed_next_due, self._own_next_due)
+        return min(t for t in times if t is not None)
+
+    def _deferred_here(self, next_attempt: float) -> None:
+        """This process deferred a message: list deferred/ again when it comes due."""
+        if self._own_next_due is None or next_attempt < self._own_next_due:
+            self._own_next_due = next_attempt
+
+    def _scan_dirs(self, full: bool = True) -> tuple[list[str], float | None, dict[str, int]]:
+        """Ids in incoming/ and (when `full`) due in deferred/, the next due time there, and the
+        queue depth. Blocking directory walks: run in a thread."""
         now = self._clock()
         ids = self._spool.ids("incoming")
         next_due: float | None = None
+        if not full:
+            return ids, None, self._spool.depth()
         seen: dict[str, float] = {}
         for queue_id, due in self._spool.scan_deferred(self._known_due):
             if due <= now:
@@ -296,21 +316,33 @@ class Scheduler:
         self._known_due = seen
         return ids, next_due, self._spool.depth()
 
-    def _scan(self) -> float | None:
-        """Queue everything in incoming/ and everything due in deferred/; return the next due time."""
+    def _scan(self) -> None:
+        """Queue everything in incoming/ and everything due in deferred/ (at start)."""
+        now = self._clock()
         ids, next_due, depth = self._scan_dirs()
+        self._listed(now, next_due, self._own_next_due)
         for queue_id in ids:
             self._enqueue(queue_id)
         for state, count in depth.items():
             metrics.QUEUE_DEPTH.labels(state=state).set(count)
-        return next_due
+
+    def _listed(self, started: float, next_due: float | None, own_before: float | None) -> None:
+        """Deferred/ was listed (the listing began at `started`)."""
+        self._deferred_scan_at = started + DEFERRED_SCAN_INTERVAL
+        self._listed_next_due = next_due
+        if self._own_next_due == own_before:  # no deferral of ours since the listing began
+            self._own_next_due = None
 
     async def _scan_loop(self) -> None:
         assert self._wake is not None
         while not self._stopping:
-            next_due: float | None = None
             try:
-                ids, next_due, depth = await asyncio.to_thread(self._scan_dirs)
+                now = self._clock()
+                full = now >= self._next_deferred_scan()
+                own_before = self._own_next_due
+                ids, next_due, depth = await asyncio.to_thread(self._scan_dirs, full)
+                if full:
+                    self._listed(now, next_due, own_before)
                 for queue_id in ids:
                     self._enqueue(queue_id)
                 for state, count in depth.items():
@@ -318,9 +350,7 @@ class Scheduler:
                 self._client.prune()
             except Exception:
                 log.exception("spool scan failed")
-            delay = self._scan_interval
-            if next_due is not None:
-                delay = min(delay, max(0.05, next_due - self._clock()))
+            delay = min(self._scan_interval, max(0.05, self._next_deferred_scan() - self._clock()))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
@@ -383,6 +413,7 @@ class Scheduler:
             await self._spool.defer(
                 entry.with_changes(attempts=attempts, next_attempt=next_attempt), message.content
             )
+            self._deferred_here(next_attempt)
             return
         except SpoolError as exc:
             log.error("[%s] could not write the deferral: %s", entry.queue_id, exc)
@@ -402,6 +433,7 @@ class Scheduler:
                 await asyncio.sleep(delay)
                 next_attempt = self._clock() + delay
                 continue
+            self._deferred_here(next_attempt)
             log.warning("[%s] deferred unchanged (attempt %d) after a spool error", entry.queue_id, attempts)
             return
 
@@ -476,6 +508,7 @@ class Scheduler:
             dsn_sent=tuple(dict.fromkeys((*entry.dsn_sent, *warned))),
         )
         await self._spool.defer(updated, message.content)
+        self._deferred_here(updated.next_attempt)
         log.info(
             "[%s] deferred %d recipients until %s (attempt %d): %s",
             entry.queue_id,

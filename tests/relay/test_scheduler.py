@@ -16,9 +16,9 @@ from prometheus_client import REGISTRY
 
 from relay.config import RelayConfig, parse_config
 from relay.model import Envelope, QueueEntry, Recipient
-from relay.scheduler import Scheduler
+from relay.scheduler import DEFERRED_SCAN_INTERVAL, Scheduler
 from relay.spool import Spool, new_queue_id
-from tests.relay.apphelp import free_port
+from tests.relay.apphelp import free_port, until
 from tests.relay.dnsserver import DnsServer
 from tests.relay.smtpsink import SmtpSink
 
@@ -369,6 +369,54 @@ async def test_4xx_then_success_after_backoff(h: Harness) -> None:
     assert sink.recipients == ["a@dest.test"]
     assert h.spool.read(queue_id) is None
     assert scheduler.stats["deferred"] == 1 and scheduler.stats["delivered"] == 1
+
+
+async def test_a_deep_deferred_queue_is_listed_only_when_something_may_be_due(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """incoming/ is listed at every scan; deferred/ (O(queue) to list) only at the earliest due
+    time seen, after this process's own deferrals come due, and every DEFERRED_SCAN_INTERVAL."""
+    sink = await h.sink()
+    config = make_config(h.tmp_path, [{"name": "all", "nextHop": relay_hop(sink.port)}])
+    for _ in range(20):  # deferred by another worker until T0 + 3600
+        queue_id = await store(h.spool, ["a@dest.test"])
+        message = await h.spool.claim(queue_id)
+        assert message is not None
+        await h.spool.defer(message.entry.with_changes(attempts=1, next_attempt=T0 + 3600), message.content)
+    listings = {"incoming": 0, "deferred": 0}
+    scans = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    real_ids, real_scan_deferred = h.spool.ids, h.spool.scan_deferred
+
+    def ids(state: str) -> list[str]:
+        listings[state] += 1
+        loop.call_soon_threadsafe(scans.set)
+        return real_ids(state)
+
+    def scan_deferred(known: Any = None) -> Any:
+        listings["deferred"] += 1
+        return real_scan_deferred(known)
+
+    monkeypatch.setattr(h.spool, "ids", ids)
+    monkeypatch.setattr(h.spool, "scan_deferred", scan_deferred)
+
+    async def scan_loop_runs(times: int) -> None:
+        seen = listings["incoming"]
+        while listings["incoming"] < seen + times:
+            scans.clear()
+            await asyncio.wait_for(scans.wait(), 30)
+
+    scheduler = Scheduler(config, h.spool, clock=h.clock, scan_interval=0.01)
+    h.schedulers.append(scheduler)
+    await scheduler.start()
+    await scan_loop_runs(5)
+    assert listings["deferred"] == 1  # the listing at start, then incoming/ only
+    h.clock.now = T0 + DEFERRED_SCAN_INTERVAL  # other workers may have deferred mail since
+    await scan_loop_runs(5)
+    assert listings["deferred"] == 2 and sink.messages == []
+    h.clock.now = T0 + 3600  # the earliest due time seen
+    await until(lambda: len(sink.messages) == 20)
+    assert listings["deferred"] >= 3
 
 
 async def test_backoff_grows_exponentially(h: Harness) -> None:
