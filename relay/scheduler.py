@@ -31,6 +31,12 @@ Limits: at most ``queue.maxConcurrency`` messages in flight per process, at most
 ``queue.maxPerDestination`` connections (and transactions) per SMTP destination or gateway.
 Connections are pooled in relay.delivery and reused across messages.
 
+Rescans: incoming/ every few seconds (a safety net; fronts notify new mail at once); deferred/,
+whose listing costs O(queue), only when something there may be due: at the earliest due time
+the last listing saw, when this process's own deferrals come due, and every
+`DEFERRED_SCAN_INTERVAL` for other workers' deferrals (measured: listing a 100,000-message
+queue every 5 s made the per-message cost grow 1.33x from 10,000 to 100,000 queued).
+
 Intake flow control (Postfix's ``in_flow_delay``): when more than ``queue.maxConcurrency`` new
 messages wait for a delivery slot, `room_for_intake` holds the front's 250 until one is taken,
 for at most `IN_FLOW_DELAY` seconds per message. The message is already durable; the clients
