@@ -33,6 +33,21 @@ MAX_LINE = 998
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 
 
+def has_line_longer_than(region: bytes, limit: int) -> bool:
+    """Whether a line of `region` (complete CRLF lines) has more than `limit` octets before its
+    CRLF. Jumps from line start to the last CRLF within the next ``limit + 2`` octets, so a
+    100 KB region of short lines costs about a hundred searches, not a split into 1,300 lines."""
+    rfind = region.rfind
+    size = len(region)
+    start = 0
+    while size - start > limit:
+        end = rfind(b"\r\n", start, start + limit + 2)
+        if end < 0:
+            return True
+        start = end + 2
+    return False
+
+
 class DataDecoder:
     """Incremental decoder for one DATA transfer. Feed chunks until `feed` returns >= 0."""
 
@@ -118,7 +133,7 @@ class DataDecoder:
         if region.count(b"\r") != crlf or region.count(b"\n") != crlf:
             region = _ANY_NEWLINE.sub(b"\r\n", region)
             self.normalized = True
-        if len(region) > self.max_line + 2 and max(map(len, region.split(b"\r\n"))) > self.max_line:
+        if has_line_longer_than(region, self.max_line):
             self._fail(status.DATA_LINE_TOO_LONG)
             return
         self.size += len(region)

@@ -22,7 +22,7 @@ from relay.received import (
     protocol_name,
     submission_headers,
 )
-from relay.smtp_data import DataDecoder
+from relay.smtp_data import DataDecoder, has_line_longer_than
 from relay.smtp_syntax import (
     CommandError,
     check_command_line,
@@ -363,3 +363,13 @@ def test_password_hashes() -> None:
     for bad in ("alice", "alice:{MD5}abc", "alice:{PBKDF2-SHA256}x$y"):
         with pytest.raises(UsersFileError, match="line 1"):
             parse_users(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=1100), min_size=1, max_size=40),
+    st.sampled_from([5, 998, 1000]),
+)
+def test_long_line_check_agrees_with_splitting_the_region(lengths: list[int], limit: int) -> None:
+    region = b"".join(b"y" * n + b"\r\n" for n in lengths)
+    assert has_line_longer_than(region, limit) == (max(lengths) > limit)
