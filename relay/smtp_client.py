@@ -289,9 +289,7 @@ class SmtpConnection(asyncio.Protocol):
             self._parser.clear()
             self._fail(SmtpProtocolError(f"unsolicited reply from the server: {last}"))
             return
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()  # a reader, or a content write waiting to drain (an early final reply)
 
     def eof_received(self) -> bool | None:
         return False  # close the transport; connection_lost reports it
@@ -330,6 +328,8 @@ class SmtpConnection(asyncio.Protocol):
                 future.set_result(None)
 
     def _expire(self, what: str) -> None:
+        if self._parser.replies:  # the reply came in the same loop iteration as the timer
+            return
         self._fail(SmtpTimeout(f"timed out waiting for {what}"))
 
     @property
@@ -409,7 +409,7 @@ class SmtpConnection(asyncio.Protocol):
             self._drain = None
             if handle is not None:
                 handle.cancel()
-        if self._error is not None:
+        if self._error is not None and not self._parser.replies:
             raise self._error
 
     async def command(self, line: bytes, timeout: float | None) -> Reply:  # noqa: ASYNC109 (a timer per reply; see the docstring)
@@ -644,8 +644,10 @@ class SmtpConnection(asyncio.Protocol):
         await self._drained(data_timeout)
         # RFC 5321 4.5.3.2.6: wait long for the reply to the final dot (a retry would duplicate)
         replies.final = await self.read_reply(data_timeout, "the reply to the final dot")
-        if replies.final.code == 421:
-            self.close()
+        if replies.final.code == 421 or self._paused:
+            # closing, or the server answered before it read all the content (a 552 for a
+            # message too big, say): what is left in our buffer must never reach it as commands
+            self.abort()
 
     async def _discard_data(self, timeout: float | None) -> None:  # noqa: ASYNC109 (a timer per reply; see the docstring)
         """RFC 2920 3.1: DATA accepted with no valid recipient: end it with a lone dot."""

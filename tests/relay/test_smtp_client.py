@@ -549,6 +549,54 @@ async def test_large_content_goes_through_flow_control(client: SmtpClient, serve
     assert server.messages == [content]
 
 
+class EarlyRefusal(asyncio.Protocol):
+    """Takes the envelope, answers DATA with 354, reads one piece of the content, then answers
+    ``552`` before the final dot and stops reading (as a server does for a message too big)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.in_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(b"220 early.test ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.in_data:
+            self.transport.write(b"552 5.3.4 Message too big for this system\r\n")
+            self.transport.pause_reading()
+            return
+        self.buffer += data
+        while b"\r\n" in self.buffer and not self.in_data:
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            verb = line.split(b" ", 1)[0].upper()
+            if verb == b"EHLO":
+                self.transport.write(b"250-early.test\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                self.in_data = True
+                self.transport.write(b"354 go ahead\r\n")
+            else:
+                self.transport.write(b"250 2.0.0 ok\r\n")
+
+
+async def test_a_final_reply_before_the_content_is_read_is_the_outcome(client: SmtpClient) -> None:
+    """A 552 that arrives while the client still waits for its content to drain is the answer
+    to the message (a bounce), not a broken connection to retry, and that connection, with
+    content still unsent, is never used again."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(EarlyRefusal, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    content = b"".join(b"line %d of a message too big\r\n" % i for i in range(400_000))
+    try:
+        outcomes = await client.deliver(SmtpTarget("127.0.0.1", port), request(["a@d.test"], content))
+    finally:
+        server.close()
+    assert dispositions(outcomes) == [("bounced", "5.3.4", 552)]
+    assert client.idle_connections() == 0
+
+
 # --------------------------------------------------------------------------- session commands
 
 
