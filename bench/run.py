@@ -509,7 +509,7 @@ class _Group:
 
 def prefill_spool(directory: Path, count: int) -> None:
     """`count` deferred 2 KB messages (next attempt in an hour) written by relay.spool itself."""
-    from relay.model import Envelope, QueueEntry, Recipient
+    from relay.core.model import Envelope, QueueEntry, Recipient
     from relay.spool import Spool, new_queue_id
 
     spool = Spool(directory, fsync=False)

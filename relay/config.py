@@ -166,7 +166,7 @@ class TlsConfig(_Model):
 
 
 class AuthConfig(_Model):
-    """The users file: one ``user:hash`` per line (see relay.auth for the hash formats)."""
+    """The users file: one ``user:hash`` per line (see relay.users for the hash formats)."""
 
     users_file: Path
     max_failures: int = Field(

@@ -1,7 +1,7 @@
 """SMTP delivery (Postfix's smtp client): one transaction per call, on pooled connections.
 
 The scheduler calls `SmtpClient.deliver(target, request)` (or the `SmtpTransport` wrapper, which
-implements `relay.model.Transport` for relay and smarthost hops) and gets exactly one
+implements `relay.core.model.Transport` for relay and smarthost hops) and gets exactly one
 `RecipientOutcome` per requested recipient back. Nothing here raises for a delivery failure: a
 refused connection, a broken session or a timeout becomes deferred outcomes (4.4.1 / 4.4.2).
 
@@ -57,10 +57,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from relay import outcome
 from relay.config import QueueConfig, RelayHop, SmarthostHop
-from relay.dsn import as_xtext
-from relay.model import DeliveryRequest, Disposition, Envelope, Recipient, RecipientOutcome
+from relay.core import outcome
+from relay.core.dsn import as_xtext
+from relay.core.model import DeliveryRequest, Disposition, Envelope, Recipient, RecipientOutcome
 from relay.smtp_client import (
     Reply,
     SmtpConnection,
@@ -642,7 +642,7 @@ def is_connection_failure(result: RecipientOutcome) -> bool:
 
 
 class SmtpTransport:
-    """`relay.model.Transport` for one relay or smarthost hop, on a shared `SmtpClient`."""
+    """`relay.core.model.Transport` for one relay or smarthost hop, on a shared `SmtpClient`."""
 
     def __init__(self, client: SmtpClient, target: SmtpTarget) -> None:
         self.client = client

@@ -1,7 +1,7 @@
 """DNS adapter: MX and address lookups for direct delivery, on dnspython's async resolver.
 
 The scheduler asks `DnsResolver.mx(domain)` and `DnsResolver.addresses(host)` and hands the
-typed answers (relay.mx) to the pure MX planner. This module only talks DNS and maps
+typed answers (relay.core.mx) to the pure MX planner. This module only talks DNS and maps
 dnspython's exceptions onto `LookupStatus`: NXDOMAIN -> NXDOMAIN; NoAnswer -> NO_RECORDS;
 NoNameservers (every server answered SERVFAIL/REFUSED), timeouts and other resolver errors ->
 TEMPFAIL (RFC 5321 5.1: a temporary lookup failure must not bounce mail).
@@ -26,7 +26,7 @@ import dns.rdatatype
 import dns.resolver
 
 from relay.config import DnsConfig
-from relay.mx import AddressAnswer, LookupStatus, MxAnswer, MxRecord
+from relay.core.mx import AddressAnswer, LookupStatus, MxAnswer, MxRecord
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ Built on aiosmtpd 1.4.6's `SMTP` protocol class, which keeps the socket, STARTTL
 machinery; the command loop and every command the relay answers are ours, because aiosmtpd
 lets through what a relay must refuse (NOTES.md): bare LF line ends, NUL and control characters
 in addresses, ``RCPT TO:<>``, unlimited recipients and hops, open relaying, and DATA read line by
-line. The decisions themselves live in pure modules: `relay.smtp_syntax` (command syntax and
-parameters), `relay.smtp_data` (end of data, dot-unstuffing, normalisation, limits),
-`relay.addresses` (relay permission), `relay.routing.select_route` (RejectHop at RCPT),
-`relay.received` (trace header, hop count, submission headers), `relay.status` (replies).
+line. The decisions themselves live in pure modules: `relay.core.smtp_syntax` (command syntax and
+parameters), `relay.core.smtp_data` (end of data, dot-unstuffing, normalisation, limits),
+`relay.core.addresses` (relay permission), `relay.core.routing.select_route` (RejectHop at RCPT),
+`relay.core.received` (trace header, hop count, submission headers), `relay.core.status` (replies).
 
 Who calls it: relay.app creates one `Front` per process, `await front.start()`, swaps the
 configuration on reload with `update_config`, and on SIGTERM calls `await front.drain(grace)`.
@@ -16,7 +16,7 @@ configuration on reload with `update_config`, and on SIGTERM calls `await front.
 Choices worth knowing: a command line ended by a bare LF is refused with ``501 5.5.2`` and the
 connection closed (where the next command starts is ambiguous); a bare CR inside a CRLF line
 is refused with ``501 5.5.2`` and the session goes on. Bare CR/LF in message content is
-normalised to CRLF and NUL refuses the message (see relay.smtp_data). Every 5xx reply counts
+normalised to CRLF and NUL refuses the message (see relay.core.smtp_data). Every 5xx reply counts
 towards ``limits.maxErrors`` (then ``421 4.7.0`` and close); ``452 4.5.3`` does not. Connection
 limits are per process (with N workers the totals are N times larger). Recipients that match
 no route are refused at RCPT with ``550 5.4.4``; a RejectHop route answers with its own reply.
@@ -52,21 +52,21 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
-from relay import metrics, status
-from relay.addresses import (
+from relay import metrics
+from relay.config import ListenerConfig, RejectHop, RelayConfig, RouteConfig, TlsConfig
+from relay.core import status
+from relay.core.addresses import (
     RelayDecision,
     client_is_trusted,
     domain_of,
     postmaster_address,
     relay_permission,
 )
-from relay.auth import UserDatabase
-from relay.config import ListenerConfig, RejectHop, RelayConfig, RouteConfig, TlsConfig
-from relay.model import Envelope, QueueEntry, Recipient
-from relay.received import TraceInfo, build_received, count_received, protocol_name, submission_headers
-from relay.routing import select_route
-from relay.smtp_data import DataDecoder
-from relay.smtp_syntax import (
+from relay.core.model import Envelope, QueueEntry, Recipient
+from relay.core.received import TraceInfo, build_received, count_received, protocol_name, submission_headers
+from relay.core.routing import select_route
+from relay.core.smtp_data import DataDecoder
+from relay.core.smtp_syntax import (
     CommandError,
     MailParams,
     ParsedPath,
@@ -76,8 +76,9 @@ from relay.smtp_syntax import (
     parse_rcpt_params,
     valid_helo,
 )
+from relay.core.status import Reply, reject_reply, with_enhanced_code
 from relay.spool import Spool, SpoolError, SpoolFullError, new_queue_id
-from relay.status import Reply, reject_reply, with_enhanced_code
+from relay.users import UserDatabase
 
 log = logging.getLogger(__name__)
 

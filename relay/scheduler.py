@@ -13,16 +13,16 @@ The process shell (relay.app) builds one per worker process::
 One attempt at one message:
 1. claim it (an atomic rename into active/: worker processes sharing the spool never deliver
    the same message twice);
-2. route every pending recipient with the current route table (relay.routing) and group them
+2. route every pending recipient with the current route table (relay.core.routing) and group them
    by route and destination: one transaction per group, many RCPTs;
 3. try the route's hops in order (nextHop, then failover) for the recipients still deferred:
    a hop that is unreachable or answers 4xx passes its recipients to the next hop. For an MX
-   hop the domain's MX hosts (relay.mx, via relay.dns) are tried in order, every address of a
+   hop the domain's MX hosts (relay.core.mx, via relay.dns) are tried in order, every address of a
    host, the next one after a connection failure or a 4xx;
-4. record each recipient's outcome (relay.outcome): delivered and bounced recipients are done;
-   deferred ones are rescheduled with exponential backoff (relay.policy); after maxLifetime
+4. record each recipient's outcome (relay.core.outcome): delivered and bounced recipients are done;
+   deferred ones are rescheduled with exponential backoff (relay.core.policy); after maxLifetime
    they bounce with 4.4.7;
-5. write an RFC 3464 DSN (relay.dsn) for what is owed to the sender and store it in the spool as
+5. write an RFC 3464 DSN (relay.core.dsn) for what is owed to the sender and store it in the spool as
    a new message from ``<>`` (never about a message from ``<>``) *before* the original leaves
    active/ (a crash can duplicate a DSN, never lose one);
 6. ``spool.defer`` (next attempt time in the file's mtime) or ``spool.complete``.
@@ -60,12 +60,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from relay import dsn, metrics, outcome, policy, routing
-from relay import mx as mxplan
+from relay import metrics
 from relay.config import GatewayHop, MxHop, NextHop, RejectHop, RelayConfig, RelayHop, SmarthostHop
-from relay.delivery import SmtpClient, SmtpTarget, target_for_hop
-from relay.dns import DnsResolver, Resolver
-from relay.model import (
+from relay.core import dsn, outcome, policy, routing
+from relay.core import mx as mxplan
+from relay.core.model import (
     DeliveryRequest,
     Disposition,
     Message,
@@ -74,6 +73,8 @@ from relay.model import (
     RecipientOutcome,
     Transport,
 )
+from relay.delivery import SmtpClient, SmtpTarget, target_for_hop
+from relay.dns import DnsResolver, Resolver
 from relay.spool import CorruptEntryError, Spool, SpoolError, new_queue_id
 
 log = logging.getLogger(__name__)
@@ -632,7 +633,7 @@ class Scheduler:
         transport = self._gateways.get(key)
         if transport is None:
             try:
-                from relay.gateway import build_gateway
+                from relay.gateways import build_gateway
 
                 transport = build_gateway(hop, self._config)
             except Exception as exc:

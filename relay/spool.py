@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.model import Message, QueueEntry
+from relay.core.model import Message, QueueEntry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

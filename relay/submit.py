@@ -8,7 +8,7 @@ SIZE (RFC 1870) when useful. It sends RCPT for each recipient separately and rep
 so one refused recipient does not hide the others, and it sends DATA when at least one recipient
 was accepted.
 
-Called by `relay.cli_send`; it decides nothing about the message (that is `relay.compose`) and
+Called by `relay.cli.send`; it decides nothing about the message (that is `relay.core.compose`) and
 prints nothing (progress goes to a callback). Failures that stop the whole submission (cannot
 connect, TLS, AUTH, sender refused, missing extension, connection lost) raise `SubmitError` with
 the library exception chained; per-recipient refusals are values in the `SubmitResult`.
@@ -27,7 +27,7 @@ from typing import Literal
 
 import aiosmtplib
 
-from relay.compose import Submission
+from relay.core.compose import Submission
 
 TlsChoice = Literal["none", "starttls", "implicit"]
 Progress = Callable[[int, int], None]  # (bytes sent, total bytes)

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from relay.addresses import domain_matches
 from relay.config import ConfigError, RelayConfig, dump_config, parse_config
+from relay.core.addresses import domain_matches
 from relay_operator import naming
 from relay_operator.spec import (
     HopSpec,
@@ -272,7 +272,7 @@ def _route_matches(route: RelayRoute, recipient: str, sender: str | None) -> boo
     if match.recipient_domains and not any(domain_matches(recipient, p) for p in match.recipient_domains):
         return False
     if match.sender_domains:
-        # As relay.routing.route_matches: "*" matches every sender, the null sender included.
+        # As relay.core.routing.route_matches: "*" matches every sender, the null sender included.
         return "*" in match.sender_domains or (
             sender is not None and any(domain_matches(sender, p) for p in match.sender_domains)
         )

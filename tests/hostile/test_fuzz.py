@@ -28,9 +28,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.addresses import has_routing_characters, relay_permission
-from relay.smtp_data import DataDecoder
-from relay.smtp_syntax import (
+from relay.core.addresses import has_routing_characters, relay_permission
+from relay.core.smtp_data import DataDecoder
+from relay.core.smtp_syntax import (
     CommandError,
     check_command_line,
     parse_mail_params,

@@ -12,10 +12,10 @@ from typing import Any
 
 import trustme
 
-from relay.auth import hash_password
 from relay.config import RelayConfig, parse_config
 from relay.front import Front
 from relay.spool import Spool
+from relay.users import hash_password
 
 BASE_ROUTES = [
     {"name": "all-mx", "nextHop": {"kind": "mx"}},

@@ -1,4 +1,4 @@
-"""relay.compose: message structure, attachments, envelope rules, .eml passthrough."""
+"""relay.core.compose: message structure, attachments, envelope rules, .eml passthrough."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from email.parser import BytesParser
 
 import pytest
 
-from relay.compose import (
+from relay.core.compose import (
     Attachment,
     ComposeError,
     compose,

@@ -20,15 +20,7 @@ import uvloop
 
 from relay import delivery
 from relay.config import QueueConfig, SmarthostHop
-from relay.delivery import (
-    SmtpClient,
-    SmtpTarget,
-    SmtpTransport,
-    downgrade_8bit,
-    orcpt_param,
-    target_for_hop,
-)
-from relay.model import (
+from relay.core.model import (
     DeliveryRequest,
     Disposition,
     Envelope,
@@ -36,6 +28,14 @@ from relay.model import (
     QueueEntry,
     Recipient,
     RecipientOutcome,
+)
+from relay.delivery import (
+    SmtpClient,
+    SmtpTarget,
+    SmtpTransport,
+    downgrade_8bit,
+    orcpt_param,
+    target_for_hop,
 )
 from tests.relay.smtpsink import SmtpSink, _Handler, _SinkSMTP
 from tests.relay.test_scheduler import free_port

@@ -1,4 +1,4 @@
-"""relay.dsn: which reports are owed (RFC 3461) and what the report looks like (RFC 3464)."""
+"""relay.core.dsn: which reports are owed (RFC 3461) and what the report looks like (RFC 3464)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import email.policy
 
 import pytest
 
-from relay import outcome
-from relay.dsn import (
+from relay.core import outcome
+from relay.core.dsn import (
     FULL_RETURN_LIMIT,
     Report,
     action_for,
@@ -21,7 +21,7 @@ from relay.dsn import (
     xtext_decode,
     xtext_encode,
 )
-from relay.model import Envelope, QueueEntry, Recipient, RecipientOutcome
+from relay.core.model import Envelope, QueueEntry, Recipient, RecipientOutcome
 
 NOW = 1_700_000_100.0
 CONTENT = b"From: s@sender.test\r\nTo: a@d.test\r\nSubject: hello\r\n\r\nbody text\r\n"

@@ -11,19 +11,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import status
-from relay.addresses import client_is_trusted, has_routing_characters, postmaster_address, relay_permission
-from relay.auth import UsersFileError, hash_password, parse_users, verify_password
 from relay.config import parse_config
-from relay.received import (
+from relay.core import status
+from relay.core.addresses import (
+    client_is_trusted,
+    has_routing_characters,
+    postmaster_address,
+    relay_permission,
+)
+from relay.core.received import (
     TraceInfo,
     build_received,
     count_received,
     protocol_name,
     submission_headers,
 )
-from relay.smtp_data import DataDecoder, has_line_longer_than
-from relay.smtp_syntax import (
+from relay.core.smtp_data import DataDecoder, has_line_longer_than
+from relay.core.smtp_syntax import (
     CommandError,
     check_command_line,
     parse_mail_params,
@@ -31,7 +35,8 @@ from relay.smtp_syntax import (
     parse_rcpt_params,
     xtext_decode,
 )
-from relay.status import with_enhanced_code
+from relay.core.status import with_enhanced_code
+from relay.users import UsersFileError, hash_password, parse_users, verify_password
 
 ACCEPT = ["example.com", "*.corp.example"]
 

@@ -24,8 +24,7 @@ import trustme
 from aiohttp import web
 
 from relay.config import GatewayHop, RelayConfig, parse_config
-from relay.gateway import MaildirTransport, build_gateway, folder_name, maildir_for
-from relay.model import (
+from relay.core.model import (
     DeliveryRequest,
     Disposition,
     Envelope,
@@ -35,6 +34,7 @@ from relay.model import (
     RecipientOutcome,
     Transport,
 )
+from relay.gateways import MaildirTransport, build_gateway, folder_name, maildir_for
 
 CONTENT = (
     b"From: Alice <alice@example.org>\r\n"
@@ -350,8 +350,8 @@ _MOUNT_HELPER = textwrap.dedent(
     """
     import asyncio, json, sys
     from relay.config import GatewayHop, parse_config
-    from relay.gateway import build_gateway
-    from relay.model import DeliveryRequest, Envelope, Message, QueueEntry, Recipient
+    from relay.gateways import build_gateway
+    from relay.core.model import DeliveryRequest, Envelope, Message, QueueEntry, Recipient
 
     path, size = sys.argv[1], int(sys.argv[2])
     rcpt = (Recipient("bob@example.net"),)

@@ -1,4 +1,4 @@
-"""relay.mx (pure planning) and relay.dns (the resolver adapter) against a real DNS server."""
+"""relay.core.mx (pure planning) and relay.dns (the resolver adapter) against a real DNS server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import random
 import pytest
 
 from relay.config import DnsConfig
-from relay.dns import DnsResolver, parse_nameserver
-from relay.mx import (
+from relay.core.mx import (
     AddressAnswer,
     LookupStatus,
     MxAnswer,
@@ -21,6 +20,7 @@ from relay.mx import (
     order_hosts,
     plan_mx,
 )
+from relay.dns import DnsResolver, parse_nameserver
 from tests.relay.dnsserver import DnsServer
 
 OK = LookupStatus.OK

@@ -1,11 +1,11 @@
-"""relay.outcome: reply codes to per-recipient outcomes."""
+"""relay.core.outcome: reply codes to per-recipient outcomes."""
 
 from __future__ import annotations
 
 import pytest
 
-from relay import outcome
-from relay.model import Disposition, Recipient
+from relay.core import outcome
+from relay.core.model import Disposition, Recipient
 
 R = Recipient("a@d.test")
 

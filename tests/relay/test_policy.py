@@ -1,11 +1,11 @@
-"""relay.policy: exponential backoff between min and max, lifetime expiry."""
+"""relay.core.policy: exponential backoff between min and max, lifetime expiry."""
 
 from __future__ import annotations
 
 import pytest
 
 from relay.config import RetryPolicyConfig
-from relay.policy import backoff, expires_at, is_expired, next_attempt
+from relay.core.policy import backoff, expires_at, is_expired, next_attempt
 
 POLICY = RetryPolicyConfig(min_backoff=300, max_backoff=3600, max_lifetime=5 * 86400)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
-from relay.auth import verify_password
 from relay.cli import main
-from relay.model import Disposition, Envelope, QueueEntry, Recipient, RecipientOutcome
+from relay.core.model import Disposition, Envelope, QueueEntry, Recipient, RecipientOutcome
 from relay.spool import Spool, new_queue_id
+from relay.users import verify_password
 
 
 def fill_spool(directory: Path) -> tuple[str, str]:

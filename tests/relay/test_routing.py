@@ -1,4 +1,4 @@
-"""relay.routing: route selection and grouping, as tables."""
+"""relay.core.routing: route selection and grouping, as tables."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from relay.config import RelayConfig, RouteConfig, parse_config
-from relay.model import Recipient
-from relay.routing import plan_routes, route_hops, select_route
+from relay.core.model import Recipient
+from relay.core.routing import plan_routes, route_hops, select_route
 
 
 def config(routes: list[dict[str, Any]]) -> RelayConfig:

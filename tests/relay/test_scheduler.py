@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from relay.config import RelayConfig, parse_config
-from relay.model import Envelope, QueueEntry, Recipient
+from relay.core.model import Envelope, QueueEntry, Recipient
 from relay.scheduler import DEFERRED_SCAN_INTERVAL, Scheduler
 from relay.spool import Spool, new_queue_id
 from tests.relay.apphelp import free_port, until

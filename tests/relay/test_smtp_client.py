@@ -21,8 +21,8 @@ import uvloop
 
 from relay import smtp_client
 from relay.config import QueueConfig
+from relay.core.model import DeliveryRequest, Envelope, Message, QueueEntry, Recipient, RecipientOutcome
 from relay.delivery import SmtpClient, SmtpTarget
-from relay.model import DeliveryRequest, Envelope, Message, QueueEntry, Recipient, RecipientOutcome
 from relay.smtp_client import (
     Reply,
     ReplyParser,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.model import Envelope, QueueEntry, Recipient
+from relay.core.model import Envelope, QueueEntry, Recipient
 from relay.spool import (
     CorruptEntryError,
     Spool,

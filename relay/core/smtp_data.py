@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import re
 
-from relay import status
-from relay.status import Reply
+from relay.core import status
+from relay.core.status import Reply
 
 END = b"\r\n.\r\n"
 MAX_LINE = 998

@@ -40,7 +40,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from typing import Literal
 
-from relay.model import Disposition, Envelope, QueueEntry, Recipient, RecipientOutcome
+from relay.core.model import Disposition, Envelope, QueueEntry, Recipient, RecipientOutcome
 
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 

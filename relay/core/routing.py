@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from relay.addresses import domain_matches, split_address
 from relay.config import (
     GatewayHop,
     MxHop,
@@ -32,7 +31,8 @@ from relay.config import (
     RouteConfig,
     SmarthostHop,
 )
-from relay.model import Recipient
+from relay.core.addresses import domain_matches, split_address
+from relay.core.model import Recipient
 
 
 def _domain(address: str) -> str:

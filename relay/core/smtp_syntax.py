@@ -22,8 +22,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from relay import status
-from relay.status import Reply
+from relay.core import status
+from relay.core.status import Reply
 
 
 class CommandError(ValueError):

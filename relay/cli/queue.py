@@ -1,17 +1,12 @@
-"""Data-plane commands: ``mailrelay relay`` (run one relay), ``mailrelay queue`` (inspect and
-manage a relay's spool, safe while the relay runs) and ``mailrelay hash-password`` (a line for
-the users file).
+"""``mailrelay queue``: list, show, retry, hold and delete a relay's queued mail, safe while the
+relay runs (the spool's own admin operations decide; this module parses and prints).
 
-Parsing arguments and printing only; the work is in relay.app, relay.spool and relay.auth.
-Heavy modules are imported inside the commands so ``mailrelay --help`` stays fast.
-Exit status: 0 done, 1 the thing asked for does not exist or failed, 2 usage or config error.
+Exit status: 0 done, 1 the message does not exist or the action failed, 2 usage or config error.
 """
 
 from __future__ import annotations
 
 import json
-import signal
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,49 +14,9 @@ from typing import Any, TypeVar
 
 import click
 
-from relay.config import ConfigError, load_config
+from relay.cli.run import load_or_exit
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _load_or_exit(path: Path, what: str) -> Any:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        click.echo(f"mailrelay {what}: invalid configuration {exc}", err=True)
-        raise SystemExit(2) from exc
-
-
-# ----------------------------------------------------------------------------- relay
-
-
-@click.command("relay")
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="The relay configuration (YAML), e.g. examples/standalone/relay.yaml.",
-)
-@click.option(
-    "--grace",
-    default=25.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Seconds to finish transactions and deliveries after SIGTERM.",
-)
-def relay_command(config_path: Path, grace: float) -> None:
-    """Run one relay process from a config file (what each relay pod runs).
-
-    Reloads the file on SIGHUP and when it changes; stops cleanly on SIGTERM.
-    """
-    # A SIGHUP before the event loop installs its handler must not kill a starting relay (nor a
-    # starting worker, which inherits the disposition); the file is read after this point anyway.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    config = _load_or_exit(config_path, "relay")
-    from relay.app import run_relay
-
-    raise SystemExit(run_relay(config_path, config, grace=grace))
 
 
 # ----------------------------------------------------------------------------- queue
@@ -89,7 +44,7 @@ def _open_spool(config_path: Path | None, spool_dir: Path | None) -> Any:
     if (config_path is None) == (spool_dir is None):
         click.echo("mailrelay queue: give exactly one of --config FILE or --spool DIR", err=True)
         raise SystemExit(2)
-    directory = spool_dir if spool_dir is not None else _load_or_exit(config_path, "queue").queue.directory  # type: ignore[arg-type]
+    directory = spool_dir if spool_dir is not None else load_or_exit(config_path, "queue").queue.directory  # type: ignore[arg-type]
     if not Path(directory).is_dir():
         click.echo(f"mailrelay queue: no queue directory at {directory}", err=True)
         raise SystemExit(1)
@@ -103,7 +58,7 @@ def _when(epoch: float) -> str:
 
 
 def _last_error(entry: Any) -> str:
-    from relay.model import Disposition
+    from relay.core.model import Disposition
 
     deferred = [o for o in entry.results if o.disposition is Disposition.DEFERRED]
     if not deferred:
@@ -289,24 +244,3 @@ def queue_hold(queue_id: str, config_path: Path | None, spool_dir: Path | None) 
 def queue_delete(queue_id: str, config_path: Path | None, spool_dir: Path | None) -> None:
     """Remove a waiting message without delivering it and without a bounce."""
     _admin("delete", queue_id, config_path, spool_dir)
-
-
-# ----------------------------------------------------------------------------- hash-password
-
-
-@click.command("hash-password")
-@click.option("--user", help="Print a whole users-file line 'user:{PBKDF2-SHA256}...'.")
-@click.option("--iterations", default=None, type=click.IntRange(min=1000), help="PBKDF2 iterations.")
-def hash_password_command(user: str | None, iterations: int | None) -> None:
-    """Hash a password for the users file (prompted, or one line on standard input)."""
-    from relay.auth import DEFAULT_ITERATIONS, hash_password
-
-    if sys.stdin.isatty():
-        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        click.echo("mailrelay hash-password: empty password", err=True)
-        raise SystemExit(2)
-    hashed = hash_password(password, iterations=iterations or DEFAULT_ITERATIONS)
-    click.echo(f"{user}:{hashed}" if user else hashed)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from relay.model import Disposition, Recipient, RecipientOutcome
+from relay.core.model import Disposition, Recipient, RecipientOutcome
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 

@@ -1,6 +1,6 @@
 """`mailrelay send`: the user agent's command line.
 
-Parses options, reads the files they name, asks `relay.compose` for the message and envelope
+Parses options, reads the files they name, asks `relay.core.compose` for the message and envelope
 (or loads an .eml as is) and `relay.submit` to hand it to a relay; prints one line per recipient
 and exits 0 when every recipient was accepted, 1 when any was refused or the submission failed,
 2 for usage errors (with a message that says what to do). The password comes from an
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from relay.compose import Attachment, ComposeError, Submission, compose, load_eml, parse_header_option
+from relay.core.compose import Attachment, ComposeError, Submission, compose, load_eml, parse_header_option
 from relay.submit import Progress, ServerOptions, SubmitError, TlsChoice, submit
 
 PROGRESS_THRESHOLD = 1024 * 1024  # show progress for messages of at least 1 MiB

@@ -15,8 +15,9 @@ from importlib.metadata import entry_points
 import click
 
 from relay import __version__
-from relay.cli_relay import hash_password_command, queue_group, relay_command
-from relay.cli_send import send_command
+from relay.cli.queue import queue_group
+from relay.cli.run import hash_password_command, relay_command
+from relay.cli.send import send_command
 
 
 class _Group(click.Group):

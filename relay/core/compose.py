@@ -19,7 +19,7 @@ quoted-printable or base64, so no 8BITMIME is needed.
 Pure: no sockets, no file reads (callers pass attachment bytes), no clock unless the caller omits
 ``date`` (then now) and no randomness unless the caller omits ``message_id``: MIME boundaries
 are derived from a hash of the content, so the same input composes to the same bytes. Called by
-`relay.cli_send` and by any program or test that needs a message; it never sends anything.
+`relay.cli.send` and by any program or test that needs a message; it never sends anything.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, getaddresses, make_msgid, parseaddr
 
-from relay.addresses import split_address
+from relay.core.addresses import split_address
 
 __all__ = [
     "Attachment",

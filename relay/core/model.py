@@ -29,7 +29,7 @@ class Recipient:
     notify: tuple[str, ...] = ()  # NEVER | SUCCESS, FAILURE, DELAY; empty = not given
     # RFC 3461 4.2 ORCPT as received on the wire: "addr-type;xtext" with the type lower-cased
     # and the address still xtext-encoded ("rfc822;user+2Btag@example.com"); relay.delivery
-    # passes it on unchanged and relay.dsn decodes it for Original-Recipient.
+    # passes it on unchanged and relay.core.dsn decodes it for Original-Recipient.
     orcpt: str | None = None
 
     def to_json(self) -> dict[str, Any]:
