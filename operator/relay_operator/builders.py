@@ -17,13 +17,14 @@ Rules that shape the pods:
   allows a client 10 minutes after the final dot; the relay stops accepting at SIGTERM and
   finishes what is in flight);
 - the spool volume claims are retained when the relay is scaled down or deleted: queued mail
-  is never deleted by the operator.
+  is never deleted by the operator (``persistentVolumeClaimRetentionPolicy`` says so where the
+  server serves it, from 1.27; older servers always retain them, see `for_server`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from relay import __version__
@@ -45,6 +46,18 @@ class BuildOptions:
     image: str = DEFAULT_IMAGE
     image_pull_policy: str | None = None
     termination_grace_period_seconds: int = 120
+    # persistentVolumeClaimRetentionPolicy is served from Kubernetes 1.27 on (beta, on by default);
+    # 1.25 and 1.26 drop it unless a feature gate is on, and retain the claims anyway.
+    pvc_retention_policy: bool = True
+
+
+def for_server(options: BuildOptions, version: tuple[int, int] | None) -> BuildOptions:
+    """`options` for an API server of `version` (major, minor): below 1.27 the StatefulSet's
+    persistentVolumeClaimRetentionPolicy is not sent (the server would drop it, and a field that
+    never reads back would look like drift on every pass; those servers retain claims anyway)."""
+    if version is not None and version < (1, 27):
+        return replace(options, pvc_retention_policy=False)
+    return options
 
 
 def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -197,15 +210,25 @@ def _quantity(value: str | int) -> str:
     return str(value)
 
 
-def build_statefulset(
-    plan: RelayPlan, options: BuildOptions = BuildOptions(), owners: Sequence[Mapping[str, Any]] = ()
+def _resources(plan: RelayPlan) -> dict[str, dict[str, str]]:
+    """The relay container's requests and limits: the spec's, else the defaults."""
+    spec_resources = plan.relay.spec.resources
+    resources: Mapping[str, Mapping[str, Any]] = DEFAULT_RESOURCES
+    if spec_resources is not None and (spec_resources.requests or spec_resources.limits):
+        resources = {
+            key: {k: _quantity(v) for k, v in value.items()}
+            for key, value in (("requests", spec_resources.requests), ("limits", spec_resources.limits))
+            if value
+        }
+    return {key: dict(value) for key, value in resources.items()}
+
+
+def _relay_container(
+    plan: RelayPlan, options: BuildOptions, secret_mounts: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
-    """The relay pods: one spool volume claim per pod, config and Secrets mounted as files."""
-    relay = plan.relay
-    spec = relay.spec
-    name = relay.key.name
+    """The one container of a relay pod: the relay process, its probes, mounts and limits."""
+    spec = plan.relay.spec
     context = plan.context
-    secret_volumes, secret_mounts = _secret_volumes(plan)
     container_ports = [
         {"name": port_name, "containerPort": container, "protocol": "TCP"}
         for port_name, _, container in _listener_ports(plan)
@@ -213,13 +236,6 @@ def build_statefulset(
     container_ports.append(
         {"name": naming.METRICS_PORT_NAME, "containerPort": context.metrics_port, "protocol": "TCP"}
     )
-    resources: Mapping[str, Any] = DEFAULT_RESOURCES
-    if spec.resources is not None and (spec.resources.requests or spec.resources.limits):
-        resources = {
-            key: {k: _quantity(v) for k, v in value.items()}
-            for key, value in (("requests", spec.resources.requests), ("limits", spec.resources.limits))
-            if value
-        }
     container: dict[str, Any] = {
         "name": naming.CONTAINER_NAME,
         "image": spec.image or options.image,
@@ -239,7 +255,7 @@ def build_statefulset(
             "timeoutSeconds": 5,
             "failureThreshold": 6,
         },
-        "resources": {key: dict(value) for key, value in resources.items()},
+        "resources": _resources(plan),
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -256,6 +272,11 @@ def build_statefulset(
     pull_policy = spec.image_pull_policy or options.image_pull_policy
     if pull_policy:
         container["imagePullPolicy"] = pull_policy
+    return container
+
+
+def _pod_security_context(plan: RelayPlan) -> dict[str, Any]:
+    """Non-root with the image's user; low listener ports through the namespaced sysctl."""
     pod_security: dict[str, Any] = {
         "runAsNonRoot": True,
         "runAsUser": RELAY_UID,
@@ -267,12 +288,20 @@ def build_statefulset(
     lowest = min(port for _, _, port in _listener_ports(plan))
     if lowest < 1024:
         pod_security["sysctls"] = [{"name": "net.ipv4.ip_unprivileged_port_start", "value": str(lowest)}]
+    return pod_security
+
+
+def _pod_spec(plan: RelayPlan, options: BuildOptions) -> dict[str, Any]:
+    """The relay pod: identity, security, the container, its volumes and where it may run."""
+    spec = plan.relay.spec
+    name = plan.relay.key.name
+    secret_volumes, secret_mounts = _secret_volumes(plan)
     pod_spec: dict[str, Any] = {
         "serviceAccountName": naming.serviceaccount_name(name),
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": options.termination_grace_period_seconds,
-        "securityContext": pod_security,
-        "containers": [container],
+        "securityContext": _pod_security_context(plan),
+        "containers": [_relay_container(plan, options, secret_mounts)],
         "volumes": [
             {"name": "config", "configMap": {"name": naming.configmap_name(name)}},
             {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
@@ -298,42 +327,55 @@ def build_statefulset(
         pod_spec["priorityClassName"] = spec.priority_class_name
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": ref.name} for ref in spec.image_pull_secrets]
+    return pod_spec
+
+
+def spool_claim_template(plan: RelayPlan) -> dict[str, Any]:
+    """The spool's volume claim template (each pod gets a claim ``spool-<relay>-<ordinal>``)."""
+    storage = plan.relay.spec.queue.storage
     claim_spec: dict[str, Any] = {
         "accessModes": ["ReadWriteOnce"],
-        "resources": {"requests": {"storage": _quantity(spec.queue.storage.size)}},
+        "resources": {"requests": {"storage": _quantity(storage.size)}},
     }
-    if spec.queue.storage.storage_class_name:
-        claim_spec["storageClassName"] = spec.queue.storage.storage_class_name
+    if storage.storage_class_name:
+        claim_spec["storageClassName"] = storage.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": naming.SPOOL_VOLUME, "labels": naming.labels(plan.relay.key.name)},
+        "spec": claim_spec,
+    }
+
+
+def build_statefulset(
+    plan: RelayPlan, options: BuildOptions = BuildOptions(), owners: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    """The relay pods: one spool volume claim per pod, config and Secrets mounted as files."""
+    spec = plan.relay.spec
+    name = plan.relay.key.name
+    sts_spec: dict[str, Any] = {
+        "serviceName": naming.headless_service_name(name),
+        "replicas": spec.replicas,
+        "podManagementPolicy": "Parallel",
+        "selector": {"matchLabels": naming.selector_labels(name)},
+        "updateStrategy": {"type": "RollingUpdate"},
+        "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
+        "template": {
+            "metadata": {
+                "labels": naming.labels(name),
+                "annotations": {**spec.pod_annotations, naming.ROLLOUT_HASH_ANNOTATION: plan.rollout_hash},
+            },
+            "spec": _pod_spec(plan, options),
+        },
+        "volumeClaimTemplates": [spool_claim_template(plan)],
+    }
+    if not options.pvc_retention_policy:
+        del sts_spec["persistentVolumeClaimRetentionPolicy"]
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
         "metadata": _metadata(plan, naming.statefulset_name(name), owners),
-        "spec": {
-            "serviceName": naming.headless_service_name(name),
-            "replicas": spec.replicas,
-            "podManagementPolicy": "Parallel",
-            "selector": {"matchLabels": naming.selector_labels(name)},
-            "updateStrategy": {"type": "RollingUpdate"},
-            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
-            "template": {
-                "metadata": {
-                    "labels": naming.labels(name),
-                    "annotations": {
-                        **spec.pod_annotations,
-                        naming.ROLLOUT_HASH_ANNOTATION: plan.rollout_hash,
-                    },
-                },
-                "spec": pod_spec,
-            },
-            "volumeClaimTemplates": [
-                {
-                    "apiVersion": "v1",
-                    "kind": "PersistentVolumeClaim",
-                    "metadata": {"name": naming.SPOOL_VOLUME, "labels": naming.labels(name)},
-                    "spec": claim_spec,
-                }
-            ],
-        },
+        "spec": sts_spec,
     }
 
 

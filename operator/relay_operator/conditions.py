@@ -6,10 +6,15 @@ status flips (a new reason or message alone keeps it), `observedGeneration` is t
 the condition was computed from.
 
 MailRelay: `ConfigValid` (the spec, its routes and the rendered relay config are usable; False
-with reason RoutingLoop, InvalidSpec, ConfigRejected, SecretMissing, ...) and `Ready`
-(ConfigValid and every desired replica ready). RelayRoute: `Accepted` (valid and selected by
-a MailRelay), `Resolved` (every `relay` next hop names a usable MailRelay), `Conflicted`
-(same priority and overlapping match as another route on one relay).
+with reason RoutingLoop, InvalidSpec, ConfigRejected, SecretMissing, ...), `Applied` (every
+child object matches the spec; False with reason ApiRejected and the API server's message,
+ObjectConflict, StorageShrink / StorageClassChange / StorageNotExpandable / ImmutableField with
+the live and the wanted value, or Recreating while a step is in progress) and `Ready`
+(ConfigValid, Applied, and the StatefulSet rolled out: its controller has seen the current
+generation, every pod runs the current revision and every desired replica is ready).
+RelayRoute: `Accepted` (valid and selected by a MailRelay), `Resolved` (every `relay` next hop
+names a usable MailRelay), `Conflicted` (same priority and overlapping match as another route
+on one relay).
 
 Called by the reconcile path with the plan from `topology` and what the StatefulSet reports.
 Pure: the caller passes the clock's reading (`now`).
@@ -33,6 +38,15 @@ _RELAY_REASONS = (
     "RoutingLoop",
     "SecretMissing",
     "SecretKeyMissing",
+)
+# The order in which reasons win when several problems make Applied False.
+_APPLY_REASONS = (
+    "ApiRejected",
+    "ObjectConflict",
+    "StorageShrink",
+    "StorageClassChange",
+    "StorageNotExpandable",
+    "ImmutableField",
 )
 
 
@@ -89,64 +103,100 @@ def _summary(problems: Sequence[Problem], reasons: Sequence[str]) -> tuple[str, 
     return reason, "; ".join(p.message for p in errors)
 
 
+def statefulset_rollout(statefulset: Mapping[str, Any] | None, desired: int) -> tuple[bool, str, str]:
+    """(rolled out, reason, message) from a StatefulSet as its controller reports it.
+
+    Rolled out means: the controller has seen the current spec (``status.observedGeneration``
+    equals ``metadata.generation``), every pod runs the current template (``updateRevision``
+    equals ``currentRevision``, which the controller sets once every pod is updated and ready;
+    without revisions, ``updatedReplicas`` covers every desired replica) and `desired` pods are
+    ready. The real status omits fields that are zero, so an absent count is 0, never "all".
+    """
+    if statefulset is None:
+        return False, "Progressing", "the relay pods are being created"
+    generation = int((statefulset.get("metadata") or {}).get("generation") or 0)
+    sts = statefulset.get("status") or {}
+    observed = int(sts.get("observedGeneration") or 0)
+    if observed < generation:
+        return False, "Progressing", f"the StatefulSet controller has not yet seen generation {generation}"
+    ready = int(sts.get("readyReplicas") or 0)
+    updated = int(sts.get("updatedReplicas") or 0)
+    current_revision, update_revision = sts.get("currentRevision"), sts.get("updateRevision")
+    rolled = current_revision == update_revision if update_revision else updated >= desired
+    if desired == 0:
+        if int(sts.get("replicas") or 0) == 0:
+            return True, "ScaledToZero", "scaled to zero replicas"
+        return False, "Progressing", f"scaling to zero: {sts.get('replicas')} pods remain"
+    if rolled and ready >= desired:
+        return True, "Ready", f"{ready}/{desired} replicas ready"
+    return False, "Progressing", f"{ready}/{desired} replicas ready, {updated}/{desired} updated"
+
+
 def mailrelay_status(
     plan: RelayPlan | Invalid,
     *,
     previous: Mapping[str, Any] | None,
-    statefulset_status: Mapping[str, Any] | None,
+    statefulset: Mapping[str, Any] | None,
     now: datetime,
     extra_problems: Sequence[Problem] = (),
+    apply_problems: Sequence[Problem] = (),
 ) -> dict[str, Any]:
     """The status body of a MailRelay.
 
-    `previous` is the current status (for lastTransitionTime); `statefulset_status` the
-    StatefulSet's status (None when it does not exist yet); `extra_problems` what only the
-    caller can know (a Secret that does not exist, see `topology.secret_problems`).
+    `previous` is the current status (for lastTransitionTime); `statefulset` the live
+    StatefulSet (None when it does not exist yet); `extra_problems` what makes the configuration
+    unusable that only the caller can know (a Secret that does not exist, see
+    `topology.secret_problems`); `apply_problems` what kept the children from matching the spec
+    (an API refusal, an object of the same name owned by someone else, a volume that cannot
+    grow): errors, or warnings for work still in progress.
     """
     previous = previous or {}
     conditions = previous.get("conditions") or []
-    sts = statefulset_status or {}
-    replicas = int(sts.get("replicas") or 0)
-    ready = int(sts.get("readyReplicas") or 0)
+    sts = (statefulset or {}).get("status") or {}
     if isinstance(plan, Invalid):
         name, generation = plan.key.name, plan.generation
         problems: Sequence[Problem] = ()
         invalid: tuple[str, str] | None = ("InvalidSpec", "; ".join(plan.errors))
-        desired = None
+        desired = 0
     else:
         name, generation = plan.relay.key.name, plan.relay.generation
         problems = [*plan.problems, *extra_problems]
         invalid = _summary(problems, _RELAY_REASONS)
         desired = plan.relay.spec.replicas
-    if invalid is None:
-        conditions = set_condition(
-            conditions,
-            "ConfigValid",
-            True,
-            "Valid",
-            "the spec and its routes render into a valid relay configuration",
-            observed_generation=generation,
-            now=now,
+    valid = (True, "Valid", "the spec and its routes render into a valid relay configuration")
+    config_valid = valid if invalid is None else (False, *invalid)
+    conditions = set_condition(
+        conditions, "ConfigValid", *config_valid, observed_generation=generation, now=now
+    )
+    failed = None if invalid is not None else _summary(apply_problems, _APPLY_REASONS)
+    if invalid is not None:
+        applied: tuple[bool, str, str] = (
+            False,
+            "ConfigInvalid",
+            "the children keep the last valid configuration",
         )
     else:
-        conditions = set_condition(
-            conditions, "ConfigValid", False, invalid[0], invalid[1], observed_generation=generation, now=now
-        )
+        pending = [p for p in apply_problems if p.severity != "error"]
+        if failed is not None:
+            applied = (False, *failed)
+        elif pending:
+            applied = (False, pending[0].reason, "; ".join(p.message for p in pending))
+        else:
+            applied = (True, "Applied", "every object the spec asks for is in place")
+    conditions = set_condition(conditions, "Applied", *applied, observed_generation=generation, now=now)
     if invalid is not None:
         ready_condition: tuple[bool, str, str] = (False, "ConfigInvalid", "the configuration is not valid")
-    elif statefulset_status is None:
-        ready_condition = (False, "Progressing", "the relay pods are being created")
-    elif desired == 0:
-        ready_condition = (True, "ScaledToZero", "scaled to zero replicas")
-    elif desired is not None and ready >= desired and int(sts.get("updatedReplicas", ready) or 0) >= desired:
-        ready_condition = (True, "Ready", f"{ready}/{desired} replicas ready")
+    elif failed is not None:
+        ready_condition = (False, "NotApplied", applied[2])
+    elif not applied[0]:
+        ready_condition = (False, "Progressing", applied[2])
     else:
-        ready_condition = (False, "Progressing", f"{ready}/{desired} replicas ready")
+        ready_condition = statefulset_rollout(statefulset, desired)
     conditions = set_condition(conditions, "Ready", *ready_condition, observed_generation=generation, now=now)
     status: dict[str, Any] = {
         "observedGeneration": generation,
-        "replicas": replicas,
-        "readyReplicas": ready,
+        "replicas": int(sts.get("replicas") or 0),
+        "readyReplicas": int(sts.get("readyReplicas") or 0),
         "selector": naming.selector_string(name),
         "conditions": conditions,
     }

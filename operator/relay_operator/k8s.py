@@ -1,16 +1,19 @@
 """The one thin adapter between the operator and the Kubernetes API.
 
 Everything the reconcile path reads or writes goes through `KubeApi`: get, list (with a label
-selector), create, replace (PUT with optimistic concurrency), JSON merge patch (RFC 7386) of an
-object or its ``/status`` subresource, and posting a core/v1 Event; never delete (the garbage
-collector removes a MailRelay's children, and the RBAC rules grant no delete). It speaks the REST
+selector, in pages of `page_size` items that follow the server's ``continue`` token and start
+over when the token has expired), create, replace (PUT with optimistic concurrency), JSON merge
+patch (RFC 7386) of an object or its ``/status`` subresource, delete (with a propagation policy
+and uid/resourceVersion preconditions: the reconcile path deletes nothing but a StatefulSet it
+recreates with ``Orphan``, keeping its pods, to grow its volume claims; the garbage collector
+removes a MailRelay's children), the server's version, and posting a core/v1 Event. It speaks the REST
 paths directly over the `kubernetes` package's `ApiClient`, which brings configuration
 (in-cluster service account or kubeconfig), authentication and TLS, and nothing else: no typed
 models, no strategic merge patch, no server-side apply, so the write path is the same on every
 API server (and in the test emulator).
 
 HTTP failures become typed errors (`NotFound`, `AlreadyExists`, `Conflict`, `Invalid`,
-`Forbidden`, `Unavailable`), chained to the library exception. This module decides nothing
+`Forbidden`, `Expired`, `Unavailable`), chained to the library exception. This module decides nothing
 about MailRelays; `reconcile` does. The functions here are blocking: kopf runs the operator's
 synchronous handlers in its thread pool.
 """
@@ -71,6 +74,10 @@ CONFIGMAPS = Resource("v1", "configmaps", "ConfigMap")
 SECRETS = Resource("v1", "secrets", "Secret")
 SERVICES = Resource("v1", "services", "Service")
 SERVICEACCOUNTS = Resource("v1", "serviceaccounts", "ServiceAccount")
+PERSISTENTVOLUMECLAIMS = Resource("v1", "persistentvolumeclaims", "PersistentVolumeClaim")
+STORAGECLASSES = Resource("storage.k8s.io/v1", "storageclasses", "StorageClass", namespaced=False)
+CLUSTERKOPFPEERINGS = Resource("kopf.dev/v1", "clusterkopfpeerings", "ClusterKopfPeering", namespaced=False)
+KOPFPEERINGS = Resource("kopf.dev/v1", "kopfpeerings", "KopfPeering")
 EVENTS = Resource("v1", "events", "Event")
 STATEFULSETS = Resource("apps/v1", "statefulsets", "StatefulSet")
 PODDISRUPTIONBUDGETS = Resource("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget")
@@ -82,6 +89,10 @@ KNOWN_RESOURCES = (
     SECRETS,
     SERVICES,
     SERVICEACCOUNTS,
+    PERSISTENTVOLUMECLAIMS,
+    STORAGECLASSES,
+    CLUSTERKOPFPEERINGS,
+    KOPFPEERINGS,
     EVENTS,
     STATEFULSETS,
     PODDISRUPTIONBUDGETS,
@@ -127,6 +138,10 @@ class Forbidden(KubeError):
     """RBAC denied the request (403): the operator's role is missing a verb."""
 
 
+class Expired(KubeError):
+    """410 Gone: a resourceVersion or a list's continue token is older than the server keeps."""
+
+
 class Unavailable(KubeError):
     """No usable answer: connection failure, timeout or a 5xx. Worth retrying."""
 
@@ -148,6 +163,8 @@ def error_from_response(code: int, body: bytes | str | None) -> KubeError:
         return Conflict(code, reason or "Conflict", message)
     if code == 422:
         return Invalid(code, reason or "Invalid", message)
+    if code == 410:
+        return Expired(code, reason or "Expired", message)
     if code in (401, 403):
         return Forbidden(code, reason or "Forbidden", message)
     if code >= 500 or code == 429:
@@ -182,6 +199,18 @@ class KubeApi(Protocol):
         self, resource: Resource, namespace: str | None, name: str, body: Mapping[str, Any]
     ) -> JSON: ...
 
+    def delete(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        name: str,
+        *,
+        propagation: str = "Background",
+        preconditions: Mapping[str, str] | None = None,
+    ) -> None: ...
+
+    def server_version(self) -> tuple[int, int] | None: ...
+
     def post_event(
         self, involved: Mapping[str, Any], *, type_: str, reason: str, message: str, action: str = "Reconcile"
     ) -> None: ...
@@ -193,9 +222,17 @@ class KubeApi(Protocol):
 class ClientKubeApi:
     """`KubeApi` over the `kubernetes` package's ApiClient (configuration, auth, TLS, pooling)."""
 
-    def __init__(self, api_client: Any, *, timeout: float = 30.0, instance: str | None = None) -> None:
+    def __init__(
+        self,
+        api_client: Any,
+        *,
+        timeout: float = 30.0,
+        instance: str | None = None,
+        page_size: int = 500,
+    ) -> None:
         self._client = api_client
         self._timeout = timeout
+        self._page_size = page_size
         self._instance = instance or os.environ.get("POD_NAME") or socket.gethostname()
 
     @classmethod
@@ -266,13 +303,29 @@ class ClientKubeApi:
     def list(
         self, resource: Resource, namespace: str | None, label_selector: str | None = None
     ) -> list[JSON]:
-        query = [("labelSelector", label_selector)] if label_selector else []
-        answer = self._request("GET", resource.path(namespace), query=query)
-        items = answer.get("items") or []
+        base = [("labelSelector", label_selector)] if label_selector else []
+        base.append(("limit", str(self._page_size)))
+        items: list[JSON] = []
+        token = ""
+        restarted = False
+        while True:
+            query = [*base, ("continue", token)] if token else base
+            try:
+                answer = self._request("GET", resource.path(namespace), query=query)
+            except Expired:
+                if not token or restarted:
+                    raise
+                # The continue token outlived the server's history: list again from the start.
+                items, token, restarted = [], "", True
+                continue
+            items += [item for item in answer.get("items") or [] if isinstance(item, dict)]
+            token = str((answer.get("metadata") or {}).get("continue") or "")
+            if not token:
+                break
         for item in items:  # typed lists omit these on a real server
             item.setdefault("apiVersion", resource.api_version)
             item.setdefault("kind", resource.kind)
-        return [item for item in items if isinstance(item, dict)]
+        return items
 
     def create(self, resource: Resource, namespace: str | None, body: Mapping[str, Any]) -> JSON:
         return self._request("POST", resource.path(namespace), body=dict(body))
@@ -297,11 +350,32 @@ class ClientKubeApi:
         instead of overwriting someone else's change."""
         return self._request("PUT", resource.path(namespace, name), body=dict(body))
 
-    def delete(self, resource: Resource, namespace: str | None, name: str) -> None:
-        """Not part of `KubeApi`: for administrative clients such as the tests' (background
-        propagation; an object that is already gone is fine)."""
+    def delete(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        name: str,
+        *,
+        propagation: str = "Background",
+        preconditions: Mapping[str, str] | None = None,
+    ) -> None:
+        """DELETE with a propagation policy (Background, Foreground, Orphan) and optional
+        preconditions (``uid``, ``resourceVersion``: a Conflict if the object changed). An object
+        that is already gone is fine."""
+        options: JSON = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        if preconditions:
+            options["preconditions"] = dict(preconditions)
         with contextlib.suppress(NotFound):
-            self._request("DELETE", resource.path(namespace, name), body={"propagationPolicy": "Background"})
+            self._request("DELETE", resource.path(namespace, name), body=options)
+
+    def server_version(self) -> tuple[int, int] | None:
+        """(major, minor) of the API server from /version; None when it does not say."""
+        answer = self._request("GET", "/version")
+        major = str(answer.get("major") or "").rstrip("+")
+        minor = str(answer.get("minor") or "").rstrip("+")
+        if major.isdigit() and minor.isdigit():
+            return int(major), int(minor)
+        return None
 
     def post_event(
         self, involved: Mapping[str, Any], *, type_: str, reason: str, message: str, action: str = "Reconcile"

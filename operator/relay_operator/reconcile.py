@@ -7,25 +7,42 @@ the Secrets they name, the children), plans it with `topology.plan_namespace` (t
 and converges:
 
 - a child that does not exist is created, owned by its MailRelay (controller ownerReference with
-  the MailRelay's uid, so the garbage collector removes it with the MailRelay);
+  the MailRelay's uid and blockOwnerDeletion, so the garbage collector removes it with the
+  MailRelay and a foreground deletion waits for it);
 - a child whose applied-hash annotation or content differs from the desired object (values the
   server adds are ignored, resource quantities compare by amount: "0.5" equals the "500m" the
   server stores) is replaced (PUT with its resourceVersion: fields the operator no longer sets
-  disappear, a concurrent change fails with Conflict and the pass is retried); the StatefulSet's
-  immutable fields (selector, serviceName, podManagementPolicy, volumeClaimTemplates) keep their
-  live values and a change to them is reported as an Event instead of a request the API server
-  would refuse;
+  disappear, a concurrent change fails with Conflict and the pass is retried once). Labels and
+  annotations others set survive; the keys the operator set are listed in the
+  `managed-metadata` annotation, so a key the spec no longer asks for (a LoadBalancer annotation
+  removed from ``spec.service.annotations``) is removed;
+- the StatefulSet's immutable fields (selector, serviceName, podManagementPolicy,
+  volumeClaimTemplates) keep their live values. A different spool claim template is applied
+  the way an administrator would: when the size grows and every existing ``spool-<relay>-N``
+  claim's StorageClass allows expansion, each smaller claim's request is patched, then the
+  StatefulSet is deleted with ``propagationPolicy: Orphan`` (its pods keep running and serving)
+  and created again on a later pass with the new template, adopting the pods. What cannot be
+  done (a smaller size, another StorageClass, a class without ``allowVolumeExpansion``, another
+  immutable field) is a lasting `Applied=False` condition naming the live and the wanted value;
 - a child that is unchanged is not written at all, so a route edit rewrites only the ConfigMap
   and a resync writes nothing;
-- a child of the same name that another owner controls is left alone and reported.
+- a child of the same name that another owner controls, or that has no owner at all, is left
+  alone and reported (`ObjectConflict`): changing an object's ownerReferences needs the right to
+  delete it under the OwnerReferencesPermissionEnforcement admission plugin, which the operator
+  does not hold for these kinds.
+
+A write the API server refuses (403 Forbidden, 422 Invalid) does not end the pass: it becomes
+`Applied=False` with reason `ApiRejected` and the server's message, the status is written, and
+the outcome asks for a retry (`RelayOutcome.retry`, kopf retries with backoff).
 
 A MailRelay whose spec, routes or Secrets are not usable keeps its last good children (running
 relays keep relaying) and gets `ConfigValid=False` with the reason; a missing Secret is also
-reported back (`RelayOutcome.retry`) so the handler retries with backoff. Status bodies come
-from `conditions`; they are written (merge patch of ``/status``) only when they change. User-
-fixable problems are posted as Warning Events when they appear, not on every pass.
+reported back as a retry. Status bodies come from `conditions`; `_write_status` is the one path
+that writes them (merge patch of ``/status``, only when they change) and posts the Events of
+conditions that turned bad (Warning, once per new reason or message) or recovered.
 
-Called by `handlers` (kopf) with a `k8s.KubeApi`. Holds no state between passes.
+Called by `handlers` (kopf and the operator's resync loop) with a `k8s.KubeApi`. Holds no state
+between passes. Deletes nothing but a StatefulSet it recreates (with Orphan propagation).
 """
 
 from __future__ import annotations
@@ -43,14 +60,19 @@ from typing import Any
 from relay_operator import builders, conditions, naming
 from relay_operator.k8s import (
     MAILRELAYS,
+    PERSISTENTVOLUMECLAIMS,
     RELAYROUTES,
     SECRETS,
     STATEFULSETS,
+    STORAGECLASSES,
     Conflict,
+    Forbidden,
+    Invalid,
     KubeApi,
+    Resource,
     resource_for,
 )
-from relay_operator.spec import Invalid
+from relay_operator.spec import Invalid as InvalidSpec
 from relay_operator.topology import (
     NamespacePlan,
     ObjectRef,
@@ -64,6 +86,9 @@ from relay_operator.topology import (
 JSON = dict[str, Any]
 
 APPLIED_HASH_ANNOTATION = f"{naming.GROUP}/applied-hash"
+# The label and annotation keys the operator set on a child (JSON: {"annotations": [...],
+# "labels": [...]}): on the next write, those the desired object no longer has are removed.
+MANAGED_METADATA_ANNOTATION = f"{naming.GROUP}/managed-metadata"
 # Set by `kubectl rollout restart`; kept so that an operator update does not undo a restart.
 RESTARTED_AT_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
 STATEFULSET_IMMUTABLE = ("selector", "serviceName", "podManagementPolicy", "volumeClaimTemplates")
@@ -83,6 +108,7 @@ class RelayOutcome:
 class NamespaceOutcome:
     namespace: str
     relays: Mapping[str, RelayOutcome] = field(default_factory=dict)
+    relay_count: int = 0  # MailRelays in the namespace (not being deleted), reconciled or not
 
     @property
     def retry_reasons(self) -> dict[str, str]:
@@ -113,7 +139,66 @@ def reconcile_namespace(
         if relays is None or name in relays:
             outcomes[name] = _reconcile_relay(api, body, plan, options or builders.BuildOptions(), now())
     _reconcile_routes(api, route_bodies, plan, now())
-    return NamespaceOutcome(namespace, outcomes)
+    return NamespaceOutcome(namespace, outcomes, len(relay_bodies))
+
+
+# --------------------------------------------------------------------------- status and Events
+
+
+@dataclass(frozen=True)
+class _Announced:
+    """A condition worth an Event: Warning when it turns `bad` (or changes while bad)."""
+
+    type: str
+    bad: str
+    recovery: bool = False  # also a Normal Event when it stops being bad
+    quiet: frozenset[str] = frozenset()  # reasons that are progress, not problems
+
+
+_RELAY_ANNOUNCED = (
+    _Announced("ConfigValid", "False", recovery=True),
+    _Announced("Applied", "False", quiet=frozenset({"ConfigInvalid", "Recreating"})),
+)
+_ROUTE_ANNOUNCED = (
+    _Announced("Accepted", "False"),
+    _Announced("Resolved", "False"),
+    _Announced("Conflicted", "True"),
+)
+
+
+def _write_status(
+    api: KubeApi,
+    resource: Resource,
+    body: JSON,
+    namespace: str,
+    status: Mapping[str, Any],
+    announced: Sequence[_Announced],
+) -> None:
+    """The one way a status is written: a merge patch of ``/status`` when it changed (keys it
+    no longer has are removed), then the Events of its announced conditions."""
+    previous = body.get("status") or {}
+    if status == previous:
+        return
+    patch = {**{key: None for key in previous if key not in status}, **status}
+    api.merge_patch(resource, namespace, body["metadata"]["name"], {"status": patch}, subresource="status")
+    for entry in announced:
+        before = conditions.find_condition(previous.get("conditions"), entry.type)
+        after = conditions.find_condition(status.get("conditions"), entry.type)
+        if after is None:
+            continue
+        if after.get("status") == entry.bad:
+            if after.get("reason") in entry.quiet:
+                continue
+            if before is None or _condition_text(before) != _condition_text(after):
+                api.post_event(
+                    body, type_="Warning", reason=str(after["reason"]), message=str(after["message"])
+                )
+        elif entry.recovery and before is not None and before.get("status") == entry.bad:
+            api.post_event(body, type_="Normal", reason=entry.type, message=str(after["message"]))
+
+
+def _condition_text(condition: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    return condition.get("status"), condition.get("reason"), condition.get("message")
 
 
 # --------------------------------------------------------------------------- one MailRelay
@@ -137,59 +222,46 @@ def _secret_keys(api: KubeApi, namespace: str) -> Callable[[str], Mapping[str, A
     return lookup
 
 
+@dataclass
+class _Applied:
+    """What applying one relay's children did: changes, problems for `Applied`, retry reasons."""
+
+    changes: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    retry: list[str] = field(default_factory=list)
+
+
 def _reconcile_relay(
     api: KubeApi, body: JSON, plan: NamespacePlan, options: builders.BuildOptions, now: datetime
 ) -> RelayOutcome:
     namespace, name = body["metadata"].get("namespace", plan.namespace), body["metadata"]["name"]
     relay_plan = plan.relays.get(name)
-    target: RelayPlan | Invalid = relay_plan if relay_plan is not None else plan.invalid_relays[name]
+    target: RelayPlan | InvalidSpec = relay_plan if relay_plan is not None else plan.invalid_relays[name]
     extra: list[Problem] = []
-    changes: list[str] = []
-    retry = None
+    applied = _Applied()
+    retry: list[str] = []
     if relay_plan is not None:
         extra += secret_problems(relay_plan, _secret_keys(api, namespace))
-        missing = [p.message for p in extra if p.reason == "SecretMissing"]
-        if missing:
-            retry = "; ".join(missing)
+        retry += [p.message for p in extra if p.reason == "SecretMissing"]
         if relay_plan.valid and not any(p.severity == "error" for p in extra):
-            changes, apply_problems = _apply_children(api, body, relay_plan, options)
-            extra += apply_problems
+            applied = _apply_children(api, body, relay_plan, options)
+            retry += applied.retry
     statefulset = api.get(STATEFULSETS, namespace, naming.statefulset_name(name))
     if statefulset is not None and not _controlled_by(statefulset, body):
         statefulset = None
-    previous = body.get("status") or {}
     status = conditions.mailrelay_status(
         target,
-        previous=previous,
-        statefulset_status=None if statefulset is None else (statefulset.get("status") or {}),
+        previous=body.get("status") or {},
+        statefulset=statefulset,
         now=now,
         extra_problems=extra,
+        apply_problems=applied.problems,
     )
-    if status != previous:
-        patch = {**{key: None for key in previous if key not in status}, **status}
-        api.merge_patch(MAILRELAYS, namespace, name, {"status": patch}, subresource="status")
-    _announce_relay(api, body, previous, status, changes)
-    problems = tuple(relay_plan.problems if relay_plan else ()) + tuple(extra)
-    return RelayOutcome(name, tuple(changes), retry, problems)
-
-
-def _announce_relay(
-    api: KubeApi, body: JSON, previous: Mapping[str, Any], status: Mapping[str, Any], changes: Sequence[str]
-) -> None:
-    """Events for `kubectl describe`: problems when they appear, recovery, applied changes."""
-    before = conditions.find_condition(previous.get("conditions"), "ConfigValid")
-    after = conditions.find_condition(status.get("conditions"), "ConfigValid")
-    if after is not None and after.get("status") == "False":
-        if before is None or _condition_text(before) != _condition_text(after):
-            api.post_event(body, type_="Warning", reason=str(after["reason"]), message=str(after["message"]))
-    elif after is not None and before is not None and before.get("status") == "False":
-        api.post_event(body, type_="Normal", reason="ConfigValid", message=str(after["message"]))
-    if changes:
-        api.post_event(body, type_="Normal", reason="Applied", message="; ".join(changes))
-
-
-def _condition_text(condition: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    return condition.get("status"), condition.get("reason"), condition.get("message")
+    _write_status(api, MAILRELAYS, body, namespace, status, _RELAY_ANNOUNCED)
+    if applied.changes:
+        api.post_event(body, type_="Normal", reason="Applied", message="; ".join(applied.changes))
+    problems = (*(relay_plan.problems if relay_plan else ()), *extra, *applied.problems)
+    return RelayOutcome(name, tuple(applied.changes), "; ".join(retry) or None, problems)
 
 
 # --------------------------------------------------------------------------- children
@@ -203,8 +275,9 @@ def _controlled_by(child: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
     )
 
 
-def _has_controller(child: Mapping[str, Any]) -> bool:
-    return any(ref.get("controller") for ref in (child.get("metadata") or {}).get("ownerReferences") or [])
+def _controller(child: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    refs = (child.get("metadata") or {}).get("ownerReferences") or []
+    return next((ref for ref in refs if ref.get("controller")), None)
 
 
 def desired_hash(manifest: Mapping[str, Any]) -> str:
@@ -267,8 +340,26 @@ def contains(live: Any, desired: Any, *, quantities: bool = False) -> bool:
 def _with_hash(manifest: Mapping[str, Any]) -> tuple[JSON, str]:
     desired = copy.deepcopy(dict(manifest))
     digest = desired_hash(desired)
-    desired["metadata"].setdefault("annotations", {})[APPLIED_HASH_ANNOTATION] = digest
+    meta = desired["metadata"]
+    managed = {key: sorted(meta.get(key) or {}) for key in ("annotations", "labels")}
+    annotations = meta.setdefault("annotations", {})
+    annotations[APPLIED_HASH_ANNOTATION] = digest
+    annotations[MANAGED_METADATA_ANNOTATION] = json.dumps(managed, sort_keys=True, separators=(",", ":"))
     return desired, digest
+
+
+def _managed_keys(meta: Mapping[str, Any]) -> dict[str, set[str]]:
+    """The label and annotation keys the operator set on this object the last time it wrote it."""
+    raw = (meta.get("annotations") or {}).get(MANAGED_METADATA_ANNOTATION)
+    try:
+        recorded = json.loads(raw) if raw else {}
+    except ValueError:
+        recorded = {}
+    if not isinstance(recorded, dict):
+        recorded = {}
+    return {
+        key: {k for k in recorded.get(key) or [] if isinstance(k, str)} for key in ("annotations", "labels")
+    }
 
 
 def _merge_live(desired: JSON, live: Mapping[str, Any]) -> tuple[JSON, list[str]]:
@@ -279,8 +370,10 @@ def _merge_live(desired: JSON, live: Mapping[str, Any]) -> tuple[JSON, list[str]
     live_meta = live.get("metadata") or {}
     meta = body["metadata"]
     meta["resourceVersion"] = live_meta.get("resourceVersion")
+    ours = _managed_keys(live_meta)
     for key in ("labels", "annotations"):
-        merged = {**(live_meta.get(key) or {}), **(meta.get(key) or {})}
+        foreign = {k: v for k, v in (live_meta.get(key) or {}).items() if k not in ours[key]}
+        merged = {**foreign, **(meta.get(key) or {})}
         if merged:
             meta[key] = merged
     blocked: list[str] = []
@@ -300,24 +393,40 @@ def _merge_live(desired: JSON, live: Mapping[str, Any]) -> tuple[JSON, list[str]
     return body, blocked
 
 
-def _apply_children(
-    api: KubeApi, owner: JSON, plan: RelayPlan, options: builders.BuildOptions
-) -> tuple[list[str], list[Problem]]:
-    changes: list[str] = []
-    problems: list[Problem] = []
+def _apply_children(api: KubeApi, owner: JSON, plan: RelayPlan, options: builders.BuildOptions) -> _Applied:
+    """Create or replace every child; a write the server refuses is recorded, not raised."""
+    applied = _Applied()
     subject = ObjectRef(naming.MAILRELAY_KIND, plan.relay.key.namespace, plan.relay.key.name)
     for manifest in builders.build_objects(plan, options, owners=[builders.owner_reference(owner)]):
-        change, problem = _apply(api, owner, manifest, subject)
-        if change:
-            changes.append(change)
-        if problem:
-            problems.append(problem)
-    return changes, problems
+        label = f"{manifest['kind']} {manifest['metadata']['name']}"
+        try:
+            _apply(api, owner, manifest, subject, applied)
+        except (Forbidden, Invalid) as exc:
+            message = f"{label}: the API server refused the write: {exc}"
+            applied.problems.append(Problem(subject, "ApiRejected", message))
+            applied.retry.append(message)
+    return applied
+
+
+def _conflict_message(label: str, live: Mapping[str, Any]) -> str:
+    controller = _controller(live)
+    if controller is not None:
+        return (
+            f"{label} exists and is controlled by {controller.get('kind')} {controller.get('name')}; "
+            "delete or rename it"
+        )
+    managed = (live["metadata"].get("labels") or {}).get(naming.LABEL_MANAGED_BY) == naming.MANAGED_BY
+    if managed:
+        return (
+            f"{label} exists without an owner (left behind by a MailRelay deleted with its children "
+            "orphaned?); delete it and the operator creates it again"
+        )
+    return f"{label} exists and is not managed by this MailRelay; delete or rename it"
 
 
 def _apply(
-    api: KubeApi, owner: JSON, manifest: Mapping[str, Any], subject: ObjectRef
-) -> tuple[str | None, Problem | None]:
+    api: KubeApi, owner: JSON, manifest: Mapping[str, Any], subject: ObjectRef, applied: _Applied
+) -> None:
     resource = resource_for(manifest["apiVersion"], manifest["kind"])
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     label = f"{manifest['kind']} {name}"
@@ -326,37 +435,43 @@ def _apply(
         live = api.get(resource, namespace, name)
         if live is None:
             api.create(resource, namespace, desired)
-            return f"created {label}", None
+            applied.changes.append(f"created {label}")
+            return
         if not _controlled_by(live, owner):
-            managed = (live["metadata"].get("labels") or {}).get(naming.LABEL_MANAGED_BY) == naming.MANAGED_BY
-            if _has_controller(live) or not managed:
-                return None, Problem(
-                    subject,
-                    "ObjectConflict",
-                    f"{label} exists and is not managed by this MailRelay; delete or rename it",
-                )
+            applied.problems.append(Problem(subject, "ObjectConflict", _conflict_message(label, live)))
+            return
+        if _deleting(live):
+            message = f"{label} is being deleted; the operator creates it again once it is gone"
+            applied.problems.append(Problem(subject, "Recreating", message, severity="warning"))
+            applied.retry.append(message)
+            return
         body, blocked = _merge_live(desired, live)
+        if "volumeClaimTemplates" in blocked:
+            blocked.remove("volumeClaimTemplates")
+            if _change_volume_claims(api, live, desired, subject, applied):
+                return
+        for key in blocked:
+            applied.problems.append(
+                Problem(
+                    subject,
+                    "ImmutableField",
+                    f"{label}: spec.{key} cannot change on an existing StatefulSet (live "
+                    f"{json.dumps(live['spec'][key], sort_keys=True)}, wanted "
+                    f"{json.dumps(desired['spec'].get(key), sort_keys=True)}); delete the StatefulSet with "
+                    "--cascade=orphan to let the operator recreate it (spool volumes stay)",
+                )
+            )
         same_hash = (live["metadata"].get("annotations") or {}).get(APPLIED_HASH_ANNOTATION) == digest
         if same_hash and contains(live, _without_status(body)):
-            return None, None
+            return
         try:
             api.replace(resource, namespace, name, body)
         except Conflict:
             if attempt == 0:
                 continue
             raise
-        if blocked and not same_hash:
-            api.post_event(
-                owner,
-                type_="Warning",
-                reason="ImmutableField",
-                message=(
-                    f"{label}: {', '.join(blocked)} cannot change on an existing StatefulSet; delete the "
-                    "StatefulSet with --cascade=orphan to let the operator recreate it (spool volumes stay)"
-                ),
-            )
-        return f"updated {label}", None
-    return None, None  # pragma: no cover - the loop returns or raises
+        applied.changes.append(f"updated {label}")
+        return
 
 
 def _without_status(body: Mapping[str, Any]) -> JSON:
@@ -366,33 +481,107 @@ def _without_status(body: Mapping[str, Any]) -> JSON:
     return result
 
 
+# --------------------------------------------------------------------------- spool volumes
+
+
+def _spool_template(statefulset: Mapping[str, Any]) -> Mapping[str, Any]:
+    templates = (statefulset.get("spec") or {}).get("volumeClaimTemplates") or []
+    found = next((t for t in templates if (t.get("metadata") or {}).get("name") == naming.SPOOL_VOLUME), None)
+    return (found or {}).get("spec") or {}
+
+
+def _requested(claim_spec: Mapping[str, Any]) -> tuple[str, Decimal]:
+    raw = ((claim_spec.get("resources") or {}).get("requests") or {}).get("storage", "0")
+    return str(raw), quantity_value(raw) or Decimal(0)
+
+
+def _class_label(name: str | None) -> str:
+    return f"StorageClass {name}" if name else "the cluster's default StorageClass"
+
+
+def _change_volume_claims(
+    api: KubeApi, live: Mapping[str, Any], desired: Mapping[str, Any], subject: ObjectRef, applied: _Applied
+) -> bool:
+    """Apply a new spool claim template to a live StatefulSet: grow the existing claims, then
+    delete the StatefulSet orphaning its pods (True: it is recreated on a later pass). What cannot
+    be done is recorded as a lasting problem and the live template stays (False)."""
+    namespace, name = live["metadata"]["namespace"], live["metadata"]["name"]
+    live_spec, wanted_spec = _spool_template(live), _spool_template(desired)
+    live_class, wanted_class = live_spec.get("storageClassName"), wanted_spec.get("storageClassName")
+    (live_text, live_size), (wanted_text, wanted_size) = _requested(live_spec), _requested(wanted_spec)
+    if live_class != wanted_class:
+        applied.problems.append(
+            Problem(
+                subject,
+                "StorageClassChange",
+                f"the spool volumes of StatefulSet {name} use {_class_label(live_class)}; the spec asks for "
+                f"{_class_label(wanted_class)}: an existing claim cannot change its class (set "
+                "queue.storage.storageClassName back, or move the queue to a new MailRelay)",
+            )
+        )
+        return False
+    if wanted_size < live_size:
+        applied.problems.append(
+            Problem(
+                subject,
+                "StorageShrink",
+                f"the spool volumes of StatefulSet {name} cannot shrink: they hold {live_text} each, the "
+                f"spec asks for {wanted_text} (set queue.storage.size to {live_text} or more)",
+            )
+        )
+        return False
+    pattern = re.compile(rf"^{re.escape(naming.SPOOL_VOLUME)}-{re.escape(name)}-[0-9]+$")
+    relay = subject.name
+    claims = [
+        claim
+        for claim in api.list(PERSISTENTVOLUMECLAIMS, namespace, naming.selector_string(relay))
+        if pattern.match(claim["metadata"]["name"])
+    ]
+    smaller = [claim for claim in claims if _requested(claim.get("spec") or {})[1] < wanted_size]
+    expandable: dict[str, bool] = {}
+    refused: list[str] = []
+    for claim in smaller:
+        class_name = (claim.get("spec") or {}).get("storageClassName") or ""
+        if class_name not in expandable:
+            storage_class = api.get(STORAGECLASSES, None, class_name) if class_name else None
+            expandable[class_name] = bool((storage_class or {}).get("allowVolumeExpansion"))
+        if not expandable[class_name]:
+            refused.append(
+                f"{claim['metadata']['name']} ({_requested(claim['spec'])[0]}, "
+                f"{'StorageClass ' + class_name if class_name else 'no StorageClass'})"
+            )
+    if refused:
+        applied.problems.append(
+            Problem(
+                subject,
+                "StorageNotExpandable",
+                f"the spool volumes cannot grow from {live_text} to {wanted_text}: the StorageClass of "
+                f"{', '.join(refused)} does not allow volume expansion (allowVolumeExpansion); set "
+                f"queue.storage.size back to {live_text}",
+            )
+        )
+        return False
+    for claim in smaller:
+        patch = {"spec": {"resources": {"requests": {"storage": wanted_text}}}}
+        api.merge_patch(PERSISTENTVOLUMECLAIMS, namespace, claim["metadata"]["name"], patch)
+        applied.changes.append(f"resized PersistentVolumeClaim {claim['metadata']['name']} to {wanted_text}")
+    preconditions = {"uid": live["metadata"]["uid"], "resourceVersion": live["metadata"]["resourceVersion"]}
+    api.delete(STATEFULSETS, namespace, name, propagation="Orphan", preconditions=preconditions)
+    message = f"StatefulSet {name} is recreated with the new spool claim template; its pods keep running"
+    applied.changes.append(f"deleted StatefulSet {name} with its pods orphaned, to recreate it")
+    applied.problems.append(Problem(subject, "Recreating", message, severity="warning"))
+    applied.retry.append(message)
+    return True
+
+
 # --------------------------------------------------------------------------- RelayRoutes
 
 
 def _reconcile_routes(api: KubeApi, route_bodies: Sequence[JSON], plan: NamespacePlan, now: datetime) -> None:
     for body in route_bodies:
-        name = body["metadata"]["name"]
-        route_plan = plan.routes.get(name)
+        route_plan = plan.routes.get(body["metadata"]["name"])
         if route_plan is None:
             continue
-        previous = body.get("status") or {}
-        status = conditions.relayroute_status(route_plan, previous=previous, now=now)
-        if status == previous:
-            continue
-        patch = {**{key: None for key in previous if key not in status}, **status}
-        api.merge_patch(
-            RELAYROUTES,
-            body["metadata"].get("namespace", plan.namespace),
-            name,
-            {"status": patch},
-            subresource="status",
-        )
-        for type_, bad in (("Accepted", "False"), ("Resolved", "False"), ("Conflicted", "True")):
-            before = conditions.find_condition(previous.get("conditions"), type_)
-            after = conditions.find_condition(status.get("conditions"), type_)
-            if after is None or after.get("status") != bad:
-                continue
-            if before is None or _condition_text(before) != _condition_text(after):
-                api.post_event(
-                    body, type_="Warning", reason=str(after["reason"]), message=str(after["message"])
-                )
+        status = conditions.relayroute_status(route_plan, previous=body.get("status") or {}, now=now)
+        namespace = body["metadata"].get("namespace", plan.namespace)
+        _write_status(api, RELAYROUTES, body, namespace, status, _ROUTE_ANNOUNCED)

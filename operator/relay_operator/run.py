@@ -4,13 +4,15 @@ Parses flags, builds a fresh kopf registry with `handlers.register`, and runs ko
 process until SIGTERM/SIGINT. Namespace-scoped (`--namespace`, repeatable, globs allowed) or
 cluster-wide (`--all-namespaces`); kopf's liveness endpoint on `--liveness`; peering so that two
 replicas do not both act (`--peering NAME`, which needs kopf's KopfPeering or ClusterKopfPeering
-CRD, or `--standalone` for exactly one replica). Contributed to the `mailrelay` CLI through the
-``mailrelay.commands`` entry point; holds no logic of its own.
+CRD, or `--standalone` for exactly one replica; the operator's resync loop follows the same
+peering, under the identity this command gives kopf). Contributed to the `mailrelay` CLI through
+the ``mailrelay.commands`` entry point; holds no logic of its own.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any, cast
 
 import click
 
@@ -113,6 +115,9 @@ def operator_command(
         build=builders.BuildOptions(
             image=image or builders.DEFAULT_IMAGE, image_pull_policy=image_pull_policy
         ),
+        peering=peering_name,
+        priority=priority,
+        clusterwide=all_namespaces,
     )
     registry = kopf.OperatorRegistry()
     handlers.register(registry, handlers.Runtime(options))
@@ -125,4 +130,7 @@ def operator_command(
         peering_name=peering_name,
         standalone=True if standalone else None,
         priority=priority,
+        # kopf's Identity is a NewType of str it does not export; the resync loop reads the
+        # peering object as this peer.
+        identity=cast(Any, options.identity),
     )

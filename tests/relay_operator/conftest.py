@@ -127,14 +127,20 @@ def namespace(emulator: EmulatorThread) -> str:
 class OperatorProcess:
     """`mailrelay operator` as a subprocess against the emulator (the real command, real kopf)."""
 
-    def __init__(self, kubeconfig: Path, log: Path, *scope: str) -> None:
+    def __init__(
+        self, kubeconfig: Path, log: Path, *scope: str, peering: tuple[str, int] | None = None
+    ) -> None:
         self.log = log
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         command = [
             str(Path(sys.executable).parent / "mailrelay"),
             "operator",
             *(scope or ("--all-namespaces",)),
-            "--standalone",
+            *(
+                ("--standalone",)
+                if peering is None
+                else ("--peering", peering[0], "--priority", str(peering[1]))
+            ),
             "--kubeconfig",
             str(kubeconfig),
             "--liveness",

@@ -47,6 +47,7 @@ deletion acts like Background; no pagination (`limit` is ignored); no admission 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import datetime
@@ -63,12 +64,18 @@ from typing import Any
 
 import jsonpatch
 import jsonschema
+import kubernetes_validate
 import yaml
 from aiohttp import web
 
 JSON = dict[str, Any]
 
 CRD_GROUP = "apiextensions.k8s.io"
+CRD_KEY = (CRD_GROUP, "customresourcedefinitions")
+NAMESPACE_KEY = ("", "namespaces")
+CRD_CLEANUP = "customresourcecleanup.apiextensions.k8s.io"  # the finalizer of every CRD
+# Finalizers the garbage collector sets and removes for the Orphan and Foreground policies.
+POLICY_FINALIZERS = {"Orphan": "orphan", "Foreground": "foregroundDeletion"}
 STATEFULSET_MUTABLE = frozenset(
     (
         "replicas",
@@ -142,6 +149,9 @@ BUILTIN_TYPES = [
         "apps", "v1", "deployments", "Deployment", status=True, scale=ScalePaths(label_selector=None)
     ),
     ResourceType("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", status=True),
+    ResourceType(
+        "storage.k8s.io", "v1", "storageclasses", "StorageClass", namespaced=False, short_names=("sc",)
+    ),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease"),
     ResourceType("rbac.authorization.k8s.io", "v1", "roles", "Role"),
     ResourceType("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
@@ -360,6 +370,27 @@ def _now() -> str:
 
 _NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # what the API server uses for generateName
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+# Kinds whose names are DNS labels, not subdomains (they become DNS names themselves).
+_LABEL_NAMED = {
+    ("", "services"): re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$"),  # DNS-1035
+    ("", "namespaces"): re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),  # DNS-1123 label
+}
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+def _qualified_name_problem(key: str) -> str | None:
+    """Why `key` is not a label or annotation key (apimachinery IsQualifiedName), or None."""
+    prefix, _, name = key.rpartition("/")
+    if "/" in prefix:
+        return "a qualified name has at most one '/'"
+    if "/" in key and (not prefix or len(prefix) > 253 or not _DNS_NAME.match(prefix)):
+        return "the prefix part must be a lowercase RFC 1123 subdomain"
+    if not name or len(name) > 63 or not _LABEL_VALUE.match(name):
+        return (
+            "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end "
+            "with an alphanumeric character (at most 63)"
+        )
+    return None
 
 
 @dataclass
@@ -418,6 +449,21 @@ def canonical_quantity(value: Any) -> Any:
     return f"{mantissa}{_DECIMAL[exp]}"
 
 
+def _quantity_amount(value: Any) -> decimal.Decimal:
+    """The amount of a quantity, for comparisons (0 when it is none)."""
+    canonical = canonical_quantity(value if value is not None else "0")
+    match = _QUANTITY.match(str(canonical))
+    if match is None:
+        return decimal.Decimal(0)
+    number, exponent, suffix = match.groups()
+    if exponent:
+        return decimal.Decimal(number) * decimal.Decimal(10) ** int(exponent[1:])
+    if suffix in _BINARY[1:]:
+        return decimal.Decimal(number) * decimal.Decimal(1024) ** _BINARY.index(suffix)
+    scale = next(e for e, s in _DECIMAL.items() if s == (suffix or ""))
+    return decimal.Decimal(number) * decimal.Decimal(10) ** scale
+
+
 def canonicalize_pod_quantities(statefulset: JSON) -> None:
     """Resource quantities of a StatefulSet's containers and claim templates in canonical form."""
     spec = statefulset.get("spec") or {}
@@ -435,7 +481,7 @@ def canonicalize_pod_quantities(statefulset: JSON) -> None:
 @dataclass(eq=False)
 class _Watcher:
     key: tuple[str, str]
-    queue: asyncio.Queue[WatchEvent] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[WatchEvent | None] = field(default_factory=asyncio.Queue)
 
 
 ObjKey = tuple[str, str, str, str]  # group, plural, namespace ("" if cluster-scoped), name
@@ -444,12 +490,30 @@ ObjKey = tuple[str, str, str, str]  # group, plural, namespace ("" if cluster-sc
 class KubernetesApiEmulator:
     """The state and the HTTP handlers. Runs inside one event loop (see `EmulatorThread`)."""
 
-    def __init__(self, token: str | None = None, grants: Mapping[str, list[JSON]] | None = None) -> None:
+    def __init__(
+        self,
+        token: str | None = None,
+        grants: Mapping[str, list[JSON]] | None = None,
+        *,
+        version: str = "1.30",
+        controllers: bool = True,
+    ) -> None:
         # Authentication: with `token` or `grants`, a request needs "Authorization: Bearer <t>"
         # for a known t (401 otherwise). `token` may do anything; a token in `grants` only what
         # its RBAC PolicyRules allow, everywhere (a ClusterRole binding), else 403 Forbidden.
         self.token = token
         self.grants = dict(grants or {})
+        # The Kubernetes minor version emulated: /version, the schemas built-in kinds are
+        # validated against, and fields a server of that version drops.
+        major, _, minor = version.partition(".")
+        self.version = (int(major), int(minor))
+        # The StatefulSet controller, kubelet and volume resizer stand-ins (k8s_controllers).
+        self.controllers = controllers
+        self.unmanaged_namespaces: set[str] = set()  # no StatefulSet controller acts here
+        self.unready_namespaces: set[str] = set()  # the kubelet stand-in leaves pods unready here
+        # Called with (method, path) before a write is processed: a test's concurrent writer.
+        self.before_write: Callable[[str, str], None] | None = None
+        self.calls: list[tuple[str, str, str, str]] = []  # (token, method, path, query string)
         self.usage: set[tuple[str, str, str, str]] = set()  # (token, apiGroup, resource, verb)
         self.denied: list[tuple[str, str, str, str]] = []
         self.types: dict[tuple[str, str, str], ResourceType] = {}
@@ -461,11 +525,17 @@ class KubernetesApiEmulator:
         self.bodies: list[tuple[str, bytes]] = []  # (user agent, body), index-aligned with requests
         self._rv = 1000
         self._gc_scheduled = False
+        self._controllers_scheduled = False
+        self._ips = 0
         for rt in BUILTIN_TYPES:
             self.register(rt)
         self._store(
             self.types[("", "v1", "namespaces")],
-            {"metadata": {"name": "default"}, "status": {"phase": "Active"}},
+            {
+                "metadata": {"name": "default"},
+                "spec": {"finalizers": ["kubernetes"]},
+                "status": {"phase": "Active"},
+            },
         )
 
     # ------------------------------------------------------------------ registry
@@ -494,6 +564,7 @@ class KubernetesApiEmulator:
         for watcher in self.watchers:
             if watcher.key == rt.key:
                 watcher.queue.put_nowait(event)
+        self._schedule_controllers()
 
     def _store(self, rt: ResourceType, obj: JSON) -> JSON:
         """Insert a new object (already validated), stamping server-owned metadata."""
@@ -505,6 +576,11 @@ class KubernetesApiEmulator:
         for server_owned in ("deletionTimestamp", "deletionGracePeriodSeconds", "managedFields"):
             meta.pop(server_owned, None)
         obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
+        if rt.key == CRD_KEY:
+            meta["finalizers"] = [*(meta.get("finalizers") or []), CRD_CLEANUP]
+        if rt.key == NAMESPACE_KEY:
+            obj.setdefault("spec", {})["finalizers"] = ["kubernetes"]
+            obj["status"] = {"phase": "Active"}
         key = (rt.group, rt.plural, meta.get("namespace", "") if rt.namespaced else "", meta["name"])
         self.objects[key] = obj
         self._notify(rt, "ADDED", obj, None)
@@ -522,7 +598,7 @@ class KubernetesApiEmulator:
             meta["generation"] = int(old_meta.get("generation", 1)) + 1
         meta["resourceVersion"] = str(self._next_rv())
         self.objects[key] = new
-        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and not _spec_finalizers(new):
             self._remove(rt, key)
             return new
         self._notify(rt, "MODIFIED", new, old)
@@ -546,19 +622,39 @@ class KubernetesApiEmulator:
     def _rt_of(self, key: ObjKey) -> ResourceType:
         return self._types_for_key((key[0], key[1]))[0]
 
-    def _delete(self, rt: ResourceType, key: ObjKey, propagation: str) -> tuple[JSON, bool]:
-        """Delete or mark for deletion. Returns (object, gone now)."""
+    def _delete(
+        self, rt: ResourceType, key: ObjKey, propagation: str, preconditions: Mapping[str, Any] | None = None
+    ) -> tuple[JSON, bool]:
+        """Delete or mark for deletion (finalizers, the Orphan and Foreground policies, a
+        namespace's or a CRD's finalization). Returns (object, gone now)."""
         obj = self.objects[key]
         meta = obj["metadata"]
-        if propagation == "Orphan":
-            self._orphan_dependents(meta["uid"])
-        if meta.get("finalizers"):
+        for field_name in ("uid", "resourceVersion"):
+            wanted = (preconditions or {}).get(field_name)
+            if wanted and wanted != meta.get(field_name):
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f"Precondition failed: {field_name} in precondition: {wanted}, "
+                    f"{field_name} in object meta: {meta.get(field_name)}",
+                    {"name": key[3], "group": rt.group, "kind": rt.plural},
+                )
+        finalizers = list(meta.get("finalizers") or [])
+        policy = POLICY_FINALIZERS.get(propagation)
+        if policy and not meta.get("deletionTimestamp") and policy not in finalizers:
+            finalizers.append(policy)
+        if finalizers or _spec_finalizers(obj):
             if not meta.get("deletionTimestamp"):
                 new = copy.deepcopy(obj)
                 new["metadata"]["deletionTimestamp"] = _now()
                 new["metadata"]["deletionGracePeriodSeconds"] = 0
+                if finalizers:
+                    new["metadata"]["finalizers"] = finalizers
+                if rt.key == NAMESPACE_KEY:
+                    new["status"] = {"phase": "Terminating"}
                 self._replace(rt, key, new)
-            return self.objects[key], False
+                self._schedule_gc()
+            return self.objects.get(key, obj), False
         self._remove(rt, key)
         return obj, True
 
@@ -590,9 +686,44 @@ class KubernetesApiEmulator:
                 return True
         return False
 
+    def _dependents(self, uid: str) -> list[ObjKey]:
+        return [
+            key
+            for key, obj in self.objects.items()
+            if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+        ]
+
+    def _drop_finalizer(self, key: ObjKey, finalizer: str) -> None:
+        new = copy.deepcopy(self.objects[key])
+        new["metadata"]["finalizers"] = [f for f in new["metadata"].get("finalizers") or [] if f != finalizer]
+        if not new["metadata"]["finalizers"]:
+            del new["metadata"]["finalizers"]
+        self._replace(self._rt_of(key), key, new)
+
+    def _finish_policies(self) -> None:
+        """The orphan finalizer: cut the dependents' references, then let the owner go. The
+        foregroundDeletion finalizer: delete the dependents, and let the owner go once none is
+        left."""
+        for key, obj in list(self.objects.items()):
+            meta = obj["metadata"]
+            if key not in self.objects or not meta.get("deletionTimestamp"):
+                continue
+            finalizers = meta.get("finalizers") or []
+            if "orphan" in finalizers:
+                self._orphan_dependents(meta["uid"])
+                self._drop_finalizer(key, "orphan")
+            elif "foregroundDeletion" in finalizers:
+                dependents = self._dependents(meta["uid"])
+                for dependent in dependents:
+                    if not self.objects[dependent]["metadata"].get("deletionTimestamp"):
+                        self._delete(self._rt_of(dependent), dependent, "Foreground")
+                if not self._dependents(meta["uid"]):
+                    self._drop_finalizer(key, "foregroundDeletion")
+
     def _collect_garbage(self) -> None:
         """Background propagation: delete dependents none of whose owners exist (by uid)."""
         self._gc_scheduled = False
+        self._finish_policies()
         changed = True
         while changed:
             changed = False
@@ -605,6 +736,65 @@ class KubernetesApiEmulator:
                 if not any(self._owner_exists(ref, key[2]) for ref in refs):
                     self._delete(self._rt_of(key), key, "Background")
                     changed = True
+
+    # ------------------------------------------------------------------ controllers
+
+    def _schedule_controllers(self) -> None:
+        if self._controllers_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # constructing, outside the loop: the first write in it schedules
+            return
+        self._controllers_scheduled = True
+        loop.call_soon(self._run_controllers)
+
+    def _run_controllers(self) -> None:
+        """One round of the controllers, each a level-triggered step that writes only what
+        differs (so rounds end): namespace and CRD finalization, then k8s_controllers."""
+        self._controllers_scheduled = False
+        self._finalize_namespaces()
+        self._finalize_crds()
+        if self.controllers:
+            from tests.relay_operator import k8s_controllers
+
+            k8s_controllers.run(self)
+
+    def _finalize_namespaces(self) -> None:
+        """The namespace controller: a Terminating namespace's objects are deleted (their
+        finalizers are honoured); once none is left its "kubernetes" finalizer goes, then it."""
+        for key, ns in list(self.objects.items()):
+            if (key[0], key[1]) != NAMESPACE_KEY or not ns["metadata"].get("deletionTimestamp"):
+                continue
+            content = [k for k in self.objects if k[2] == key[3] and self._rt_of(k).namespaced]
+            for item in content:
+                if item in self.objects and not self.objects[item]["metadata"].get("deletionTimestamp"):
+                    self._delete(self._rt_of(item), item, "Background")
+            if not any(k[2] == key[3] and self._rt_of(k).namespaced for k in self.objects):
+                new = copy.deepcopy(ns)
+                new["spec"]["finalizers"] = [f for f in _spec_finalizers(ns) if f != "kubernetes"]
+                self._replace(self._rt_of(key), key, new)
+
+    def _finalize_crds(self) -> None:
+        """The apiextensions finalizer: a deleted CRD's custom resources are deleted (their
+        finalizers are honoured); once none is left its cleanup finalizer goes, then it."""
+        for key, crd in list(self.objects.items()):
+            if (key[0], key[1]) != CRD_KEY or not crd["metadata"].get("deletionTimestamp"):
+                continue
+            spec = crd.get("spec") or {}
+            kind = (spec.get("group"), (spec.get("names") or {}).get("plural"))
+            instances = [k for k in self.objects if (k[0], k[1]) == kind]
+            for item in instances:
+                if not self.objects[item]["metadata"].get("deletionTimestamp"):
+                    self._delete(self._rt_of(item), item, "Background")
+            if not any((k[0], k[1]) == kind for k in self.objects) and CRD_CLEANUP in (
+                crd["metadata"].get("finalizers") or []
+            ):
+                self._drop_finalizer(key, CRD_CLEANUP)
+
+    def _terminating(self, key: ObjKey) -> bool:
+        obj = self.objects.get(key)
+        return bool(obj and obj["metadata"].get("deletionTimestamp"))
 
     # ------------------------------------------------------------------ CRDs
 
@@ -643,6 +833,15 @@ class KubernetesApiEmulator:
                 for t, r in (("NamesAccepted", "NoConflicts"), ("Established", "InitialNamesAccepted"))
             ],
         }
+
+    def _crd_terminating(self, rt: ResourceType) -> bool:
+        return any(
+            (key[0], key[1]) == CRD_KEY
+            and (obj.get("spec") or {}).get("group") == rt.group
+            and ((obj.get("spec") or {}).get("names") or {}).get("plural") == rt.plural
+            and obj["metadata"].get("deletionTimestamp")
+            for key, obj in self.objects.items()
+        )
 
     def _forget_crd(self, crd: JSON) -> None:
         spec = crd.get("spec", {})
@@ -685,10 +884,30 @@ class KubernetesApiEmulator:
             raise _invalid(
                 rt, name, [f"metadata.name: Invalid value: {name!r}: a lowercase RFC 1123 subdomain"]
             )
+        if rt.key in _LABEL_NAMED and (len(name) > 63 or not _LABEL_NAMED[rt.key].match(name)):
+            raise _invalid(
+                rt, name, [f"metadata.name: Invalid value: {name!r}: a {rt.kind} name must be a DNS label"]
+            )
         for label_map in ("labels", "annotations"):
             values = meta.get(label_map) or {}
             if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
                 raise _invalid(rt, name, [f"metadata.{label_map}: values must be strings"])
+            causes = [
+                f"metadata.{label_map}: Invalid value: {k!r}: {problem}"
+                for k in values
+                if (problem := _qualified_name_problem(k))
+            ]
+            if label_map == "labels":
+                causes += [
+                    f"metadata.labels: Invalid value: {v!r}: a label value must be 63 characters or less, "
+                    "alphanumeric, '-', '_' or '.', starting and ending with an alphanumeric character"
+                    for v in values.values()
+                    if len(v) > 63 or (v and not _LABEL_VALUE.match(v))
+                ]
+            elif sum(len(k) + len(v) for k, v in values.items()) > 256 * 1024:
+                causes.append("metadata.annotations: Too long: must have at most 262144 bytes")
+            if causes:
+                raise _invalid(rt, name, causes)
         for index, ref in enumerate(meta.get("ownerReferences") or []):
             missing = [f for f in ("apiVersion", "kind", "name", "uid") if not ref.get(f)]
             if missing:
@@ -703,9 +922,195 @@ class KubernetesApiEmulator:
                 f"does not match the URL ({rt.api_version}/{rt.kind})",
             )
 
+    def _check_builtin(self, rt: ResourceType, obj: JSON, old: JSON | None) -> None:
+        """What the server's typed decoding, defaulting and validation of a built-in kind do that
+        the operator can meet: per-kind defaults and allocations, fields this version drops,
+        immutable fields, and the OpenAPI schema of this version (required fields and types)."""
+        name = obj["metadata"]["name"]
+        if rt.key == ("apps", "statefulsets"):
+            canonicalize_pod_quantities(obj)
+            if self.version < (1, 27):  # StatefulSetAutoDeletePVC is off: the field is dropped
+                (obj.get("spec") or {}).pop("persistentVolumeClaimRetentionPolicy", None)
+            if old is not None:
+                old_spec, new_spec = old.get("spec") or {}, obj.get("spec") or {}
+                frozen = {k for k in set(old_spec) | set(new_spec) if k not in STATEFULSET_MUTABLE}
+                if any(old_spec.get(k) != new_spec.get(k) for k in frozen):
+                    raise _invalid(
+                        rt,
+                        name,
+                        [
+                            "spec: Forbidden: updates to statefulset spec for fields other than "
+                            + ", ".join(f"'{k}'" for k in sorted(STATEFULSET_MUTABLE))
+                            + " are forbidden"
+                        ],
+                    )
+        elif rt.key == ("", "services"):
+            self._service_allocations(rt, obj, old)
+        elif rt.key == ("", "persistentvolumeclaims"):
+            self._claim_rules(rt, obj, old)
+        if rt not in BUILTIN_TYPES:
+            return
+        checked = {k: v for k, v in obj.items() if k != "status"}
+        checked["apiVersion"], checked["kind"] = rt.api_version, rt.kind
+        try:
+            kubernetes_validate.validate(checked, f"{self.version[0]}.{self.version[1]}", strict=False)
+        except kubernetes_validate.SchemaNotFoundError:
+            return
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path) or "<root>"
+            raise _invalid(rt, name, [f"{where}: {exc.message}"]) from exc
+
+    def _service_allocations(self, rt: ResourceType, obj: JSON, old: JSON | None) -> None:
+        """Service defaults; a cluster IP and node ports allocated once and kept when an update
+        leaves them out (the registry's patchAllocatedValues); a set cluster IP is immutable."""
+        spec = obj.setdefault("spec", {})
+        old_spec = (old or {}).get("spec") or {}
+        spec.setdefault("type", "ClusterIP")
+        spec.setdefault("sessionAffinity", "None")
+        for port in spec.get("ports") or []:
+            if isinstance(port, dict):
+                port.setdefault("protocol", "TCP")
+                port.setdefault("targetPort", port.get("port"))
+        if spec["type"] == "ExternalName":
+            return
+        if not spec.get("clusterIP"):
+            if old_spec.get("clusterIP"):
+                spec["clusterIP"], spec["clusterIPs"] = old_spec["clusterIP"], old_spec.get("clusterIPs")
+            else:
+                self._ips += 1
+                spec["clusterIP"] = f"10.96.{self._ips // 250}.{self._ips % 250 + 1}"
+        if old_spec.get("clusterIP") and spec["clusterIP"] != old_spec["clusterIP"]:
+            raise _invalid(
+                rt,
+                obj["metadata"]["name"],
+                [f"spec.clusterIPs[0]: Invalid value: {spec['clusterIP']!r}: may not change once set"],
+            )
+        spec.setdefault("clusterIPs", [spec["clusterIP"]])
+        spec.setdefault("ipFamilies", ["IPv4"])
+        spec.setdefault("ipFamilyPolicy", "SingleStack")
+        spec.setdefault("internalTrafficPolicy", "Cluster")
+        if spec["type"] in ("NodePort", "LoadBalancer"):
+            spec.setdefault("externalTrafficPolicy", "Cluster")
+            before = {
+                (p.get("port"), p.get("protocol")): p.get("nodePort") for p in old_spec.get("ports") or []
+            }
+            for port in spec.get("ports") or []:
+                if isinstance(port, dict) and not port.get("nodePort"):
+                    port["nodePort"] = (
+                        before.get((port.get("port"), port.get("protocol"))) or self._node_port()
+                    )
+            if spec["type"] == "LoadBalancer" and spec["externalTrafficPolicy"] == "Local":
+                spec.setdefault(
+                    "healthCheckNodePort", old_spec.get("healthCheckNodePort") or self._node_port()
+                )
+
+    def _node_port(self) -> int:
+        self._ips += 1
+        return 30000 + self._ips % 2768
+
+    def _claim_rules(self, rt: ResourceType, obj: JSON, old: JSON | None) -> None:
+        """PersistentVolumeClaims: the DefaultStorageClass admission plugin on create; on update
+        the spec is immutable but for a bigger storage request, which the
+        PersistentVolumeClaimResize plugin allows only if the claim's StorageClass has
+        allowVolumeExpansion."""
+        spec = obj.setdefault("spec", {})
+        name = obj["metadata"]["name"]
+        if old is None:
+            spec.setdefault("volumeMode", "Filesystem")
+            if "storageClassName" not in spec:
+                default = next(
+                    (
+                        sc
+                        for (g, p, _ns, _n), sc in sorted(self.objects.items())
+                        if (g, p) == ("storage.k8s.io", "storageclasses")
+                        and (sc["metadata"].get("annotations") or {}).get(
+                            "storageclass.kubernetes.io/is-default-class"
+                        )
+                        == "true"
+                    ),
+                    None,
+                )
+                if default is not None:
+                    spec["storageClassName"] = default["metadata"]["name"]
+            return
+        old_spec = old.get("spec") or {}
+
+        def without_requests(claim_spec: Mapping[str, Any]) -> JSON:
+            rest = {
+                k: v for k, v in claim_spec.items() if k not in ("resources", "volumeAttributesClassName")
+            }
+            resources = dict(claim_spec.get("resources") or {})
+            resources.pop("requests", None)
+            return {**rest, "resources": resources}
+
+        if without_requests(old_spec) != without_requests(spec):
+            raise _invalid(
+                rt,
+                name,
+                [
+                    "spec: Forbidden: spec is immutable after creation except resources.requests and "
+                    "volumeAttributesClassName for bound claims"
+                ],
+            )
+        before = _quantity_amount(((old_spec.get("resources") or {}).get("requests") or {}).get("storage"))
+        after = _quantity_amount(((spec.get("resources") or {}).get("requests") or {}).get("storage"))
+        if after < before:
+            raise _invalid(
+                rt,
+                name,
+                ["spec.resources.requests.storage: Forbidden: field can not be less than previous value"],
+            )
+        if after > before:
+            class_name = spec.get("storageClassName") or ""
+            storage_class = self.objects.get(("storage.k8s.io", "storageclasses", "", class_name))
+            if not class_name or not (storage_class or {}).get("allowVolumeExpansion"):
+                raise ApiError(
+                    403,
+                    "Forbidden",
+                    f'persistentvolumeclaims "{name}" is forbidden: only dynamically provisioned pvc can be '
+                    "resized and the storageclass that provisions the pvc must support resize",
+                )
+
+    def _admit_owner_references(
+        self, rt: ResourceType, namespace: str, new: JSON, old: JSON | None, user: str | None
+    ) -> None:
+        """The OwnerReferencesPermissionEnforcement admission plugin (plugin/pkg/admission/gc),
+        for RBAC-limited users: changing an existing object's ownerReferences needs `delete` on
+        it; a reference that newly sets blockOwnerDeletion needs `update` on the owner's
+        ``finalizers`` subresource."""
+        if user is None:
+            return
+        name = new["metadata"]["name"]
+        refs = new["metadata"].get("ownerReferences") or []
+        old_refs = ((old or {}).get("metadata") or {}).get("ownerReferences") or []
+        if refs == old_refs:
+            return
+        if old is not None and not self._allowed(user, rt.group, rt.plural, "delete", name):
+            raise ApiError(
+                403,
+                "Forbidden",
+                f'{rt.plural} "{name}" is forbidden: cannot set an ownerRef on a resource you can\'t delete: '
+                f'User "{user}" cannot delete resource "{rt.plural}" in API group "{rt.group}"',
+            )
+        blocking = {ref.get("uid") for ref in old_refs if ref.get("blockOwnerDeletion")}
+        for ref in refs:
+            if not ref.get("blockOwnerDeletion") or ref.get("uid") in blocking:
+                continue
+            owner = self.type_for(str(ref.get("apiVersion", "")), str(ref.get("kind", "")))
+            resource = f"{owner.plural}/finalizers" if owner else ""
+            if owner is None or not self._allowed(user, owner.group, resource, "update", ref.get("name")):
+                group = owner.group if owner else ""
+                raise ApiError(
+                    403,
+                    "Forbidden",
+                    f'{rt.plural} "{name}" is forbidden: cannot set blockOwnerDeletion if an ownerReference '
+                    f'refers to a resource you can\'t set finalizers on: User "{user}" cannot update '
+                    f'resource "{resource}" in API group "{group}" in the namespace "{namespace}"',
+                )
+
     # ------------------------------------------------------------------ verbs
 
-    def _create(self, rt: ResourceType, namespace: str, body: Any) -> JSON:
+    def _create(self, rt: ResourceType, namespace: str, body: Any, user: str | None = None) -> JSON:
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "the body of a create must be a JSON object")
         obj = copy.deepcopy(body)
@@ -721,8 +1126,19 @@ class KubernetesApiEmulator:
                     f'namespaces "{namespace}" not found',
                     {"name": namespace, "kind": "namespaces"},
                 )
+            if self._terminating(("", "namespaces", "", namespace)):
+                raise ApiError(
+                    403,
+                    "Forbidden",
+                    f'{rt.plural} "{meta.get("name") or meta.get("generateName", "")}" is forbidden: '
+                    f"unable to create new content in namespace {namespace} because it is being terminated",
+                )
         else:
             meta.pop("namespace", None)
+        if rt.schema is not None and self._crd_terminating(rt):
+            raise ApiError(
+                405, "MethodNotAllowed", "create not allowed while custom resource definition is terminating"
+            )
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + "".join(random.choices(_NAME_ALPHABET, k=5))
         self._check_metadata(rt, obj)
@@ -737,14 +1153,16 @@ class KubernetesApiEmulator:
         if rt.status and rt.key != (CRD_GROUP, "customresourcedefinitions"):
             obj.pop("status", None)  # status is written through the subresource only
         obj = self._check_custom(rt, obj)
-        if rt.key == ("apps", "statefulsets"):
-            canonicalize_pod_quantities(obj)
+        self._check_builtin(rt, obj, None)
+        self._admit_owner_references(rt, namespace, obj, None, user)
         stored = self._store(rt, obj)
         if meta.get("ownerReferences"):
             self._schedule_gc()
         return stored
 
-    def _update(self, rt: ResourceType, key: ObjKey, new: Any, subresource: str | None) -> JSON:
+    def _update(
+        self, rt: ResourceType, key: ObjKey, new: Any, subresource: str | None, user: str | None = None
+    ) -> JSON:
         """Common path of PUT and PATCH on the object or its /status."""
         old = self.objects[key]
         if not isinstance(new, dict):
@@ -793,22 +1211,11 @@ class KubernetesApiEmulator:
                 meta.pop("ownerReferences", None)
         result["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         result["apiVersion"], result["kind"] = rt.api_version, rt.kind
-        if rt.key == ("apps", "statefulsets"):
-            canonicalize_pod_quantities(result)
-            old_spec, new_spec = old.get("spec") or {}, result.get("spec") or {}
-            frozen = {k for k in set(old_spec) | set(new_spec) if k not in STATEFULSET_MUTABLE}
-            if any(old_spec.get(k) != new_spec.get(k) for k in frozen):
-                raise _invalid(
-                    rt,
-                    key[3],
-                    [
-                        "spec: Forbidden: updates to statefulset spec for fields other than "
-                        + ", ".join(f"'{k}'" for k in sorted(STATEFULSET_MUTABLE))
-                        + " are forbidden"
-                    ],
-                )
         self._check_metadata(rt, result)
         result = self._check_custom(rt, result)
+        if subresource is None:
+            self._check_builtin(rt, result, old)
+            self._admit_owner_references(rt, key[2], result, old, user)
         return self._replace(rt, key, result)
 
     def _apply_patch(self, rt: ResourceType, target: JSON, content_type: str, body: bytes) -> JSON:
@@ -894,6 +1301,8 @@ class KubernetesApiEmulator:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path, request.content_type))
         self.bodies.append((request.headers.get("User-Agent", ""), await request.read()))
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        self.calls.append((token, request.method, request.path, request.query_string))
         if self.token is not None or self.grants:
             presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
             if presented != self.token and presented not in self.grants:
@@ -932,6 +1341,10 @@ class KubernetesApiEmulator:
         name = rest[1] if len(rest) >= 2 else None
         subresource = rest[2] if len(rest) == 3 else None
         self._authorize(request, group, rest[0], name, subresource, namespace)
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        user = token if token in self.grants else None  # None: unrestricted
+        if request.method != "GET" and self.before_write is not None:
+            self.before_write(request.method, request.path)
         if rt.namespaced and name is not None and not namespace:
             raise ApiError(
                 404, "NotFound", f"{rt.plural} is namespaced: use /namespaces/NS/{rt.plural}/{name}"
@@ -951,7 +1364,8 @@ class KubernetesApiEmulator:
             if method == "GET":
                 return web.json_response(self._list(rt, namespace, request.query))
             if method == "POST":
-                return web.json_response(self._create(rt, namespace, await self._json(request)), status=201)
+                created = self._create(rt, namespace, await self._json(request), user=user)
+                return web.json_response(created, status=201)
             if method == "DELETE":
                 return web.json_response(self._delete_collection(rt, namespace, request.query))
             raise ApiError(405, "MethodNotAllowed", f"{method} is not allowed on a collection")
@@ -978,18 +1392,20 @@ class KubernetesApiEmulator:
         if method == "GET":
             return web.json_response(self.objects[key])
         if method == "PUT":
-            return web.json_response(self._update(rt, key, await self._json(request), subresource))
+            return web.json_response(self._update(rt, key, await self._json(request), subresource, user=user))
         if method == "PATCH":
             patched = self._apply_patch(
                 rt, copy.deepcopy(self.objects[key]), request.content_type, await request.read()
             )
-            return web.json_response(self._update(rt, key, patched, subresource))
+            return web.json_response(self._update(rt, key, patched, subresource, user=user))
         if method == "DELETE" and subresource is None:
             options = await self._json(request, default={})
             propagation = (options or {}).get("propagationPolicy") or request.query.get(
                 "propagationPolicy", "Background"
             )
-            obj, gone = self._delete(rt, key, propagation)
+            if propagation not in ("Background", "Foreground", "Orphan"):
+                raise ApiError(400, "BadRequest", f"invalid propagationPolicy {propagation!r}")
+            obj, gone = self._delete(rt, key, propagation, (options or {}).get("preconditions"))
             return web.json_response(obj, status=200 if gone else 202)
         raise ApiError(405, "MethodNotAllowed", f"{method} is not allowed here")
 
@@ -1008,16 +1424,8 @@ class KubernetesApiEmulator:
             if method == "DELETE":
                 verb = "delete" if name else "deletecollection"
         resource = f"{plural}/{sub}" if sub else plural
-        self.usage.add((token, group, resource, verb))
-        for rule in self.grants[token]:
-            if (
-                {group, "*"} & set(rule.get("apiGroups", []))
-                and {resource, "*"} & set(rule.get("resources", []))
-                and {verb, "*"} & set(rule.get("verbs", []))
-                and (not rule.get("resourceNames") or name in rule["resourceNames"])
-            ):
-                return
-        self.denied.append((token, group, resource, verb))
+        if self._allowed(token, group, resource, verb, name):
+            return
         where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
         raise ApiError(
             403,
@@ -1026,6 +1434,20 @@ class KubernetesApiEmulator:
             f'in API group "{group}"{where}',
             {"name": name or "", "group": group, "kind": plural},
         )
+
+    def _allowed(self, token: str, group: str, resource: str, verb: str, name: str | None) -> bool:
+        """The RBAC decision for one request attribute set (recorded in usage, or in denied)."""
+        self.usage.add((token, group, resource, verb))
+        for rule in self.grants[token]:
+            if (
+                {group, "*"} & set(rule.get("apiGroups", []))
+                and {resource, "*"} & set(rule.get("resources", []))
+                and {verb, "*"} & set(rule.get("verbs", []))
+                and (not rule.get("resourceNames") or name in rule["resourceNames"])
+            ):
+                return True
+        self.denied.append((token, group, resource, verb))
+        return False
 
     async def _json(self, request: web.Request, default: Any = None) -> Any:
         body = await request.read()
@@ -1048,12 +1470,32 @@ class KubernetesApiEmulator:
                 yield obj
 
     def _list(self, rt: ResourceType, namespace: str, query: Mapping[str, str]) -> JSON:
-        return {
-            "kind": f"{rt.kind}List",
-            "apiVersion": rt.api_version,
-            "metadata": {"resourceVersion": str(self._rv)},
-            "items": list(self._matching(rt, namespace, query)),
-        }
+        """A list, in pages when `limit` is given: the continue token carries the first page's
+        resourceVersion and the last key sent; it expires (410) once that version is compacted."""
+        items = list(self._matching(rt, namespace, query))
+        version, after = str(self._rv), None
+        if query.get("continue"):
+            try:
+                token = json.loads(base64.urlsafe_b64decode(query["continue"].encode()))
+                version, after = str(token["rv"]), tuple(token["after"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ApiError(400, "BadRequest", f"invalid continue token: {exc}") from exc
+            if int(version) < self.compacted_rv:
+                raise ApiError(
+                    410,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result. "
+                    "You can start a new list without the continue parameter.",
+                )
+            items = [item for item in items if _list_key(item) > after]
+        metadata: JSON = {"resourceVersion": version}
+        limit = int(query.get("limit", "0") or 0)
+        if 0 < limit < len(items):
+            items = items[:limit]
+            token = {"rv": int(version), "after": list(_list_key(items[-1]))}
+            metadata["continue"] = base64.urlsafe_b64encode(json.dumps(token).encode()).decode()
+            metadata["remainingItemCount"] = len(list(self._matching(rt, namespace, query))) - limit
+        return {"kind": f"{rt.kind}List", "apiVersion": rt.api_version, "metadata": metadata, "items": items}
 
     def _delete_collection(self, rt: ResourceType, namespace: str, query: Mapping[str, str]) -> JSON:
         doomed = list(self._matching(rt, namespace, query))
@@ -1061,7 +1503,7 @@ class KubernetesApiEmulator:
             meta = obj["metadata"]
             key = (rt.group, rt.plural, meta.get("namespace", "") if rt.namespaced else "", meta["name"])
             self._delete(rt, key, query.get("propagationPolicy", "Background"))
-        return self._list(rt, "", {}) | {"items": doomed}
+        return {"kind": f"{rt.kind}List", "apiVersion": rt.api_version, "metadata": {}, "items": doomed}
 
     async def _watch(
         self, request: web.Request, rt: ResourceType, namespace: str, query: Mapping[str, str] | None = None
@@ -1117,6 +1559,12 @@ class KubernetesApiEmulator:
                     event = await asyncio.wait_for(watcher.queue.get(), remaining)
                 except TimeoutError:
                     break
+                if event is None:  # expire_watches(): what a server sends when its cache moved on
+                    gone = ApiError(410, "Expired", f"too old resource version: {sent} ({self.compacted_rv})")
+                    await response.write(
+                        json.dumps({"type": "ERROR", "object": gone.status()}).encode() + b"\n"
+                    )
+                    break
                 if event.rv <= sent:
                     continue
                 translated = translate(event)
@@ -1140,9 +1588,9 @@ class KubernetesApiEmulator:
                 groups[group].append(version)
         if parts == ["version"]:
             return {
-                "major": "1",
-                "minor": "30",
-                "gitVersion": "v1.30.0-mailrelay-emulator",
+                "major": str(self.version[0]),
+                "minor": str(self.version[1]),
+                "gitVersion": f"v{self.version[0]}.{self.version[1]}.0-mailrelay-emulator",
                 "platform": "linux/amd64",
             }
         if parts == ["api"]:
@@ -1207,9 +1655,18 @@ class KubernetesApiEmulator:
     # ------------------------------------------------------------------ direct access for tests
 
     def compact(self) -> None:
-        """Forget the watch history (a later watch from an older resourceVersion gets 410 Gone)."""
+        """Forget the watch history (a later watch from an older resourceVersion gets 410 Gone,
+        so does a list continued with an older token)."""
         self.compacted_rv = self._rv
         self.history.clear()
+
+    def expire_watches(self) -> int:
+        """Compact, and end every open watch with an ERROR 410 event, as a server does when a
+        watcher falls behind its watch cache; clients must list again. Returns how many ended."""
+        self.compact()
+        for watcher in self.watchers:
+            watcher.queue.put_nowait(None)
+        return len(self.watchers)
 
     def find(self, plural: str, namespace: str = "", group: str | None = None) -> list[JSON]:
         return [
@@ -1217,6 +1674,18 @@ class KubernetesApiEmulator:
             for (g, p, ns, _n), obj in sorted(self.objects.items())
             if p == plural and (group is None or g == group) and (not namespace or ns == namespace)
         ]
+
+
+def _list_key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace", "")), str(meta.get("name", ""))
+
+
+def _spec_finalizers(obj: Mapping[str, Any]) -> list[str]:
+    """A namespace's spec.finalizers ("kubernetes": its content is not deleted yet)."""
+    if obj.get("kind") != "Namespace":
+        return []
+    return list((obj.get("spec") or {}).get("finalizers") or [])
 
 
 def _group(name: str, versions: Iterable[str]) -> JSON:

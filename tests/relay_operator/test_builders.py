@@ -25,7 +25,7 @@ from relay_operator.topology import RelayPlan
 from tests.relay_operator import crd_tools
 
 GOLDEN = Path(__file__).parent / "golden"
-KUBERNETES_VERSIONS = ["1.30", "1.34"]
+KUBERNETES_VERSIONS = ["1.25", "1.30", "1.34"]  # 1.25: the lowest supported
 OWNER = {
     "apiVersion": "mailrelay.dev/v1alpha1",
     "kind": "MailRelay",

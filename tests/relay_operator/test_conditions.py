@@ -58,33 +58,162 @@ def _by_type(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in status["conditions"]}
 
 
+def sts(generation: int = 3, **status: Any) -> dict[str, Any]:
+    """A StatefulSet as the API returns it: the controller omits counts that are zero."""
+    return {"metadata": {"name": "edge", "generation": generation}, "spec": {}, "status": status}
+
+
+OLD, NEW = "edge-6c9b7d5f4", "edge-8f7e6d5c4"
+
+
 @pytest.mark.parametrize(
-    ("replicas", "sts", "ready", "reason"),
+    ("replicas", "statefulset", "ready", "reason"),
     [
         (2, None, "False", "Progressing"),
-        (2, {"replicas": 2, "readyReplicas": 1, "updatedReplicas": 2}, "False", "Progressing"),
-        (2, {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}, "True", "Ready"),
-        (2, {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 1}, "False", "Progressing"),
-        (0, {"replicas": 0}, "True", "ScaledToZero"),
+        # created, the controller has not written status yet
+        (2, {"metadata": {"generation": 1}, "spec": {}}, "False", "Progressing"),
+        # the real status at the start of a rollout: zeros omitted (no updatedReplicas at all)
+        (
+            2,
+            sts(
+                observedGeneration=3,
+                replicas=2,
+                readyReplicas=2,
+                currentReplicas=2,
+                currentRevision=OLD,
+                updateRevision=NEW,
+                availableReplicas=2,
+            ),
+            "False",
+            "Progressing",
+        ),
+        # a new spec the controller has not observed yet: its old status says all is well
+        (
+            2,
+            sts(
+                generation=4,
+                observedGeneration=3,
+                replicas=2,
+                readyReplicas=2,
+                currentReplicas=2,
+                updatedReplicas=2,
+                currentRevision=OLD,
+                updateRevision=OLD,
+                availableReplicas=2,
+            ),
+            "False",
+            "Progressing",
+        ),
+        # half way: one pod updated
+        (
+            2,
+            sts(
+                observedGeneration=3,
+                replicas=2,
+                readyReplicas=2,
+                currentReplicas=1,
+                updatedReplicas=1,
+                currentRevision=OLD,
+                updateRevision=NEW,
+                availableReplicas=2,
+            ),
+            "False",
+            "Progressing",
+        ),
+        # rolled out: the controller moved currentRevision
+        (
+            2,
+            sts(
+                observedGeneration=3,
+                replicas=2,
+                readyReplicas=2,
+                currentReplicas=2,
+                updatedReplicas=2,
+                currentRevision=NEW,
+                updateRevision=NEW,
+                availableReplicas=2,
+            ),
+            "True",
+            "Ready",
+        ),
+        # rolled out but a pod is not ready
+        (
+            2,
+            sts(
+                observedGeneration=3,
+                replicas=2,
+                readyReplicas=1,
+                currentReplicas=2,
+                updatedReplicas=2,
+                currentRevision=NEW,
+                updateRevision=NEW,
+                availableReplicas=1,
+            ),
+            "False",
+            "Progressing",
+        ),
+        # no revisions reported: every replica must be counted as updated
+        (2, sts(observedGeneration=3, replicas=2, readyReplicas=2), "False", "Progressing"),
+        (2, sts(observedGeneration=3, replicas=2, readyReplicas=2, updatedReplicas=2), "True", "Ready"),
+        (0, sts(observedGeneration=3, replicas=0, availableReplicas=0), "True", "ScaledToZero"),
+        (0, sts(observedGeneration=3, replicas=1, availableReplicas=1), "False", "Progressing"),
     ],
 )
-def test_ready_follows_the_statefulset(
-    replicas: int, sts: dict[str, Any] | None, ready: str, reason: str
+def test_ready_follows_the_statefulset_rollout(
+    replicas: int, statefulset: dict[str, Any] | None, ready: str, reason: str
 ) -> None:
     relay_plan = _plan(replicas=replicas).relays["edge"]
-    status = mailrelay_status(relay_plan, previous=None, statefulset_status=sts, now=T0)
+    status = mailrelay_status(relay_plan, previous=None, statefulset=statefulset, now=T0)
     found = _by_type(status)
     assert (found["Ready"]["status"], found["Ready"]["reason"]) == (ready, reason)
     assert found["ConfigValid"]["status"] == "True"
+    assert (found["Applied"]["status"], found["Applied"]["reason"]) == ("True", "Applied")
     assert status["observedGeneration"] == 7
     assert status["selector"] == "app.kubernetes.io/instance=edge,app.kubernetes.io/name=mailrelay"
-    assert status["replicas"] == (sts or {}).get("replicas", 0)
+    assert status["replicas"] == ((statefulset or {}).get("status") or {}).get("replicas", 0)
+
+
+ROLLED_OUT = sts(
+    observedGeneration=3,
+    replicas=1,
+    readyReplicas=1,
+    updatedReplicas=1,
+    currentRevision=NEW,
+    updateRevision=NEW,
+    availableReplicas=1,
+)
+SUBJECT = topology.ObjectRef("MailRelay", "mail", "edge")
+
+
+def test_applied_reports_refusals_and_what_cannot_be_applied() -> None:
+    relay_plan = _plan().relays["edge"]
+    refused = Problem(
+        SUBJECT, "ApiRejected", "Service edge: the API server refused the write: 422 Invalid: x"
+    )
+    shrink = Problem(SUBJECT, "StorageShrink", "cannot shrink: 2Gi live, 1Gi wanted")
+    status = mailrelay_status(
+        relay_plan, previous=None, statefulset=ROLLED_OUT, now=T0, apply_problems=[shrink, refused]
+    )
+    found = _by_type(status)
+    assert (found["Applied"]["status"], found["Applied"]["reason"]) == ("False", "ApiRejected")
+    assert "422 Invalid: x" in found["Applied"]["message"] and "2Gi live" in found["Applied"]["message"]
+    assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("False", "NotApplied")
+    assert found["ConfigValid"]["status"] == "True"  # the configuration itself is fine
+    # Work in progress (a warning) is not a failure: Ready says Progressing.
+    recreating = Problem(SUBJECT, "Recreating", "StatefulSet edge is recreated", severity="warning")
+    status = mailrelay_status(
+        relay_plan, previous=status, statefulset=None, now=T1, apply_problems=[recreating]
+    )
+    found = _by_type(status)
+    assert (found["Applied"]["status"], found["Applied"]["reason"]) == ("False", "Recreating")
+    assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("False", "Progressing")
+    assert found["Applied"]["lastTransitionTime"] == conditions.timestamp(T0)  # still False
 
 
 def test_status_lists_routes_and_config_hash() -> None:
     route = crd_tools.route_body(priority=3)
     relay_plan = _plan([route]).relays["edge"]
-    status = mailrelay_status(relay_plan, previous=None, statefulset_status=None, now=T0)
+    status = mailrelay_status(relay_plan, previous=None, statefulset=None, now=T0)
     assert status["routeCount"] == 1
     assert status["routes"] == [{"name": "r", "priority": 3, "nextHop": "mx:25"}]
     assert status["configHash"] == relay_plan.config_hash
@@ -93,12 +222,8 @@ def test_status_lists_routes_and_config_hash() -> None:
 def test_loop_and_missing_secret_make_config_invalid() -> None:
     loop = crd_tools.route_body(nextHop={"relay": {"name": "edge"}})
     relay_plan = _plan([loop]).relays["edge"]
-    previous = mailrelay_status(
-        _plan().relays["edge"], previous=None, statefulset_status={"replicas": 1, "readyReplicas": 1}, now=T0
-    )
-    status = mailrelay_status(
-        relay_plan, previous=previous, statefulset_status={"replicas": 1, "readyReplicas": 1}, now=T1
-    )
+    previous = mailrelay_status(_plan().relays["edge"], previous=None, statefulset=ROLLED_OUT, now=T0)
+    status = mailrelay_status(relay_plan, previous=previous, statefulset=ROLLED_OUT, now=T1)
     found = _by_type(status)
     assert (found["ConfigValid"]["status"], found["ConfigValid"]["reason"]) == ("False", "RoutingLoop")
     assert "edge -> edge" in found["ConfigValid"]["message"]
@@ -108,7 +233,7 @@ def test_loop_and_missing_secret_make_config_invalid() -> None:
         topology.ObjectRef("MailRelay", "mail", "edge"), "SecretMissing", "Secret x does not exist"
     )
     status = mailrelay_status(
-        _plan().relays["edge"], previous=status, statefulset_status=None, now=T1, extra_problems=[missing]
+        _plan().relays["edge"], previous=status, statefulset=None, now=T1, extra_problems=[missing]
     )
     assert (_by_type(status)["ConfigValid"]["reason"]) == "SecretMissing"
 
@@ -116,7 +241,7 @@ def test_loop_and_missing_secret_make_config_invalid() -> None:
 def test_invalid_relay_status() -> None:
     body = crd_tools.relay_body(listeners=[])
     invalid = topology.plan_namespace("mail", [body], []).invalid_relays["edge"]
-    status = mailrelay_status(invalid, previous=None, statefulset_status=None, now=T0)
+    status = mailrelay_status(invalid, previous=None, statefulset=None, now=T0)
     found = _by_type(status)
     assert (found["ConfigValid"]["status"], found["ConfigValid"]["reason"]) == ("False", "InvalidSpec")
     assert "spec.listeners" in found["ConfigValid"]["message"]

@@ -94,16 +94,36 @@ def test_generate_name_gives_distinct_names(http: RawHttp, namespace: str) -> No
         status, body = http(
             "POST",
             f"/api/v1/namespaces/{namespace}/events",
-            {"metadata": {"generateName": "x."}, "reason": "R"},
+            {"metadata": {"generateName": "x."}, "reason": "R", "involvedObject": {"kind": "Pod"}},
         )
         assert status == 201
         names.add(body["metadata"]["name"])
     assert len(names) == 3 and all(n.startswith("x.") for n in names)
 
 
-def test_writes_change_resource_version_and_generation_honestly(http: RawHttp, namespace: str) -> None:
+def statefulset(name: str, replicas: int = 1, **container: Any) -> dict[str, Any]:
+    """A StatefulSet body a real server accepts."""
+    labels = {"app": name}
+    return {
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "serviceName": name,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "c", "image": "i", **container}]},
+            },
+        },
+    }
+
+
+def test_writes_change_resource_version_and_generation_honestly(
+    http: RawHttp, namespace: str, emulator: EmulatorThread
+) -> None:
+    emulator.call(lambda: emulator.emulator.unmanaged_namespaces.add(namespace))  # status by hand
     path = f"/apis/apps/v1/namespaces/{namespace}/statefulsets"
-    _, sts = http("POST", path, {"metadata": {"name": "s"}, "spec": {"replicas": 1, "selector": {}}})
+    _, sts = http("POST", path, statefulset("s"))
     rv, item = sts["metadata"]["resourceVersion"], f"{path}/s"
     merge = "application/merge-patch+json"
     # A no-op patch changes nothing, not even the resourceVersion.
@@ -159,13 +179,12 @@ def test_statefulset_quantities_are_stored_in_canonical_form(written: Any, store
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == stored
 
 
-def test_statefulset_writes_store_canonical_quantities(http: RawHttp, namespace: str) -> None:
+def test_statefulset_writes_store_canonical_quantities(
+    http: RawHttp, namespace: str, emulator: EmulatorThread
+) -> None:
+    emulator.call(lambda: emulator.emulator.unmanaged_namespaces.add(namespace))
     path = f"/apis/apps/v1/namespaces/{namespace}/statefulsets"
-    container = {"name": "c", "image": "i", "resources": {"requests": {"cpu": "0.5", "memory": "1024Mi"}}}
-    body = {
-        "metadata": {"name": "q"},
-        "spec": {"selector": {}, "template": {"spec": {"containers": [container]}}},
-    }
+    body = statefulset("q", resources={"requests": {"cpu": "0.5", "memory": "1024Mi"}})
     status, created = http("POST", path, body)
     assert status == 201
     assert created["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {
@@ -356,7 +375,9 @@ def test_rbac_grants_are_enforced_per_verb_and_resource(emulator: EmulatorThread
 
 def test_namespace_deletion_removes_its_objects(http: RawHttp, namespace: str) -> None:
     http("POST", f"/api/v1/namespaces/{namespace}/configmaps", cm("n"))
-    assert http("DELETE", f"/api/v1/namespaces/{namespace}")[0] == 200
+    status, terminating = http("DELETE", f"/api/v1/namespaces/{namespace}")
+    assert status == 202 and terminating["status"]["phase"] == "Terminating"
+    wait_for(lambda: http("GET", f"/api/v1/namespaces/{namespace}")[0] == 404, what="the namespace to go")
     assert http("GET", f"/api/v1/namespaces/{namespace}/configmaps/n")[0] == 404
 
 

@@ -25,6 +25,8 @@ from tests.relay_operator.crd_tools import operator_rules
 from tests.relay_operator.k8s_emulator import EmulatorThread, KubernetesApiEmulator
 
 MERGE = "application/merge-patch+json"
+PODS = k8s.Resource("v1", "pods", "Pod")
+PVCS = k8s.PERSISTENTVOLUMECLAIMS
 LAST_HANDLED = f"{naming.GROUP}/last-handled-configuration"
 
 
@@ -95,6 +97,12 @@ def converged(kube: Any, namespace: str, name: str) -> dict[str, Any] | None:
     return dict(body)
 
 
+def ready_relay(kube: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    body = converged(kube, namespace, name)
+    found = condition(body, "Ready")
+    return body if found and found["status"] == "True" else None
+
+
 def requests_for(emulator: EmulatorThread, path_part: str) -> int:
     return int(
         emulator.call(lambda: sum(1 for _m, path, _c in emulator.emulator.requests if path_part in path))
@@ -124,8 +132,9 @@ def events_for(kube: Any, namespace: str, name: str) -> list[tuple[str, str, str
 
 
 def test_apply_creates_owned_children_and_status(
-    kube: Any, namespace: str, operator_process: OperatorProcess
+    kube: Any, namespace: str, operator_process: OperatorProcess, emulator: EmulatorThread
 ) -> None:
+    emulator.call(lambda: emulator.emulator.unready_namespaces.add(namespace))  # pods stay Pending
     internal = kube.create(k8s.MAILRELAYS, namespace, mailrelay("internal", port=2526))
     edge = kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
     kube.create(
@@ -164,6 +173,12 @@ def test_apply_creates_owned_children_and_status(
     assert valid is not None and valid["status"] == "True"
     ready = condition(body, "Ready")
     assert ready is not None and ready["status"] == "False"  # no pods are ready yet
+    applied = condition(body, "Applied")
+    assert applied is not None and (applied["status"], applied["reason"]) == ("True", "Applied")
+    assert "finalizers" not in body["metadata"]  # nothing holds a MailRelay's deletion
+    pod = kube.get(PODS, namespace, "edge-0")  # made by the emulator's StatefulSet controller
+    assert pod["metadata"]["ownerReferences"][0]["name"] == "edge"
+    assert kube.get(PVCS, namespace, "spool-edge-0") is not None
     (container,) = objects["StatefulSet"]["spec"]["template"]["spec"]["containers"]  # type: ignore[index]
     assert (container["image"], container["imagePullPolicy"]) == (OPERATOR_IMAGE, "Always")  # the flags
     config = relay_config(kube, namespace, "edge")
@@ -283,28 +298,76 @@ def test_scale_subresource_drives_the_statefulset_and_ready_follows_it(
         lambda: kube.get(k8s.STATEFULSETS, namespace, "edge")["spec"]["replicas"] == 3,
         "the StatefulSet to follow the scale subresource",
     )
-    # What the StatefulSet controller would report once the pods are ready.
-    ready = {"replicas": 3, "readyReplicas": 3, "updatedReplicas": 3, "availableReplicas": 3}
-    kube.merge_patch(k8s.STATEFULSETS, namespace, "edge", {"status": ready}, subresource="status")
+    # The emulator's StatefulSet controller makes the pods, its kubelet makes them ready.
+    body = operator_process.until(lambda: ready_relay(kube, namespace, "edge"), "Ready=True with 3 pods")
+    assert body["status"]["readyReplicas"] == 3 and body["status"]["replicas"] == 3
+    assert sorted(p["metadata"]["name"] for p in kube.list(PODS, namespace)) == ["edge-0", "edge-1", "edge-2"]
+    _, scale = http("GET", scale_path)
+    assert scale["spec"]["replicas"] == 3 and scale["status"]["selector"] == naming.selector_string("edge")
+    # A pod stops being ready: Ready follows.
+    unready = {"status": {"conditions": [{"type": "Ready", "status": "False"}]}}
+    kube.merge_patch(PODS, namespace, "edge-1", unready, subresource="status")
     body = operator_process.until(
         lambda: (
             (b := kube.get(k8s.MAILRELAYS, namespace, "edge"))
-            and condition(b, "Ready")["status"] == "True"
+            and condition(b, "Ready")["status"] == "False"
             and b
         ),  # type: ignore[index]
-        "Ready=True after the StatefulSet reports ready replicas",
-    )
-    assert body["status"]["readyReplicas"] == 3 and body["status"]["replicas"] == 3
-    _, scale = http("GET", scale_path)
-    assert scale["spec"]["replicas"] == 3 and scale["status"]["selector"] == naming.selector_string("edge")
-    # A pod goes away: Ready follows.
-    kube.merge_patch(
-        k8s.STATEFULSETS, namespace, "edge", {"status": {"readyReplicas": 2}}, subresource="status"
-    )
-    operator_process.until(
-        lambda: condition(kube.get(k8s.MAILRELAYS, namespace, "edge"), "Ready")["status"] == "False",  # type: ignore[index]
         "Ready=False when a replica is not ready",
     )
+    assert body["status"]["readyReplicas"] == 2
+
+
+def test_ready_means_rolled_out(
+    kube: Any, namespace: str, operator_process: OperatorProcess, emulator: EmulatorThread
+) -> None:
+    """A new pod template is not Ready until the StatefulSet controller has seen it and every pod
+    runs it: the old status (everything ready, of the old generation) must not count."""
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge", replicas=2))
+    operator_process.until(lambda: ready_relay(kube, namespace, "edge"), "Ready=True before the change")
+    before = kube.get(k8s.STATEFULSETS, namespace, "edge")
+    # The controller is busy elsewhere (it has not seen the new generation yet) ...
+    emulator.call(lambda: emulator.emulator.unmanaged_namespaces.add(namespace))
+    emulator.call(lambda: emulator.emulator.unready_namespaces.add(namespace))  # new pods stay Pending
+    kube.merge_patch(
+        k8s.MAILRELAYS, namespace, "edge", {"spec": {"listeners": [{"name": "smtp", "port": 2600}]}}
+    )
+
+    def ready_reason() -> str:
+        found = condition(kube.get(k8s.MAILRELAYS, namespace, "edge"), "Ready") or {}
+        return f"{found.get('status')}/{found.get('reason')}/{found.get('message')}"
+
+    reason = operator_process.until(
+        lambda: "generation" in ready_reason() and ready_reason(), "Ready=False, unseen"
+    )
+    assert reason.startswith("False/Progressing/")
+    sts = kube.get(k8s.STATEFULSETS, namespace, "edge")
+    assert sts["metadata"]["generation"] > before["metadata"]["generation"]
+    assert sts["status"] == before["status"]  # all ready and updated, of the old generation
+    # ... then it rolls the pods, one at a time; a replaced pod is not ready yet.
+    emulator.call(lambda: emulator.emulator.unmanaged_namespaces.discard(namespace))
+    emulator.call(emulator.emulator._schedule_controllers)
+    rolling = operator_process.until(
+        lambda: (
+            (s := kube.get(k8s.STATEFULSETS, namespace, "edge")["status"]).get("observedGeneration")
+            == sts["metadata"]["generation"]
+            and s
+        ),
+        "the controller to observe the new generation",
+    )
+    assert rolling["currentRevision"] != rolling["updateRevision"]
+    assert ready_reason().startswith("False/Progressing/")
+    ready_pod = {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+    for name in ("edge-1", "edge-0"):  # highest ordinal first, as the controller replaces them
+        operator_process.until(
+            lambda n=name: (p := kube.get(PODS, namespace, n)) and p["status"]["phase"] == "Pending",
+            f"{name} replaced at the new revision",
+        )
+        assert ready_reason().startswith("False/Progressing/")
+        kube.merge_patch(PODS, namespace, name, ready_pod, subresource="status")
+    operator_process.until(lambda: ready_relay(kube, namespace, "edge"), "Ready=True once rolled out")
+    done = kube.get(k8s.STATEFULSETS, namespace, "edge")["status"]
+    assert done["currentRevision"] == done["updateRevision"] == rolling["updateRevision"]
 
 
 def test_routing_loop_is_a_condition_and_an_event(
@@ -464,31 +527,159 @@ def test_drift_of_a_child_is_repaired_by_the_resync(
     )
 
 
-def test_immutable_statefulset_fields_are_reported_not_retried_forever(
+def storage_class(http: RawHttp, name: str, *, expandable: bool) -> str:
+    body = {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": name},
+        "provisioner": "csi.example.com",
+        "allowVolumeExpansion": expandable,
+    }
+    assert http("POST", "/apis/storage.k8s.io/v1/storageclasses", body)[0] == 201
+    return name
+
+
+def claim_size(kube: Any, namespace: str, name: str) -> tuple[str, str]:
+    """(requested, capacity) of a PersistentVolumeClaim."""
+    claim = kube.get(PVCS, namespace, name) or {}
+    requested = ((claim.get("spec") or {}).get("resources") or {}).get("requests", {}).get("storage", "")
+    return str(requested), str(((claim.get("status") or {}).get("capacity") or {}).get("storage", ""))
+
+
+def template_size(kube: Any, namespace: str) -> str:
+    sts = kube.get(k8s.STATEFULSETS, namespace, "edge")
+    if sts is None:  # being recreated
+        return ""
+    return str(sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"])
+
+
+def applied(kube: Any, namespace: str, status: str, reason: str) -> dict[str, Any] | None:
+    found = condition(kube.get(k8s.MAILRELAYS, namespace, "edge"), "Applied")
+    return found if found and (found["status"], found["reason"]) == (status, reason) else None
+
+
+def test_a_bigger_queue_volume_grows_the_claims_and_keeps_the_pods(
+    kube: Any, namespace: str, operator_process: OperatorProcess, emulator: EmulatorThread, http: RawHttp
+) -> None:
+    expandable = storage_class(http, f"{namespace}-expandable", expandable=True)
+    storage = {"storage": {"size": "1Gi", "storageClassName": expandable}}
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge", replicas=2, queue=storage))
+    operator_process.until(lambda: ready_relay(kube, namespace, "edge"), "MailRelay edge to be Ready")
+    pods = {p["metadata"]["name"]: p["metadata"]["uid"] for p in kube.list(PODS, namespace)}
+    first = kube.get(k8s.STATEFULSETS, namespace, "edge")
+    assert claim_size(kube, namespace, "spool-edge-1") == ("1Gi", "1Gi")
+
+    kube.merge_patch(k8s.MAILRELAYS, namespace, "edge", {"spec": {"queue": {"storage": {"size": "2Gi"}}}})
+    operator_process.until(lambda: template_size(kube, namespace) == "2Gi", "the new claim template")
+    operator_process.until(lambda: ready_relay(kube, namespace, "edge"), "Ready again")
+    for claim in ("spool-edge-0", "spool-edge-1"):
+        assert claim_size(kube, namespace, claim) == ("2Gi", "2Gi")  # patched, then grown by the resizer
+    sts = kube.get(k8s.STATEFULSETS, namespace, "edge")
+    assert sts["metadata"]["uid"] != first["metadata"]["uid"]  # recreated ...
+    assert {
+        p["metadata"]["name"]: p["metadata"]["uid"] for p in kube.list(PODS, namespace)
+    } == pods  # ... pods kept
+    assert all(
+        p["metadata"]["ownerReferences"][0]["uid"] == sts["metadata"]["uid"]
+        for p in kube.list(PODS, namespace)
+    )
+    assert applied(kube, namespace, "True", "Applied")
+    changes = [e[2] for e in events_for(kube, namespace, "edge") if e[:2] == ("Normal", "Applied")]
+    assert any("resized PersistentVolumeClaim spool-edge-0 to 2Gi" in c for c in changes)
+
+    # Shrinking cannot be done: a lasting condition with both sizes, and nothing changes.
+    kube.merge_patch(k8s.MAILRELAYS, namespace, "edge", {"spec": {"queue": {"storage": {"size": "1Gi"}}}})
+    found = operator_process.until(
+        lambda: applied(kube, namespace, "False", "StorageShrink"), "StorageShrink"
+    )
+    assert "2Gi" in found["message"] and "1Gi" in found["message"]
+    two_more_passes(emulator, operator_process, namespace)
+    assert applied(kube, namespace, "False", "StorageShrink")
+    assert condition(kube.get(k8s.MAILRELAYS, namespace, "edge"), "Ready")["reason"] == "NotApplied"  # type: ignore[index]
+    assert template_size(kube, namespace) == "2Gi" and claim_size(kube, namespace, "spool-edge-0")[0] == "2Gi"
+    warnings = [e for e in events_for(kube, namespace, "edge") if e[:2] == ("Warning", "StorageShrink")]
+    assert len(warnings) == 1  # when it appears, not on every pass
+    # Another class cannot be applied to existing claims either.
+    other = {"queue": {"storage": {"size": "2Gi", "storageClassName": "other"}}}
+    kube.merge_patch(k8s.MAILRELAYS, namespace, "edge", {"spec": other})
+    found = operator_process.until(
+        lambda: applied(kube, namespace, "False", "StorageClassChange"), "class change"
+    )
+    assert expandable in found["message"] and "other" in found["message"]
+
+
+def test_a_storage_class_without_expansion_is_a_lasting_condition(
+    kube: Any, namespace: str, operator_process: OperatorProcess, emulator: EmulatorThread, http: RawHttp
+) -> None:
+    fixed = storage_class(http, f"{namespace}-fixed", expandable=False)
+    storage = {"storage": {"size": "1Gi", "storageClassName": fixed}}
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge", queue=storage))
+    operator_process.until(lambda: ready_relay(kube, namespace, "edge"), "MailRelay edge to be Ready")
+    first = kube.get(k8s.STATEFULSETS, namespace, "edge")
+    kube.merge_patch(k8s.MAILRELAYS, namespace, "edge", {"spec": {"queue": {"storage": {"size": "5Gi"}}}})
+    found = operator_process.until(
+        lambda: applied(kube, namespace, "False", "StorageNotExpandable"), "StorageNotExpandable"
+    )
+    assert all(part in found["message"] for part in ("spool-edge-0", fixed, "1Gi", "5Gi"))
+    two_more_passes(emulator, operator_process, namespace)
+    assert applied(kube, namespace, "False", "StorageNotExpandable")
+    assert claim_size(kube, namespace, "spool-edge-0")[0] == "1Gi"
+    assert kube.get(k8s.STATEFULSETS, namespace, "edge")["metadata"]["uid"] == first["metadata"]["uid"]
+    # Back to the size it has: applied again.
+    kube.merge_patch(k8s.MAILRELAYS, namespace, "edge", {"spec": {"queue": {"storage": {"size": "1Gi"}}}})
+    operator_process.until(lambda: applied(kube, namespace, "True", "Applied"), "Applied=True again")
+
+
+def test_a_refused_child_is_reported_in_status_and_retried(
     kube: Any, namespace: str, operator_process: OperatorProcess
 ) -> None:
-    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    """The API server refuses the client Service (an annotation key it does not accept): the
+    other children are applied, the status says why, and fixing the spec recovers."""
+    service = {"type": "ClusterIP", "annotations": {"not a valid key": "x"}}
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge", service=service))
+    found = operator_process.until(lambda: applied(kube, namespace, "False", "ApiRejected"), "Applied=False")
+    assert "Service edge" in found["message"] and "metadata.annotations" in found["message"]
+    assert "422" in found["message"]
+    body = kube.get(k8s.MAILRELAYS, namespace, "edge")
+    assert condition(body, "ConfigValid")["status"] == "True"  # type: ignore[index]
+    assert condition(body, "Ready")["reason"] == "NotApplied"  # type: ignore[index]
+    assert kube.get(k8s.STATEFULSETS, namespace, "edge") is not None  # the rest is applied
+    assert kube.get(k8s.SERVICES, namespace, "edge") is None
+    operator_process.until(
+        lambda: [e for e in events_for(kube, namespace, "edge") if e[:2] == ("Warning", "ApiRejected")],
+        "a Warning Event",
+    )
+    fixed = {"spec": {"service": {"annotations": {"not a valid key": None, "lb.example/internal": "true"}}}}
+    kube.merge_patch(k8s.MAILRELAYS, namespace, "edge", fixed)
+    operator_process.until(lambda: applied(kube, namespace, "True", "Applied"), "Applied=True after the fix")
+    assert (
+        kube.get(k8s.SERVICES, namespace, "edge")["metadata"]["annotations"]["lb.example/internal"] == "true"
+    )
+
+
+def test_removed_labels_and_annotations_go_away_and_foreign_ones_stay(
+    kube: Any, namespace: str, operator_process: OperatorProcess
+) -> None:
+    service = {"type": "LoadBalancer", "annotations": {"lb.example/internal": "true", "lb.example/keep": "1"}}
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge", service=service))
     operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
-    listeners = [{"name": "smtp", "port": 2700, "mode": "relay"}]
+    foreign = {"metadata": {"annotations": {"team.example/owner": "mail"}, "labels": {"team": "mail"}}}
+    kube.merge_patch(k8s.SERVICES, namespace, "edge", foreign)  # kubectl annotate / label
     kube.merge_patch(
         k8s.MAILRELAYS,
         namespace,
         "edge",
-        {"spec": {"listeners": listeners, "queue": {"storage": {"size": "9Gi"}}}},
+        {"spec": {"service": {"annotations": {"lb.example/internal": None}}}},
     )
-    warning = operator_process.until(
-        lambda: [e for e in events_for(kube, namespace, "edge") if e[:2] == ("Warning", "ImmutableField")],
-        "a Warning Event about the immutable claim template",
-    )
-    assert "volumeClaimTemplates" in warning[0][2]
-    body = operator_process.until(
-        lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge again"
-    )
-    sts = kube.get(k8s.STATEFULSETS, namespace, "edge")
-    claim = sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
-    assert claim != "9Gi"  # the API server would refuse the change; the rest is applied
-    assert sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == 2700
-    assert condition(body, "ConfigValid")["status"] == "True"  # type: ignore[index]
+
+    def annotations() -> dict[str, str]:
+        return dict(kube.get(k8s.SERVICES, namespace, "edge")["metadata"].get("annotations") or {})
+
+    operator_process.until(lambda: "lb.example/internal" not in annotations(), "the removed annotation gone")
+    found = kube.get(k8s.SERVICES, namespace, "edge")["metadata"]
+    assert found["annotations"]["lb.example/keep"] == "1"
+    assert found["annotations"]["team.example/owner"] == "mail" and found["labels"]["team"] == "mail"
+    assert found["labels"][naming.LABEL_MANAGED_BY] == naming.MANAGED_BY
 
 
 def _granted(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
@@ -508,17 +699,25 @@ def _used(server: EmulatorThread) -> set[tuple[str, str, str]]:
 
 
 def test_the_operator_needs_exactly_its_rbac_rules(
-    emulator: EmulatorThread, operator_process: OperatorProcess, kube: Any, namespace: str
+    emulator: EmulatorThread, operator_process: OperatorProcess, kube: Any, namespace: str, http: RawHttp
 ) -> None:
     """The operator runs with the chart's cluster-wide RBAC rules (operator/relay_operator/rbac.yaml):
-    the emulator answers 403 to anything else. Here it also repairs drift of every kind of child
-    (a PUT each), so afterwards every granted verb has been used: no rule is superfluous."""
+    the emulator answers 403 to anything else, and enforces OwnerReferencesPermissionEnforcement
+    (blockOwnerDeletion needs `update` on mailrelays/finalizers). Here it also repairs drift of
+    every kind of child (a PUT each) and grows the spool volumes (claims listed and patched, the
+    StorageClass read, the StatefulSet deleted and created again), so afterwards every granted
+    verb has been used: no rule is superfluous."""
     secret = {"metadata": {"name": "edge-tls"}, "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5"}}
     kube.create(k8s.SECRETS, namespace, {"apiVersion": "v1", "kind": "Secret", **secret})
     listeners = [{"name": "smtp", "port": 2525, "mode": "relay", "tls": "starttls"}]
     kube.create(k8s.RELAYROUTES, namespace, relayroute("out", "edge", {"mx": {}}, domains=["*"]))
+    storage = {
+        "storage": {"size": "1Gi", "storageClassName": storage_class(http, f"{namespace}-x", expandable=True)}
+    }
     kube.create(
-        k8s.MAILRELAYS, namespace, mailrelay("edge", listeners=listeners, tls={"secretName": "edge-tls"})
+        k8s.MAILRELAYS,
+        namespace,
+        mailrelay("edge", listeners=listeners, tls={"secretName": "edge-tls"}, queue=storage),
     )
     operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
     live = {kind: child for kind, child in children(kube, namespace, "edge").items() if child}
@@ -538,9 +737,12 @@ def test_the_operator_needs_exactly_its_rbac_rules(
         )
 
     operator_process.until(repaired, "the resync to restore every child")
-    assert emulator.call(lambda: list(emulator.emulator.denied)) == []
+    kube.merge_patch(k8s.MAILRELAYS, namespace, "edge", {"spec": {"queue": {"storage": {"size": "2Gi"}}}})
+    operator_process.until(lambda: template_size(kube, namespace) == "2Gi", "the spool volumes to grow")
+    assert emulator.call(lambda: [d for d in emulator.emulator.denied if d[0] == OPERATOR_TOKEN]) == []
     granted = _granted(operator_rules(all_namespaces=True, peering=False)[0])
     assert _used(emulator) == granted
+    assert ("mailrelay.dev", "mailrelays/finalizers", "update") in granted  # asked by the admission plugin
 
 
 def test_namespace_scoped_operator_leaves_other_namespaces_alone(tmp_path: Path) -> None:
