@@ -122,6 +122,7 @@ class Runtime:
     _guard: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _loop: threading.Thread | None = None
+    _was_acting: bool = True
 
     def lock(self, namespace: str) -> threading.Lock:
         with self._guard:
@@ -196,7 +197,15 @@ class Runtime:
 
     def resync(self) -> None:
         """One resync pass over every namespace known to hold MailRelays."""
-        if not self.acting():
+        acting = self.acting()
+        if acting != self._was_acting:
+            LOG.info(
+                "resync resumed"
+                if acting
+                else "resync paused: a peer of the same or a higher priority is active (kopf peering)"
+            )
+            self._was_acting = acting
+        if not acting:
             return
         for namespace in sorted(self.known()):
             if self._stop.is_set():

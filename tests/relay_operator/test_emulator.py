@@ -4,12 +4,17 @@ operator's adapter (relay_operator.k8s) against it."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from tests.relay_operator.conftest import RawHttp, wait_for
-from tests.relay_operator.k8s_emulator import EmulatorThread, canonicalize_pod_quantities
+from tests.relay_operator.k8s_emulator import (
+    EmulatorThread,
+    KubernetesApiEmulator,
+    canonicalize_pod_quantities,
+)
 
 WIDGET_CRD: dict[str, Any] = {
     "apiVersion": "apiextensions.k8s.io/v1",
@@ -426,3 +431,358 @@ def test_adapter_reports_an_unreachable_server(tmp_path: Any) -> None:
     api = k8s.ClientKubeApi.from_environment(kubeconfig=str(config))
     with pytest.raises(k8s.Unavailable):
         api.get(k8s.CONFIGMAPS, "default", "x")
+
+
+# --------------------------------------------------------------------------- what a server refuses
+
+
+def test_built_in_objects_are_validated_like_a_server_does(http: RawHttp, namespace: str) -> None:
+    base = f"/api/v1/namespaces/{namespace}"
+    # Names: Services are DNS-1035 labels, most others DNS subdomains.
+    assert http("POST", f"{base}/services", {"metadata": {"name": "1edge"}, "spec": {}})[0] == 422
+    assert http("POST", f"{base}/services", {"metadata": {"name": "a.b"}, "spec": {}})[0] == 422
+    assert http("POST", f"{base}/configmaps", {"metadata": {"name": "a.b"}})[0] == 201
+    # Label and annotation keys and values.
+    for meta in (
+        {"labels": {"bad key": "x"}},
+        {"labels": {"k": "not a value"}},
+        {"labels": {"k": "v" * 64}},
+        {"annotations": {"Example.COM/x": "y"}},
+        {"annotations": {"a/b/c": "y"}},
+    ):
+        status, body = http("POST", f"{base}/configmaps", {"metadata": {"name": "m", **meta}})
+        assert status == 422 and "metadata." in body["message"], meta
+    status, _ = http(
+        "POST", f"{base}/configmaps", {"metadata": {"name": "m", "labels": {"example.com/k": ""}}}
+    )
+    assert status == 201
+    # Required fields and types from the version's OpenAPI schema.
+    path = f"/apis/apps/v1/namespaces/{namespace}/statefulsets"
+    nameless = statefulset("s")
+    del nameless["spec"]["template"]["spec"]["containers"][0]["name"]
+    status, body = http("POST", path, nameless)
+    assert status == 422 and "'name' is a required property" in body["message"]
+    status, body = http("POST", f"{base}/configmaps", {"metadata": {"name": "t"}, "data": {"k": 1}})
+    assert status == 422 and "data.k" in body["message"]
+
+
+def test_services_get_a_cluster_ip_that_an_update_keeps_and_cannot_change(
+    http: RawHttp, namespace: str
+) -> None:
+    base = f"/api/v1/namespaces/{namespace}/services"
+    body = {"metadata": {"name": "lb"}, "spec": {"type": "LoadBalancer", "ports": [{"port": 25}]}}
+    status, created = http("POST", base, dict(body, spec=dict(body["spec"], externalTrafficPolicy="Local")))
+    assert status == 201
+    spec = created["spec"]
+    assert spec["clusterIP"] and spec["clusterIPs"] == [spec["clusterIP"]]
+    assert (
+        spec["ports"][0]["nodePort"] and spec["healthCheckNodePort"] and spec["ports"][0]["targetPort"] == 25
+    )
+    # A PUT that leaves the allocated values out keeps them (what the operator's replace does).
+    replaced = {
+        "metadata": {"name": "lb", "resourceVersion": created["metadata"]["resourceVersion"]},
+        "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 25}]},
+    }
+    status, kept = http("PUT", f"{base}/lb", replaced)
+    assert status == 200 and kept["spec"] == spec
+    assert kept["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]  # a no-op
+    moved = dict(replaced, spec=dict(replaced["spec"], clusterIP="10.0.0.99"))
+    status, refused = http("PUT", f"{base}/lb", moved)
+    assert status == 422 and "may not change once set" in refused["message"]
+    _, headless = http(
+        "POST", base, {"metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 1}]}}
+    )
+    assert headless["spec"]["clusterIPs"] == ["None"]
+
+
+def test_claims_get_the_default_class_and_grow_only_where_the_class_allows(
+    http: RawHttp, namespace: str
+) -> None:
+    classes = "/apis/storage.k8s.io/v1/storageclasses"
+    grow, fixed = f"{namespace}-grow", f"{namespace}-fixed"
+    http("POST", classes, {"metadata": {"name": grow}, "provisioner": "p", "allowVolumeExpansion": True})
+    http("POST", classes, {"metadata": {"name": fixed}, "provisioner": "p"})
+    base = f"/api/v1/namespaces/{namespace}/persistentvolumeclaims"
+    merge = "application/merge-patch+json"
+
+    def claim(name: str, class_name: str | None) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": "1Gi"}},
+        }
+        if class_name:
+            spec["storageClassName"] = class_name
+        return {"metadata": {"name": name}, "spec": spec}
+
+    for name, class_name in (("grows", grow), ("fixed", fixed)):
+        assert http("POST", base, claim(name, class_name))[0] == 201
+
+    def size(name: str, storage: str) -> tuple[int, dict[str, Any]]:
+        return http(
+            "PATCH", f"{base}/{name}", {"spec": {"resources": {"requests": {"storage": storage}}}}, merge
+        )
+
+    assert size("grows", "2Gi")[0] == 200
+    status, body = size("grows", "1Gi")
+    assert status == 422 and "can not be less than previous value" in body["message"]
+    status, body = size("fixed", "2Gi")
+    assert status == 403 and "must support resize" in body["message"]
+    status, body = http("PATCH", f"{base}/grows", {"spec": {"accessModes": ["ReadWriteMany"]}}, merge)
+    assert status == 422 and "spec is immutable" in body["message"]
+    wait_for(
+        lambda: (http("GET", f"{base}/grows")[1].get("status") or {}).get("capacity") == {"storage": "2Gi"},
+        what="the resizer stand-in to grow the volume",
+    )
+
+
+def test_owner_references_permission_enforcement(
+    emulator: EmulatorThread, http: RawHttp, namespace: str
+) -> None:
+    """OwnerReferencesPermissionEnforcement: blockOwnerDeletion needs update on the owner's
+    finalizers subresource; changing an object's owner references needs delete on it."""
+    base = f"/api/v1/namespaces/{namespace}/configmaps"
+    _, owner = http("POST", base, cm("owner"))
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"]}
+    writer = [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "update", "patch"]}]
+    emulator.call(
+        lambda: emulator.emulator.grants.update(
+            {
+                "writer": writer,
+                "finalizer": [
+                    *writer,
+                    {"apiGroups": [""], "resources": ["configmaps/finalizers"], "verbs": ["update"]},
+                ],
+            }
+        )
+    )
+    as_writer, as_finalizer = RawHttp(emulator.url, token="writer"), RawHttp(emulator.url, token="finalizer")
+    blocking = {"metadata": {"name": "a", "ownerReferences": [dict(ref, blockOwnerDeletion=True)]}}
+    status, body = as_writer("POST", base, blocking)
+    assert status == 403 and "cannot set blockOwnerDeletion" in body["message"]
+    assert as_finalizer("POST", base, blocking)[0] == 201
+    assert as_writer("POST", base, {"metadata": {"name": "b", "ownerReferences": [ref]}})[0] == 201
+    # Creating may set references; changing them later needs the right to delete the object.
+    _, plain = as_writer("POST", base, cm("c"))
+    status, body = as_writer(
+        "PUT", f"{base}/c", dict(plain, metadata=dict(plain["metadata"], ownerReferences=[ref]))
+    )
+    assert status == 403 and "can't delete" in body["message"]
+    assert as_writer("PATCH", f"{base}/a", {"data": {"k": "2"}}, "application/merge-patch+json")[0] == 200
+    emulator.call(
+        lambda: emulator.emulator.denied.__setitem__(
+            slice(None), [d for d in emulator.emulator.denied if d[0] not in ("writer", "finalizer")]
+        )
+    )
+
+
+# --------------------------------------------------------------------------- deletion
+
+
+def test_namespace_deletion_waits_for_the_finalizers_of_its_objects(http: RawHttp, namespace: str) -> None:
+    base = f"/api/v1/namespaces/{namespace}/configmaps"
+    http("POST", base, {"metadata": {"name": "held", "finalizers": ["example.com/hold"]}})
+    http("POST", base, cm("free"))
+    assert http("DELETE", f"/api/v1/namespaces/{namespace}")[0] == 202
+    wait_for(lambda: http("GET", f"{base}/free")[0] == 404, what="the namespace's content to be deleted")
+    _, held = http("GET", f"{base}/held")
+    assert held["metadata"]["deletionTimestamp"]
+    _, ns = http("GET", f"/api/v1/namespaces/{namespace}")
+    assert ns["status"]["phase"] == "Terminating" and ns["spec"]["finalizers"] == ["kubernetes"]
+    status, body = http("POST", base, cm("late"))
+    assert status == 403 and "being terminated" in body["message"]
+    http("PATCH", f"{base}/held", {"metadata": {"finalizers": None}}, "application/merge-patch+json")
+    wait_for(lambda: http("GET", f"/api/v1/namespaces/{namespace}")[0] == 404, what="the namespace to go")
+
+
+def test_crd_deletion_deletes_its_resources_and_waits_for_their_finalizers(
+    http: RawHttp, namespace: str
+) -> None:
+    crd = json.loads(json.dumps(WIDGET_CRD).replace("widget", "gadget").replace("Widget", "Gadget"))
+    crd_path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}"
+    status, created = http("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+    assert status == 201 and "customresourcecleanup.apiextensions.k8s.io" in created["metadata"]["finalizers"]
+    base = f"/apis/test.example/v1/namespaces/{namespace}/gadgets"
+    http("POST", base, {"metadata": {"name": "held", "finalizers": ["example.com/hold"]}, "spec": {}})
+    http("POST", base, {"metadata": {"name": "free"}, "spec": {}})
+    assert http("DELETE", crd_path)[0] == 202
+    wait_for(lambda: http("GET", f"{base}/free")[0] == 404, what="the custom resources to be deleted")
+    assert http("GET", crd_path)[0] == 200  # held by the remaining resource's finalizer
+    assert http("POST", base, {"metadata": {"name": "late"}, "spec": {}})[0] == 405
+    http("PATCH", f"{base}/held", {"metadata": {"finalizers": None}}, "application/merge-patch+json")
+    wait_for(lambda: http("GET", crd_path)[0] == 404, what="the CRD to go")
+    assert http("GET", base)[0] == 404  # no longer served
+
+
+def test_orphan_and_foreground_deletion_and_preconditions(http: RawHttp, namespace: str) -> None:
+    base = f"/api/v1/namespaces/{namespace}/configmaps"
+    _, owner = http("POST", base, cm("owner"))
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"]}
+    http("POST", base, {"metadata": {"name": "dep", "ownerReferences": [ref]}})
+    status, body = http("DELETE", f"{base}/owner", {"preconditions": {"uid": "another"}})
+    assert status == 409 and "Precondition failed" in body["message"]
+    stale = {"preconditions": {"resourceVersion": "1"}}
+    assert http("DELETE", f"{base}/owner", stale)[0] == 409
+    precise = {"propagationPolicy": "Orphan", "preconditions": {"uid": owner["metadata"]["uid"]}}
+    status, marked = http("DELETE", f"{base}/owner", precise)
+    assert status == 202 and marked["metadata"]["finalizers"] == ["orphan"]  # the GC finishes it
+    wait_for(lambda: http("GET", f"{base}/owner")[0] == 404, what="the orphaning to finish")
+    assert "ownerReferences" not in http("GET", f"{base}/dep")[1]["metadata"]
+    _, owner2 = http("POST", base, cm("owner2"))
+    ref2 = dict(ref, name="owner2", uid=owner2["metadata"]["uid"])
+    http(
+        "POST",
+        base,
+        {"metadata": {"name": "dep2", "ownerReferences": [ref2], "finalizers": ["x.example/hold"]}},
+    )
+    status, marked = http("DELETE", f"{base}/owner2", {"propagationPolicy": "Foreground"})
+    assert status == 202 and marked["metadata"]["finalizers"] == ["foregroundDeletion"]
+    wait_for(lambda: http("GET", f"{base}/dep2")[1]["metadata"].get("deletionTimestamp"), what="dep2 deleted")
+    assert http("GET", f"{base}/owner2")[0] == 200  # waits for its dependent
+    http("PATCH", f"{base}/dep2", {"metadata": {"finalizers": None}}, "application/merge-patch+json")
+    wait_for(lambda: http("GET", f"{base}/owner2")[0] == 404, what="the owner to go after its dependent")
+
+
+# --------------------------------------------------------------------------- controllers
+
+
+def test_statefulset_controller_makes_pods_and_reports_status_like_the_real_one(
+    http: RawHttp, namespace: str, emulator: EmulatorThread
+) -> None:
+    emulator.call(lambda: emulator.emulator.unready_namespaces.add(namespace))
+    path = f"/apis/apps/v1/namespaces/{namespace}/statefulsets"
+    pods = f"/api/v1/namespaces/{namespace}/pods"
+    body = statefulset("s", replicas=2)
+    body["spec"]["podManagementPolicy"] = "Parallel"
+    claim = {"metadata": {"name": "data"}, "spec": {"resources": {"requests": {"storage": "1Gi"}}}}
+    body["spec"]["volumeClaimTemplates"] = [claim]
+    http("POST", path, body)
+
+    def sts_status() -> dict[str, Any]:
+        return dict(http("GET", f"{path}/s")[1].get("status") or {})
+
+    status = wait_for(lambda: sts_status().get("replicas") == 2 and sts_status(), what="two pods")
+    revision = status["updateRevision"]
+    # Zero counts are omitted, as the real controller's status does.
+    assert status == {
+        "observedGeneration": 1,
+        "replicas": 2,
+        "currentReplicas": 2,
+        "updatedReplicas": 2,
+        "currentRevision": revision,
+        "updateRevision": revision,
+        "collisionCount": 0,
+        "availableReplicas": 0,
+    }
+    _, pod = http("GET", f"{pods}/s-1")
+    assert pod["metadata"]["labels"]["controller-revision-hash"] == revision
+    assert pod["metadata"]["ownerReferences"][0]["kind"] == "StatefulSet"
+    assert pod["spec"]["volumes"] == [{"name": "data", "persistentVolumeClaim": {"claimName": "data-s-1"}}]
+    assert http("GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/data-s-1")[0] == 200
+    ready = {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+    merge = "application/merge-patch+json"
+    for name in ("s-0", "s-1"):
+        http("PATCH", f"{pods}/{name}/status", ready, merge)
+    wait_for(lambda: sts_status().get("readyReplicas") == 2, what="both pods ready")
+    # A new template rolls the pods from the highest ordinal, one at a time.
+    http("PATCH", f"{path}/s", {"spec": {"template": {"metadata": {"annotations": {"a": "b"}}}}}, merge)
+    rolling = wait_for(
+        lambda: sts_status().get("observedGeneration") == 2 and sts_status(), what="the rollout"
+    )
+    assert rolling["currentRevision"] == revision != rolling["updateRevision"]
+    wait_for(lambda: http("GET", f"{pods}/s-1")[1]["status"]["phase"] == "Pending", what="s-1 replaced")
+    assert http("GET", f"{pods}/s-0")[1]["metadata"]["labels"]["controller-revision-hash"] == revision
+    for name in ("s-1", "s-0"):
+        wait_for(
+            lambda n=name: http("GET", f"{pods}/{n}")[1]["status"]["phase"] == "Pending", what=f"{name} new"
+        )
+        http("PATCH", f"{pods}/{name}/status", ready, merge)
+    done = wait_for(lambda: sts_status().get("readyReplicas") == 2 and sts_status(), what="rolled out")
+    assert done["currentRevision"] == done["updateRevision"] == rolling["updateRevision"]
+    # Deleted with Orphan, the pods stay; a new StatefulSet adopts them without restarting them.
+    uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in http("GET", pods)[1]["items"]}
+    http("DELETE", f"{path}/s", {"propagationPolicy": "Orphan"})
+    wait_for(lambda: http("GET", f"{path}/s")[0] == 404, what="the StatefulSet to go")
+    assert all("ownerReferences" not in p["metadata"] for p in http("GET", pods)[1]["items"])
+    body["spec"]["template"]["metadata"]["annotations"] = {"a": "b"}
+    http("POST", path, body)
+    wait_for(lambda: sts_status().get("readyReplicas") == 2, what="the pods adopted")
+    assert {p["metadata"]["name"]: p["metadata"]["uid"] for p in http("GET", pods)[1]["items"]} == uids
+
+
+def test_an_old_server_drops_the_claim_retention_policy(tmp_path: Any) -> None:
+    """On 1.25 and 1.26 (StatefulSetAutoDeletePVC off by default) the field does not persist."""
+    with EmulatorThread(KubernetesApiEmulator(token="t", version="1.25")) as server:
+        http = RawHttp(server.url, token="t")
+        assert http("GET", "/version")[1]["minor"] == "25"
+        body = statefulset("s")
+        body["spec"]["persistentVolumeClaimRetentionPolicy"] = {
+            "whenDeleted": "Retain",
+            "whenScaled": "Retain",
+        }
+        status, created = http("POST", "/apis/apps/v1/namespaces/default/statefulsets", body)
+        assert status == 201 and "persistentVolumeClaimRetentionPolicy" not in created["spec"]
+    with EmulatorThread(KubernetesApiEmulator(token="t", version="1.27")) as server:
+        http = RawHttp(server.url, token="t")
+        _, created = http("POST", "/apis/apps/v1/namespaces/default/statefulsets", body)
+        assert created["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
+
+
+# --------------------------------------------------------------------------- lists and watches
+
+
+def test_lists_are_paginated_and_an_old_continue_token_expires(
+    http: RawHttp, namespace: str, emulator: EmulatorThread
+) -> None:
+    base = f"/api/v1/namespaces/{namespace}/configmaps"
+    for index in range(5):
+        http("POST", base, cm(f"p{index}"))
+    _, first = http("GET", f"{base}?limit=2")
+    assert [i["metadata"]["name"] for i in first["items"]] == ["p0", "p1"]
+    assert first["metadata"]["remainingItemCount"] == 3
+    token = first["metadata"]["continue"]
+    _, second = http("GET", f"{base}?limit=2&continue={token}")
+    assert [i["metadata"]["name"] for i in second["items"]] == ["p2", "p3"]
+    assert second["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+    _, last = http("GET", f"{base}?limit=2&continue={second['metadata']['continue']}")
+    assert [i["metadata"]["name"] for i in last["items"]] == ["p4"] and "continue" not in last["metadata"]
+    http("POST", base, cm("later"))  # history moves on, then the server compacts it
+    emulator.call(emulator.emulator.compact)
+    status, expired = http("GET", f"{base}?limit=2&continue={token}")
+    assert status == 410 and expired["reason"] == "Expired"
+
+
+def test_expired_watches_end_with_410(http: RawHttp, namespace: str, emulator: EmulatorThread) -> None:
+    import threading
+
+    base = f"/api/v1/namespaces/{namespace}/configmaps"
+    http("POST", base, cm("w"))
+    result: list[dict[str, Any]] = []
+    watcher = threading.Thread(target=lambda: result.extend(http.watch(base, count=2)))
+    watcher.start()
+    wait_for(lambda: emulator.call(lambda: bool(emulator.emulator.watchers)), what="the watch to start")
+    assert emulator.call(emulator.emulator.expire_watches) >= 1
+    watcher.join(10)
+    assert [e["type"] for e in result] == ["ADDED", "ERROR"] and result[1]["object"]["code"] == 410
+
+
+def test_adapter_pages_lists_deletes_with_preconditions_and_reads_the_version(
+    kubeconfig: Any, namespace: str, emulator: EmulatorThread
+) -> None:
+    from relay_operator import k8s
+
+    base = k8s.ClientKubeApi.from_environment(kubeconfig=str(kubeconfig))
+    api = k8s.ClientKubeApi(base._client, page_size=2)
+    for index in range(5):
+        api.create(k8s.CONFIGMAPS, namespace, cm(f"a{index}", app="paged"))
+    start = emulator.call(lambda: len(emulator.emulator.calls))
+    assert [i["metadata"]["name"] for i in api.list(k8s.CONFIGMAPS, namespace, "app=paged")] == [
+        f"a{i}" for i in range(5)
+    ]
+    queries = emulator.call(lambda: [q for _t, _m, _p, q in emulator.emulator.calls[start:]])
+    assert len(queries) == 3 and all("limit=2" in q for q in queries) and "continue=" in queries[1]
+    assert api.server_version() == (1, 30)
+    live = api.get(k8s.CONFIGMAPS, namespace, "a0")
+    with pytest.raises(k8s.Conflict):
+        api.delete(k8s.CONFIGMAPS, namespace, "a0", preconditions={"uid": "someone-else"})
+    api.delete(k8s.CONFIGMAPS, namespace, "a0", preconditions={"uid": live["metadata"]["uid"]})
+    assert api.get(k8s.CONFIGMAPS, namespace, "a0") is None

@@ -7,12 +7,15 @@ again (its requests for the object are counted in the emulator)."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-from relay_operator import k8s, naming
+from relay_operator import k8s, naming, reconcile
 from tests.relay_operator.conftest import (
     CRDS,
     OPERATOR_IMAGE,
@@ -20,6 +23,7 @@ from tests.relay_operator.conftest import (
     TOKEN,
     OperatorProcess,
     RawHttp,
+    wait_for,
 )
 from tests.relay_operator.crd_tools import operator_rules
 from tests.relay_operator.k8s_emulator import EmulatorThread, KubernetesApiEmulator
@@ -769,4 +773,289 @@ def test_namespace_scoped_operator_leaves_other_namespaces_alone(tmp_path: Path)
             assert ("", "namespaces", "watch") in _used(server)  # what namespaceScoped is for
         finally:
             assert process.stop() == 0, process.tail()
+            admin.close()
+
+
+# --------------------------------------------------------------------------- the API as a cluster runs it
+
+
+@pytest.fixture()
+def quiet(tmp_path: Path) -> Iterator[tuple[EmulatorThread, Any]]:
+    """An API server of its own, where no operator runs (the reconcile path is called directly)
+    and no StatefulSet controller writes status; with an administrator's client."""
+    grants = {OPERATOR_TOKEN: operator_rules(all_namespaces=True, peering=False)[0]}
+    with EmulatorThread(KubernetesApiEmulator(token=TOKEN, grants=grants, controllers=False)) as server:
+        server.call(lambda: server.emulator.load_crds(CRDS))
+        admin = k8s.ClientKubeApi.from_environment(kubeconfig=str(server.kubeconfig(tmp_path / "admin")))
+        try:
+            yield server, admin
+        finally:
+            admin.close()
+
+
+def test_without_finalizer_rights_every_child_is_refused_and_the_status_says_so(
+    quiet: tuple[EmulatorThread, Any], tmp_path: Path
+) -> None:
+    """OwnerReferencesPermissionEnforcement on, the operator's role without mailrelays/finalizers:
+    every child is refused 403; the pass records it (Applied=False, ApiRejected, the server's
+    message), writes status and asks for a retry; with the rule it converges."""
+    server, kube = quiet
+    rules = operator_rules(all_namespaces=True, peering=False)[0]
+    without = [r for r in rules if "mailrelays/finalizers" not in r["resources"]]
+    server.call(lambda: server.emulator.grants.update({OPERATOR_TOKEN: without}))
+    operator = k8s.ClientKubeApi.from_environment(
+        kubeconfig=str(server.kubeconfig(tmp_path / "operator", token=OPERATOR_TOKEN))
+    )
+    try:
+        kube.create(k8s.MAILRELAYS, "default", mailrelay("edge"))
+        outcome = reconcile.reconcile_namespace(operator, "default")
+        retry = outcome.relays["edge"].retry
+        assert retry and "blockOwnerDeletion" in retry
+        body = kube.get(k8s.MAILRELAYS, "default", "edge")
+        found = condition(body, "Applied")
+        assert found is not None and (found["status"], found["reason"]) == ("False", "ApiRejected")
+        assert "403" in found["message"] and "mailrelays/finalizers" in found["message"]
+        assert condition(body, "Ready")["reason"] == "NotApplied"  # type: ignore[index]
+        assert all(child is None for child in children(kube, "default", "edge").values())
+        assert [e[:2] for e in events_for(kube, "default", "edge")] == [("Warning", "ApiRejected")]
+        # The administrator grants the rule; the retry converges.
+        server.call(lambda: server.emulator.grants.update({OPERATOR_TOKEN: rules}))
+        outcome = reconcile.reconcile_namespace(operator, "default")
+        assert outcome.relays["edge"].retry is None
+        assert all(children(kube, "default", "edge").values())
+        assert condition(kube.get(k8s.MAILRELAYS, "default", "edge"), "Applied")["status"] == "True"  # type: ignore[index]
+    finally:
+        operator.close()
+
+
+def test_a_conflicting_write_is_retried_with_the_new_version(quiet: tuple[EmulatorThread, Any]) -> None:
+    """Someone changes the ConfigMap between the operator's read and its replace: the server
+    answers 409 Conflict, the pass reads again and replaces the new version, keeping that
+    writer's label."""
+    emulator, kube = quiet
+    namespace = "default"
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    reconcile.reconcile_namespace(kube, namespace)
+    kube.merge_patch(k8s.CONFIGMAPS, namespace, "edge-config", {"data": {naming.CONFIG_KEY: "drifted\n"}})
+    path = f"/api/v1/namespaces/{namespace}/configmaps/edge-config"
+    raced: list[str] = []
+
+    def interloper(method: str, request_path: str) -> None:
+        if method == "PUT" and request_path == path and not raced:
+            key = ("", "configmaps", namespace, "edge-config")
+            live = copy.deepcopy(emulator.emulator.objects[key])
+            live["metadata"].setdefault("labels", {})["raced"] = "yes"
+            emulator.emulator._replace(emulator.emulator.types[("", "v1", "configmaps")], key, live)
+            raced.append(live["metadata"]["resourceVersion"])
+
+    emulator.call(lambda: setattr(emulator.emulator, "before_write", interloper))
+    start = emulator.call(lambda: len(emulator.emulator.calls))
+    try:
+        outcome = reconcile.reconcile_namespace(kube, namespace)
+    finally:
+        emulator.call(lambda: setattr(emulator.emulator, "before_write", None))
+    puts = emulator.call(lambda: [c for c in emulator.emulator.calls[start:] if c[1:3] == ("PUT", path)])
+    assert raced and len(puts) == 2  # the first answered 409, the second went through
+    assert "updated ConfigMap edge-config" in outcome.relays["edge"].changes
+    configmap = kube.get(k8s.CONFIGMAPS, namespace, "edge-config")
+    assert (
+        configmap["data"][naming.CONFIG_KEY] != "drifted\n"
+        and configmap["metadata"]["labels"]["raced"] == "yes"
+    )
+
+
+def test_the_reconcile_path_lists_in_pages(quiet: tuple[EmulatorThread, Any]) -> None:
+    emulator, kube = quiet
+    namespace = "default"
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    for index in range(5):
+        kube.create(
+            k8s.RELAYROUTES,
+            namespace,
+            relayroute(f"r{index}", "edge", {"mx": {}}, domains=[f"d{index}.example"]),
+        )
+    paged = k8s.ClientKubeApi(kube._client, page_size=2)
+    start = emulator.call(lambda: len(emulator.emulator.calls))
+    reconcile.reconcile_namespace(paged, namespace)
+    lists = emulator.call(
+        lambda: [
+            q for _t, m, p, q in emulator.emulator.calls[start:] if m == "GET" and p.endswith("/relayroutes")
+        ]
+    )
+    assert len(lists) == 3 and "continue=" in lists[2]
+    assert len(relay_config(kube, namespace, "edge")["routes"]) == 5  # every page's routes
+
+
+def test_an_expired_watch_is_relisted(
+    emulator: EmulatorThread, operator_process: OperatorProcess, kube: Any, namespace: str
+) -> None:
+    """The server ends kopf's watches with 410 Gone (its cache moved on): kopf lists again, in
+    pages, and sees what changed meanwhile."""
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    operator_process.until(lambda: converged(kube, namespace, "edge"), "MailRelay edge to converge")
+    relays = f"/apis/{naming.API_VERSION}/mailrelays"
+
+    def lists() -> list[str]:
+        return list(
+            emulator.call(
+                lambda: [
+                    q
+                    for t, m, p, q in emulator.emulator.calls
+                    if t == OPERATOR_TOKEN and m == "GET" and p == relays and "watch=" not in q
+                ]
+            )
+        )
+
+    before = len(lists())
+
+    def expire_and_change() -> int:
+        ended = emulator.emulator.expire_watches()
+        key = (naming.GROUP, naming.MAILRELAY_PLURAL, namespace, "edge")
+        body = copy.deepcopy(emulator.emulator.objects[key])
+        body["spec"]["replicas"] = 2
+        emulator.emulator._replace(emulator.emulator._rt_of(key), key, body)
+        return ended
+
+    assert emulator.call(expire_and_change) >= 1
+    operator_process.until(lambda: len(lists()) > before, "kopf to list MailRelays again")
+    assert all("limit=500" in q for q in lists()[before:])
+    operator_process.until(
+        lambda: kube.get(k8s.STATEFULSETS, namespace, "edge")["spec"]["replicas"] == 2, "the change applied"
+    )
+
+
+def test_the_lowest_supported_kubernetes_version(tmp_path: Path) -> None:
+    """Kubernetes 1.25 (the floor README and the chart claim): the server drops the StatefulSet's
+    persistentVolumeClaimRetentionPolicy, so the operator must not send it, or every resync would
+    see drift and replace the StatefulSet."""
+    grants = {OPERATOR_TOKEN: operator_rules(all_namespaces=True, peering=False)[0]}
+    with EmulatorThread(KubernetesApiEmulator(token=TOKEN, grants=grants, version="1.25")) as server:
+        server.call(lambda: server.emulator.load_crds(CRDS))
+        admin = k8s.ClientKubeApi.from_environment(kubeconfig=str(server.kubeconfig(tmp_path / "admin")))
+        process = OperatorProcess(
+            server.kubeconfig(tmp_path / "operator", token=OPERATOR_TOKEN), tmp_path / "op.log"
+        )
+        try:
+            process.wait_alive()
+            admin.create(k8s.MAILRELAYS, "default", mailrelay("edge"))
+            process.until(lambda: ready_relay(admin, "default", "edge"), "Ready on 1.25")
+            sts_path = "/apis/apps/v1/namespaces/default/statefulsets/edge"
+
+            def reads() -> int:
+                return int(
+                    server.call(lambda: sum(1 for c in server.emulator.calls if c[1:3] == ("GET", sts_path)))
+                )
+
+            seen = reads()
+            process.until(lambda: reads() >= seen + 2, "two more reconcile passes (resyncs)", timeout=15)
+            writes = server.call(
+                lambda: [c for c in server.emulator.calls if c[2] == sts_path and c[1] != "GET"]
+            )
+            assert writes == []
+            assert (
+                "persistentVolumeClaimRetentionPolicy"
+                not in admin.get(k8s.STATEFULSETS, "default", "edge")["spec"]
+            )
+            assert server.call(lambda: list(server.emulator.denied)) == []
+        finally:
+            assert process.stop() == 0, process.tail()
+            admin.close()
+
+
+def test_after_uninstall_mailrelays_their_namespace_and_the_crd_can_be_deleted(tmp_path: Path) -> None:
+    """No finalizer of the operator stays on a MailRelay (kopf adds none: no handler needs one,
+    and it removes the one an older version left), so once the operator is gone (helm uninstall),
+    deleting a namespace with MailRelays, and the CRD, completes."""
+    grants = {OPERATOR_TOKEN: operator_rules(all_namespaces=True, peering=False)[0]}
+    with EmulatorThread(KubernetesApiEmulator(token=TOKEN, grants=grants)) as server:
+        server.call(lambda: server.emulator.load_crds(CRDS))
+        http = RawHttp(server.url)
+        for name in ("mail", "more"):
+            assert http("POST", "/api/v1/namespaces", {"metadata": {"name": name}})[0] == 201
+        admin = k8s.ClientKubeApi.from_environment(kubeconfig=str(server.kubeconfig(tmp_path / "admin")))
+        old = mailrelay("old")
+        old["metadata"]["finalizers"] = [f"{naming.GROUP}/operator"]  # what the per-MailRelay timer left
+        admin.create(k8s.MAILRELAYS, "more", old)
+        process = OperatorProcess(
+            server.kubeconfig(tmp_path / "operator", token=OPERATOR_TOKEN), tmp_path / "op.log"
+        )
+        try:
+            process.wait_alive()
+            admin.create(k8s.MAILRELAYS, "mail", mailrelay("edge"))
+            process.until(lambda: converged(admin, "mail", "edge"), "MailRelay edge to converge")
+            process.until(
+                lambda: not admin.get(k8s.MAILRELAYS, "more", "old")["metadata"].get("finalizers"),
+                "kopf to remove the finalizer it no longer needs",
+            )
+            assert not admin.get(k8s.MAILRELAYS, "mail", "edge")["metadata"].get("finalizers")
+        finally:
+            assert process.stop() == 0, process.tail()  # helm uninstall
+        assert http("DELETE", "/api/v1/namespaces/mail")[0] == 202
+        wait_for(lambda: http("GET", "/api/v1/namespaces/mail")[0] == 404, what="the namespace to go")
+        crd = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/mailrelays.mailrelay.dev"
+        assert http("DELETE", crd)[0] == 202
+        wait_for(lambda: http("GET", crd)[0] == 404, what="the CRD to go")
+        assert admin.get(k8s.MAILRELAYS, "more", "old") is None
+        admin.close()
+
+
+def test_two_peered_operators_only_the_higher_priority_one_acts(tmp_path: Path) -> None:
+    """Two replicas with --peering: the one that started first acts alone, then pauses (kopf's
+    handlers and its resync loop alike) when one of a higher priority joins, and takes over
+    again when that one stops."""
+    cluster_rules = operator_rules(all_namespaces=True, peering=True)[0]
+    grants = {"high": cluster_rules, "low": cluster_rules}
+    with EmulatorThread(KubernetesApiEmulator(token=TOKEN, grants=grants)) as server:
+        server.call(lambda: server.emulator.load_crds(CRDS))
+        server.call(lambda: server.emulator.load_crds(CRDS.parent / "charts" / "mailrelay" / "crds"))
+        http = RawHttp(server.url)
+        peering = {
+            "apiVersion": "kopf.dev/v1",
+            "kind": "ClusterKopfPeering",
+            "metadata": {"name": "mailrelay"},
+        }
+        assert http("POST", "/apis/kopf.dev/v1/clusterkopfpeerings", peering)[0] == 201
+        admin = k8s.ClientKubeApi.from_environment(kubeconfig=str(server.kubeconfig(tmp_path / "admin")))
+        sts_path = "/apis/apps/v1/namespaces/default/statefulsets/edge"
+
+        def operator(token: str, priority: int) -> OperatorProcess:
+            config = server.kubeconfig(tmp_path / token, token=token)
+            return OperatorProcess(config, tmp_path / f"{token}.log", peering=("mailrelay", priority))
+
+        def calls(token: str) -> list[tuple[str, str]]:
+            return list(server.call(lambda: [(m, p) for t, m, p, _q in server.emulator.calls if t == token]))
+
+        def replicas() -> int:
+            return int(admin.get(k8s.STATEFULSETS, "default", "edge")["spec"]["replicas"])
+
+        low = operator("low", 0)
+        high: OperatorProcess | None = None
+        try:
+            low.wait_alive()
+            admin.create(k8s.MAILRELAYS, "default", mailrelay("edge"))
+            low.until(lambda: converged(admin, "default", "edge"), "the only operator to converge")
+            high = operator("high", 10)
+            high.wait_alive()
+            low.until(
+                lambda: "Pausing operations in favour of" in low.log.read_text(), "the low one to pause"
+            )
+            paused_at = len(calls("low"))
+            admin.merge_patch(k8s.MAILRELAYS, "default", "edge", {"spec": {"replicas": 2}})
+            high.until(lambda: replicas() == 2, "the high-priority operator to apply the change")
+            seen = sum(1 for c in calls("high") if c[1] == sts_path)
+            high.until(
+                lambda: sum(1 for c in calls("high") if c[1] == sts_path) >= seen + 2,
+                "two more passes of the high-priority operator (at least one a resync)",
+            )
+            # The paused replica knows the namespace (it reconciled it) but its resync loop, like
+            # kopf, stays quiet: it ticks, sees the peer, and asks nothing in the namespace.
+            low.until(lambda: "resync paused" in low.log.read_text(), "the low one's resync loop to tick")
+            assert [c for c in calls("low")[paused_at:] if "/namespaces/default/" in c[1]] == []
+            assert high.stop() == 0, high.tail()
+            admin.merge_patch(k8s.MAILRELAYS, "default", "edge", {"spec": {"replicas": 3}})
+            low.until(lambda: replicas() == 3, "the low-priority operator to take over", timeout=60)
+        finally:
+            if high is not None:
+                high.stop()
+            assert low.stop() == 0, low.tail()
             admin.close()
