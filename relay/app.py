@@ -1,7 +1,8 @@
 """The relay process: the composition root that `mailrelay relay --config FILE` runs (and what
 every relay pod runs).
 
-One process (``workers: 1``): recover the spool, start the scheduler and the SMTP front, serve
+``workers: auto`` (the default) is resolved once at start by relay.cpus (the CPUs this process
+may use). One process (``workers: 1``): recover the spool, start the scheduler and the SMTP front, serve
 /metrics, /healthz and /readyz, and wait for signals. Several (``workers: N``): the parent
 recovers the spool once, then starts N worker processes (spawned, not forked, so no thread or
 event-loop state is copied); each binds every listener with SO_REUSEPORT, so the kernel spreads
@@ -45,6 +46,7 @@ from typing import Any
 from relay import metrics
 from relay.config import ConfigError, RelayConfig, load_config
 from relay.config_watch import ConfigWatcher
+from relay.cpus import worker_count
 from relay.doorbell import Doorbell
 from relay.front import Front
 from relay.health import HealthServer, metrics_registry, spool_writable
@@ -110,6 +112,23 @@ def restart_needed(old: RelayConfig, new: RelayConfig) -> list[str]:
     return changed
 
 
+def reload_config(path: Path, running: RelayConfig, *, count: bool) -> RelayConfig | None:
+    """The one reload step of every process: load and validate `path`, log what only a restart
+    applies, count the result (when `count`); None keeps the running configuration."""
+    try:
+        new = load_config(path)
+    except ConfigError as exc:
+        log.error("config reload: invalid file, keeping the running configuration:\n%s", exc)
+        if count:
+            metrics.CONFIG_RELOADS.labels(result="invalid").inc()
+        return None
+    for name in restart_needed(running, new):
+        log.warning("config reload: a change of %s takes effect after a restart", name)
+    if count:
+        metrics.CONFIG_RELOADS.labels(result="ok").inc()
+    return new
+
+
 class RelayProcess:
     """One relay process: front + scheduler on one spool, plus (optionally) the HTTP endpoints
     and the config watcher."""
@@ -147,23 +166,15 @@ class RelayProcess:
 
     def reload(self) -> None:
         """Load, validate and apply the config file; keep the old one if the new is invalid."""
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("config reload: invalid file, keeping the running configuration:\n%s", exc)
-            if self.count_reloads:
-                metrics.CONFIG_RELOADS.labels(result="invalid").inc()
+        new = reload_config(self.config_path, self.config, count=self.count_reloads)
+        if new is None:
             return
-        for name in restart_needed(self.config, new):
-            log.warning("config reload: a change of %s takes effect after a restart", name)
         self.config = new
         if self.front is not None:
             self.front.update_config(new)
         if self.scheduler is not None:
             self.scheduler.update_config(new)
         configure_logging_level(new)
-        if self.count_reloads:
-            metrics.CONFIG_RELOADS.labels(result="ok").inc()
         log.info("config reloaded: %d routes", len(new.routes))
 
     def stop(self) -> None:
@@ -300,9 +311,12 @@ def worker_main(
 class Supervisor:
     """The parent of N worker processes (``workers`` > 1)."""
 
-    def __init__(self, config_path: Path, config: RelayConfig, *, grace: float = DEFAULT_GRACE) -> None:
+    def __init__(
+        self, config_path: Path, config: RelayConfig, *, workers: int, grace: float = DEFAULT_GRACE
+    ) -> None:
         self.config_path = Path(config_path)
         self.config = config
+        self.workers = workers
         self.grace = grace
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[
@@ -311,7 +325,7 @@ class Supervisor:
         self._stopping = False
         self._stop: asyncio.Event | None = None
         # one pipe per worker, kept open here so a restarted worker reads what its predecessor left
-        self._doorbells = [self._context.Pipe(duplex=False) for _ in range(config.workers)]
+        self._doorbells = [self._context.Pipe(duplex=False) for _ in range(workers)]
 
     def _spawn(
         self, index: int
@@ -338,20 +352,14 @@ class Supervisor:
 
     def reload(self) -> None:
         """Validate here, then let every worker reload itself (SIGHUP)."""
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("config reload: invalid file, keeping the running configuration:\n%s", exc)
-            metrics.CONFIG_RELOADS.labels(result="invalid").inc()
+        new = reload_config(self.config_path, self.config, count=True)
+        if new is None:
             return
-        for name in restart_needed(self.config, new):
-            log.warning("config reload: a change of %s takes effect after a restart", name)
         self.config = new
         for process, _ready in self._workers:
             if process.pid is not None and process.is_alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGHUP)
-        metrics.CONFIG_RELOADS.labels(result="ok").inc()
         log.info("config reloaded: %d routes, forwarded to %d workers", len(new.routes), len(self._workers))
 
     def stop(self) -> None:
@@ -379,7 +387,7 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._workers = [self._spawn(i) for i in range(self.config.workers)]
+        self._workers = [self._spawn(i) for i in range(self.workers)]
         registry = metrics_registry()
         # The parent's own counter (reloads) lives in its memory, not in the workers' files.
         registry.register(metrics.CONFIG_RELOADS)
@@ -419,7 +427,10 @@ class Supervisor:
 def run_relay(config_path: Path, config: RelayConfig, *, grace: float = DEFAULT_GRACE) -> int:
     """Run the relay described by `config` (already loaded from `config_path`) until SIGTERM."""
     configure_logging(config)
-    if config.workers == 1:
+    workers = worker_count(config)
+    if config.workers == "auto":
+        log.info("workers: auto = %d (the CPUs this process may use)", workers)
+    if workers == 1:
         return run_event_loop(RelayProcess(config_path, config, grace=grace).run())
     made_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -434,7 +445,7 @@ def run_relay(config_path: Path, config: RelayConfig, *, grace: float = DEFAULT_
             log.info("spool %s recovered: %s", config.queue.directory, spool.recover())
         finally:
             spool.close()
-        return run_event_loop(Supervisor(config_path, config, grace=grace).run())
+        return run_event_loop(Supervisor(config_path, config, workers=workers, grace=grace).run())
     finally:
         if made_dir is not None:
             shutil.rmtree(made_dir, ignore_errors=True)

@@ -377,7 +377,11 @@ class RelayConfig(_Model):
     dns: DnsConfig = DnsConfig()
     routes: list[RouteConfig] = []
     metrics: MetricsConfig = MetricsConfig()
-    workers: int = Field(default=1, ge=1, le=64, description="processes sharing each listener port")
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        default="auto",
+        description="processes sharing each listener port; auto: the CPUs this process may use "
+        "(cgroup CPU quota rounded up, else the affinity mask; relay.core.cpus)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("trusted_networks", mode="before")

@@ -18,7 +18,7 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -215,7 +215,7 @@ class MailRelaySpec(_Spec):
     node_selector: dict[str, str] = {}
     pod_annotations: dict[str, str] = {}
     priority_class_name: str | None = None
-    workers: int = Field(default=1, ge=1, le=64)
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     _domains = field_validator("accept_domains", mode="before")(

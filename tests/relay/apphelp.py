@@ -130,8 +130,16 @@ class ConfigMapDir:
 class RelayRun:
     """A relay subprocess whose combined output is collected line by line."""
 
-    def __init__(self, config_path: Path, *, grace: float = 10.0, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        grace: float = 10.0,
+        cwd: Path | None = None,
+        cpus: set[int] | None = None,
+    ) -> None:
         self.config_path = config_path
+        self.cpus = cpus  # the affinity mask of the relay process (and of its workers)
         self.grace = grace
         self.cwd = cwd
         self.lines: list[str] = []
@@ -157,6 +165,7 @@ class RelayRun:
             text=True,
             cwd=self.cwd,
             env=env,
+            preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus or set())) if self.cpus else None,
         )
         threading.Thread(target=self._pump, daemon=True).start()
         return self

@@ -5,6 +5,7 @@ invalid reloads, SIGTERM drain, SIGKILL after 250 and delivery after restart, wo
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import pytest
 
 from relay.config_watch import ConfigWatcher
 from tests.relay.apphelp import (
@@ -220,6 +222,33 @@ async def test_two_workers_share_the_port(tmp_path: Path, runs: list[RelayRun]) 
         assert 'mailrelay_messages_accepted_total{listener="smtp"} 6.0' in body
         run.signal(signal.SIGHUP)
         await asyncio.to_thread(run.wait_for, "forwarded to 2 workers")
+        run.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(run.wait, 60) == 0
+    finally:
+        await sink.stop()
+
+
+@pytest.mark.parametrize("allowed", [{0}, None], ids=["one-cpu", "every-cpu"])
+async def test_workers_auto_starts_one_worker_per_cpu_the_relay_may_use(
+    tmp_path: Path, runs: list[RelayRun], allowed: set[int] | None
+) -> None:
+    """No `workers` in the file: as many processes as CPUs in the relay's affinity mask."""
+    cpus = allowed or os.sched_getaffinity(0)
+    sink = await SmtpSink().start()
+    smtp_port, metrics_port = free_port(), free_port()
+    config = relay_config(tmp_path, smtp_port, metrics_port, sink.port)
+    config.pop("workers", None)
+    run = RelayRun(write_config(tmp_path, config), cpus=set(cpus)).start()
+    runs.append(run)
+    try:
+        await asyncio.to_thread(run.wait_for, rf"workers: auto = {len(cpus)} ")
+        if len(cpus) == 1:
+            await asyncio.to_thread(run.wait_for, r"ready \(pid")
+            assert "[w0]" not in run.log
+        else:
+            await asyncio.to_thread(run.wait_for, rf"\[w{len(cpus) - 1}\].*ready \(pid")
+        await send(smtp_port)
+        await until(lambda: len(sink.messages) == 1)
         run.signal(signal.SIGTERM)
         assert await asyncio.to_thread(run.wait, 60) == 0
     finally:
