@@ -49,7 +49,7 @@ def _text(data: bytes, path: object, what: str) -> str:
 
 def _body(body: str | None, body_file: Path | None, eml: Path | None) -> str:
     if body is not None and body_file is not None:
-        raise click.UsageError("give the body once: --body TEXT or --body-file FILE (or stdin)")
+        raise click.UsageError("give the body once: BODY, --body TEXT or --body-file FILE (or stdin)")
     if body is not None:
         return body
     if body_file is not None:
@@ -163,6 +163,7 @@ def _progress_printer() -> Progress:
     help="Report progress while sending (default: for messages of 1 MiB or more on a terminal).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the envelope and message instead of sending.")
+@click.argument("body_argument", metavar="[BODY]", required=False)
 def send_command(
     sender: str | None,
     to: tuple[str, ...],
@@ -184,13 +185,17 @@ def send_command(
     timeout: float,
     progress: bool | None,
     dry_run: bool,
+    body_argument: str | None,
 ) -> None:
     """Compose a message (or take an .eml) and submit it to a relay over SMTP.
+
+    The text body is BODY (one argument: quote it), or --body TEXT, or --body-file FILE
+    (- for stdin), or standard input when it is not a terminal.
 
     \b
     Examples:
       mailrelay send --server 127.0.0.1:2525 --tls none --from me@example.com \\
-          --to you@example.net --subject hi --body "hello" --attach photo.png
+          --to you@example.net --subject hi "hello" --attach photo.png
       MAILRELAY_PASSWORD=... mailrelay send --server mail.example.com:587 --user me \\
           --from me@example.com --to you@example.net --eml message.eml
 
@@ -199,43 +204,11 @@ def send_command(
     """
     host, port = _parse_server(server)
     chosen_tls: TlsChoice = tls or ("implicit" if port == 465 else "starttls")
-    try:
-        if eml is not None:
-            conflicting = [
-                name
-                for name, given in (
-                    ("--subject", subject),
-                    ("--body", body is not None),
-                    ("--body-file", body_file),
-                    ("--html-file", html_file),
-                    ("--attach", attach),
-                    ("--header", headers),
-                )
-                if given
-            ]
-            if conflicting:
-                raise click.UsageError(f"--eml sends the file as is; drop {', '.join(conflicting)}")
-            submission = load_eml(_read(eml, "--eml"), mail_from=sender, recipients=(*to, *cc, *bcc))
-        else:
-            if not sender:
-                raise click.UsageError("a sender is needed: --from you@example.com")
-            text = _body(body, body_file, eml)
-            html = _text(_read(html_file, "--html-file"), html_file, "--html-file") if html_file else None
-            attachments = [Attachment(path.name, _read(path, "--attach")) for path in attach]
-            submission = compose(
-                mail_from=sender,
-                to=to,
-                cc=cc,
-                bcc=bcc,
-                subject=subject,
-                text=text,
-                html=html,
-                attachments=attachments,
-                headers=[parse_header_option(h) for h in headers],
-            )
-    except ComposeError as exc:
-        raise click.UsageError(str(exc)) from exc
-
+    if body_argument is not None and body is not None:
+        raise click.UsageError("give the body once: BODY or --body TEXT, not both")
+    if body_argument is not None:
+        body = body_argument
+    submission = _submission(sender, to, cc, bcc, subject, body, body_file, html_file, attach, headers, eml)
     if dry_run:
         _dry_run(submission)
         return
@@ -264,3 +237,54 @@ def send_command(
         state = "accepted" if recipient.accepted else "refused "
         click.echo(f"{state} {recipient.address:<{width}}  {recipient.code} {recipient.text}")
     sys.exit(0 if result.all_accepted else 1)
+
+
+def _submission(
+    sender: str | None,
+    to: tuple[str, ...],
+    cc: tuple[str, ...],
+    bcc: tuple[str, ...],
+    subject: str,
+    body: str | None,
+    body_file: Path | None,
+    html_file: Path | None,
+    attach: tuple[Path, ...],
+    headers: tuple[str, ...],
+    eml: Path | None,
+) -> Submission:
+    """The envelope and message the options describe (an .eml as is, or a composed one)."""
+    try:
+        if eml is not None:
+            conflicting = [
+                name
+                for name, given in (
+                    ("--subject", subject),
+                    ("--body/BODY", body is not None),
+                    ("--body-file", body_file),
+                    ("--html-file", html_file),
+                    ("--attach", attach),
+                    ("--header", headers),
+                )
+                if given
+            ]
+            if conflicting:
+                raise click.UsageError(f"--eml sends the file as is; drop {', '.join(conflicting)}")
+            return load_eml(_read(eml, "--eml"), mail_from=sender, recipients=(*to, *cc, *bcc))
+        if not sender:
+            raise click.UsageError("a sender is needed: --from you@example.com")
+        text = _body(body, body_file, eml)
+        html = _text(_read(html_file, "--html-file"), html_file, "--html-file") if html_file else None
+        attachments = [Attachment(path.name, _read(path, "--attach")) for path in attach]
+        return compose(
+            mail_from=sender,
+            to=to,
+            cc=cc,
+            bcc=bcc,
+            subject=subject,
+            text=text,
+            html=html,
+            attachments=attachments,
+            headers=[parse_header_option(h) for h in headers],
+        )
+    except ComposeError as exc:
+        raise click.UsageError(str(exc)) from exc

@@ -433,12 +433,41 @@ def test_dry_run_prints_envelope_and_message() -> None:
             ["--from", "a@example.org", "--to", "b@example.net", "--body", "x", "--body-file", "f"],
             "give the body",
         ),
+        (["--from", "a@example.org", "--to", "b@example.net", "--body", "x", "also a body"], "give the body"),
+        (["--from", "a@example.org", "--to", "b@example.net", "--body-file", "f", "a body"], "give the body"),
+        (["--from", "a@example.org", "--to", "b@example.net", "one", "two"], "unexpected extra argument"),
     ],
 )
 def test_usage_errors_exit_2_with_advice(args: list[str], advice: str) -> None:
     result = run(*args, "--dry-run", stdin=b"")
     assert result.exit_code == 2
     assert advice in result.output
+
+
+def test_the_body_as_an_argument_is_delivered(plain: Server) -> None:
+    """Issue 6's "a text body (argument, file or stdin)": the command as a user types it."""
+    script = Path(sys.executable).with_name("mailrelay")
+    done = subprocess.run(
+        [
+            *(str(script), "send", "--server", plain.address, "--tls", "none"),
+            *("--from", "a@example.org", "--to", "bob@example.net", "--subject", "s", "hello body"),
+        ],
+        capture_output=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    [received] = plain.recorder.messages
+    parsed = parse(received.content)
+    assert parsed["Subject"] == "s"
+    assert parsed.get_content().replace("\r\n", "\n") == "hello body\n"
+
+
+def test_an_eml_takes_no_body_argument(tmp_path: Path) -> None:
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(b"From: a@example.org\r\nTo: b@example.net\r\nSubject: x\r\n\r\nhi\r\n")
+    result = run("--eml", str(eml), "--dry-run", "a body", stdin=b"")
+    assert result.exit_code == 2 and "drop --body/BODY" in result.output
 
 
 def test_console_script_in_a_subprocess_with_progress(plain: Server, tmp_path: Path) -> None:
