@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-deps
 
-.PHONY: up test lint typecheck imports pytest install system-deps helm crds clean fuzz-long bench reliability
+.PHONY: up test doctor lint typecheck imports pytest install system-deps helm crds clean fuzz-long bench reliability
 
 ## up: create the virtualenv on first use and run the quickstart topology on this machine
 up: install
@@ -24,13 +24,17 @@ $(STAMP): pyproject.toml
 ## system-deps: Debian packages (postfix, swaks, graphviz) and the helm binary the tests use
 system-deps: $(SYSTEM_STAMP)
 
-$(SYSTEM_STAMP): scripts/install-system-deps.sh scripts/install-helm.sh | $(STAMP)
-	bash scripts/install-system-deps.sh
+$(SYSTEM_STAMP): scripts/install-system-deps.sh scripts/install-helm.sh tests/doctor.py | $(STAMP)
+	bash scripts/install-system-deps.sh $(BIN)/python
 	bash scripts/install-helm.sh $(BIN)
 	touch $@
 
-## test: everything CI runs: ruff, mypy --strict, import-linter and the whole pytest suite
-test: install system-deps lint typecheck imports pytest
+## doctor: check every outside capability the tests and benchmarks use (ok / missing, and the package)
+doctor: install system-deps
+	$(BIN)/python -m tests.doctor
+
+## test: everything CI runs: the doctor, ruff, mypy --strict, import-linter and the whole pytest suite
+test: install system-deps doctor lint typecheck imports pytest
 
 lint:
 	$(BIN)/ruff check relay operator tests $(wildcard bench scripts)
@@ -54,13 +58,13 @@ fuzz-long: install
 	HYPOTHESIS_PROFILE=long MAILRELAY_FIGURES=$(CURDIR)/.reliability-fuzz-long.json $(BIN)/python -m pytest -q -m fuzz_long -p no:timeout
 
 ## reliability: run the fault, hostile-input and peer suites and write their figures into docs/RELIABILITY.md
-reliability: install system-deps
+reliability: install system-deps doctor
 	rm -f $(CURDIR)/.reliability.json
 	PATH="$(CURDIR)/$(BIN):$$PATH" MAILRELAY_FIGURES=$(CURDIR)/.reliability.json $(BIN)/python -m pytest -q -m "not fuzz_long" tests/faults tests/hostile tests/peers
 	$(BIN)/python -m tests.faults.report $(CURDIR)/.reliability.json $(wildcard $(CURDIR)/.reliability-fuzz-long*.json) --write docs/RELIABILITY.md
 
 ## bench: the Postfix side-by-side benchmark (see bench/README.md)
-bench: install system-deps
+bench: install system-deps doctor
 	$(BIN)/python -m bench.run
 
 clean:

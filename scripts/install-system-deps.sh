@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the tests and benchmarks use as real peers:
-# postfix (with smtp-source/smtp-sink), swaks and graphviz. Idempotent.
+# Installs the Debian packages that provide the capabilities the tests and benchmarks use
+# (tests/doctor.py is the one list: swaks with Perl's Net::SSLeay for --tls, postfix with
+# smtp-source/smtp-sink, graphviz). It asks the doctor which capabilities are missing, so a
+# machine that has a binary without what it needs (swaks without TLS) gets the package too.
+# Idempotent; the helm binary is scripts/install-helm.sh's.
 set -euo pipefail
-need=()
-command -v swaks >/dev/null || need+=(swaks)
-command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
-command -v dot >/dev/null || need+=(graphviz)
+python=${1:-.venv/bin/python}
+mapfile -t need < <("$python" -m tests.doctor --debian-packages)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -16,3 +17,8 @@ fi
 echo "installing Debian packages: ${need[*]}"
 $sudo apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+left=$("$python" -m tests.doctor --debian-packages)
+if [ -n "$left" ]; then
+  echo "install-system-deps: still missing after installing: $left (see make doctor)" >&2
+  exit 1
+fi

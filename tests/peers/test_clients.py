@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import smtplib
 import ssl
 import subprocess
@@ -23,13 +22,13 @@ from typing import Any
 
 import pytest
 
+from tests.doctor import find, require
 from tests.faults.harness import Relay, record_figures, relay_config
 from tests.relay.apphelp import free_port
 from tests.relay.fronthelp import Certs, make_certs, write_users
 from tests.relay.smtpsink import Received, SmtpSink
 
 PASSWORD = "s3cret pass"
-SWAKS = shutil.which("swaks")
 RESULTS: dict[str, int] = {"swaks_sessions": 0, "smtplib_sessions": 0}
 
 
@@ -101,15 +100,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 def swaks(*args: str) -> subprocess.CompletedProcess[str]:
-    assert SWAKS is not None
+    """Run the real swaks; a test that needs it fails with the install hint when it is missing
+    (or, for --tls, when Perl's Net::SSLeay is), never skips (tests/doctor.py)."""
+    require("swaks", *(["swaks-tls"] if "--tls" in args else []))
+    binary = find("swaks")
+    assert binary is not None
     RESULTS["swaks_sessions"] += 1
-    return subprocess.run([SWAKS, "--timeout", "60", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([binary, "--timeout", "60", *args], capture_output=True, text=True, timeout=120)
 
 
-needs_swaks = pytest.mark.skipif(SWAKS is None, reason="swaks is not installed (make system-deps)")
-
-
-@needs_swaks
 def test_swaks_pipelining(env: Env) -> None:
     result = swaks(
         "--server", "127.0.0.1", "--port", str(env.relay.port), "--pipeline",
@@ -122,7 +121,6 @@ def test_swaks_pipelining(env: Env) -> None:
     assert sorted(received.rcpt_tos) == ["other@example.com", "user@example.com"]
 
 
-@needs_swaks
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_swaks_starttls_verified_and_auth(env: Env, mechanism: str) -> None:
     token = f"swaks-auth-{mechanism.lower()}"
@@ -141,7 +139,6 @@ def test_swaks_starttls_verified_and_auth(env: Env, mechanism: str) -> None:
     assert re.search(rb"with ESMTPSA id", received.content)
 
 
-@needs_swaks
 def test_swaks_auth_without_tls_is_refused(env: Env) -> None:
     result = swaks(
         "--server", "127.0.0.1", "--port", str(env.submission_port),
@@ -153,7 +150,6 @@ def test_swaks_auth_without_tls_is_refused(env: Env) -> None:
     assert "swaks-cleartext" not in env.tokens()
 
 
-@needs_swaks
 def test_swaks_wrong_ca_fails_verification(env: Env, tmp_path: Path) -> None:
     import trustme
 

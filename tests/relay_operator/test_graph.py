@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from relay.config import parse_config
 from relay_operator.local.graph import GraphRelay, GraphvizError, render_image, to_dot, to_text
+from tests.doctor import require
 
 
 def _relays() -> list[GraphRelay]:
@@ -112,7 +112,7 @@ def test_an_undeclared_relay_target_is_drawn_as_such() -> None:
 
 @pytest.mark.parametrize("suffix, magic", [(".svg", b"<svg"), (".png", b"\x89PNG")])
 def test_graphviz_renders_the_dot_source(tmp_path: Path, suffix: str, magic: bytes) -> None:
-    assert shutil.which("dot"), "Graphviz (make system-deps) is needed"
+    require("graphviz-svg" if suffix == ".svg" else "graphviz-png")
     output = tmp_path / f"topology{suffix}"
     render_image(to_dot(_relays()), output)
     data = output.read_bytes()
