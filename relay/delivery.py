@@ -60,7 +60,7 @@ from typing import Literal
 from relay.config import QueueConfig, RelayHop, SmarthostHop
 from relay.core import outcome
 from relay.core.dsn import as_xtext
-from relay.core.model import DeliveryRequest, Disposition, Envelope, Recipient, RecipientOutcome
+from relay.core.model import DeliveryRequest, Envelope, Recipient, RecipientOutcome
 from relay.smtp_client import (
     Reply,
     SmtpConnection,
@@ -629,16 +629,6 @@ class SmtpClient:
             except SmtpError:
                 return False
         return smtp.is_connected
-
-
-def is_connection_failure(result: RecipientOutcome) -> bool:
-    """Deferred because no session could be had (connection refused, timeout, TLS): try the next host."""
-    return result.disposition is Disposition.DEFERRED and result.status in (
-        "4.4.1",
-        "4.4.2",
-        "4.7.5",
-        "4.7.10",
-    )
 
 
 class SmtpTransport:

@@ -622,7 +622,7 @@ class Scheduler:
         if isinstance(hop, RejectHop):
             return [_rejected(r, hop) for r in recipients]
         if isinstance(hop, RelayHop | SmarthostHop):
-            return _complete(recipients, await self._client.deliver(target_for_hop(hop), request))
+            return outcome.one_each(recipients, await self._client.deliver(target_for_hop(hop), request))
         if isinstance(hop, MxHop):
             return await self._deliver_mx(message, hop, domain, recipients)
         return await self._deliver_gateway(hop, request)
@@ -656,7 +656,7 @@ class Scheduler:
                     "[%s] gateway %s raised", request.message.entry.queue_id, routing.hop_label(hop)
                 )
                 return [outcome.deferred(r, "4.3.0", f"gateway failed: {exc}") for r in recipients]
-        return _complete(recipients, outcomes)
+        return outcome.one_each(recipients, outcomes)
 
     async def _deliver_mx(
         self, message: Message, hop: MxHop, domain: str, recipients: list[Recipient]
@@ -686,7 +686,7 @@ class Scheduler:
                     verify=False,
                 )
                 request = DeliveryRequest(message=message, recipients=tuple(pending))
-                outcomes = _complete(pending, await self._client.deliver(target, request))
+                outcomes = outcome.one_each(pending, await self._client.deliver(target, request))
                 still = []
                 for o in outcomes:
                     if o.disposition is Disposition.DEFERRED:
@@ -720,19 +720,6 @@ def _failure(recipient: Recipient, failure: mxplan.MxFailure) -> RecipientOutcom
     if failure.permanent:
         return outcome.bounced(recipient, failure.status, failure.text, code=failure.code)
     return outcome.deferred(recipient, failure.status, failure.text, code=failure.code)
-
-
-def _complete(
-    recipients: Sequence[Recipient], outcomes: Sequence[RecipientOutcome]
-) -> list[RecipientOutcome]:
-    """Exactly one outcome per recipient, in order (a transport that broke the contract defers
-    the recipients it forgot)."""
-    by_address = {o.recipient.address: o for o in outcomes}
-    return [
-        by_address.get(r.address)
-        or outcome.deferred(r, "4.3.0", "the transport returned no outcome for this recipient")
-        for r in recipients
-    ]
 
 
 def _summary(results: Sequence[_Result]) -> str:

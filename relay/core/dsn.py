@@ -41,6 +41,7 @@ from email.mime.text import MIMEText
 from typing import Literal
 
 from relay.core.model import Disposition, Envelope, QueueEntry, Recipient, RecipientOutcome
+from relay.core.outcome import diagnostic
 
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 
@@ -213,8 +214,7 @@ def _per_recipient_fields(report: Report, now: float, retry_until: float | None)
     if outcome.remote_mta:
         fields["Remote-MTA"] = f"dns; {outcome.remote_mta}"
     if outcome.code or outcome.text:
-        kind = "smtp" if outcome.remote_mta else "x-mailrelay"
-        fields["Diagnostic-Code"] = f"{kind}; {outcome.code} {outcome.status} {outcome.text}".strip()
+        fields["Diagnostic-Code"] = diagnostic(outcome)
     fields["Last-Attempt-Date"] = _date(now)
     if report.action == "delayed" and retry_until is not None:
         fields["Will-Retry-Until"] = _date(retry_until)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 
@@ -191,7 +191,6 @@ class DeliveryRequest:
 
     message: Message
     recipients: tuple[Recipient, ...]
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Transport(Protocol):

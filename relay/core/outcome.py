@@ -6,16 +6,22 @@ server sent one (RFC 2034), otherwise derived from the reply class (X.0.0). Loca
 fixed codes: a connection that could not be made or broke is deferred with 4.4.1 / 4.4.2, a
 recipient still deferred when the message outlives maxLifetime bounces with 4.4.7 (RFC 3463:
 "delivery time expired", reported as a permanent failure with the 4.4.7 status, as Postfix does).
+A transport owes exactly one outcome per recipient: `one_each` defers (4.3.0) any it left out.
 
-The delivery adapter and the gateways build their outcomes with these functions; the scheduler
-uses `expire` and `is_final`. Pure: no I/O.
+Every outcome is built here: SMTP delivery (relay.delivery) with `from_reply` and the
+connection helpers, the gateways with `delivered`, `deferred`, `bounced` and `for_all`, the
+scheduler with `one_each` and `expire`, and relay.core.dsn with `diagnostic`. Pure: no I/O.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
+from typing import Concatenate, ParamSpec
 
 from relay.core.model import Disposition, Recipient, RecipientOutcome
+
+P = ParamSpec("P")
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -63,10 +69,11 @@ def from_reply(
 
 
 def delivered(
-    recipient: Recipient, text: str = "delivered", *, remote_mta: str | None = None
+    recipient: Recipient, text: str = "delivered", *, remote_mta: str | None = None, relayed: bool = False
 ) -> RecipientOutcome:
-    """Final delivery by this relay (a gateway that stored or handed off the message)."""
-    return RecipientOutcome(recipient, Disposition.DELIVERED, 250, "2.0.0", text, remote_mta)
+    """Delivered by a gateway: stored for good (a Maildir), or handed off to a system that
+    sends no DSN of its own (`relayed`: a webhook, a pipe command)."""
+    return RecipientOutcome(recipient, Disposition.DELIVERED, 250, "2.0.0", text, remote_mta, relayed)
 
 
 def deferred(
@@ -119,6 +126,29 @@ def is_final(outcome: RecipientOutcome) -> bool:
     return outcome.disposition is not Disposition.DEFERRED
 
 
+def for_all(
+    recipients: Sequence[Recipient],
+    make: Callable[Concatenate[Recipient, P], RecipientOutcome],
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> list[RecipientOutcome]:
+    """The same outcome for every recipient: ``for_all(rcpts, deferred, "4.4.1", text)``."""
+    return [make(recipient, *args, **kwargs) for recipient in recipients]
+
+
+def one_each(recipients: Sequence[Recipient], outcomes: Sequence[RecipientOutcome]) -> list[RecipientOutcome]:
+    """Exactly one outcome per recipient, in order (a transport that broke the contract defers
+    the recipients it forgot)."""
+    by_address = {o.recipient.address: o for o in outcomes}
+    return [
+        by_address.get(r.address)
+        or deferred(r, "4.3.0", "the transport returned no outcome for this recipient")
+        for r in recipients
+    ]
+
+
 def diagnostic(outcome: RecipientOutcome) -> str:
-    """The RFC 3464 Diagnostic-Code value: ``smtp; 550 5.1.1 text``."""
-    return f"smtp; {outcome.code} {outcome.status} {outcome.text}".strip()
+    """The RFC 3464 Diagnostic-Code value: ``smtp; 550 5.1.1 text`` for a remote MTA's reply,
+    ``x-mailrelay; 451 4.4.1 text`` for a local decision (no remote MTA)."""
+    kind = "smtp" if outcome.remote_mta else "x-mailrelay"
+    return f"{kind}; {outcome.code} {outcome.status} {outcome.text}".strip()

@@ -50,10 +50,6 @@ def count_received(content: bytes) -> int:
     return sum(1 for name in header_names(headers) if name == "received")
 
 
-def has_header(content: bytes, name: str) -> bool:
-    return name.lower() in header_names(header_section(content))
-
-
 def protocol_name(*, esmtp: bool, tls: bool, authenticated: bool, smtputf8: bool) -> str:
     """The ``with`` keyword (RFC 3848 section 2, RFC 6531 3.7.3)."""
     if not esmtp:

@@ -26,20 +26,12 @@ from relay.config import (
     GatewayHop,
     MxHop,
     NextHop,
-    RejectHop,
     RelayHop,
     RouteConfig,
     SmarthostHop,
 )
-from relay.core.addresses import domain_matches, split_address
+from relay.core.addresses import domain_matches, domain_of
 from relay.core.model import Recipient
-
-
-def _domain(address: str) -> str:
-    try:
-        return split_address(address)[1]
-    except ValueError:
-        return ""
 
 
 def route_matches(route: RouteConfig, mail_from: str, rcpt: str) -> bool:
@@ -47,11 +39,11 @@ def route_matches(route: RouteConfig, mail_from: str, rcpt: str) -> bool:
     recipient_domains = route.match.recipient_domains
     sender_domains = route.match.sender_domains
     if recipient_domains:
-        domain = _domain(rcpt)
+        domain = domain_of(rcpt)
         if not domain or not any(domain_matches(domain, p) for p in recipient_domains):
             return False
     if sender_domains:
-        domain = _domain(mail_from)
+        domain = domain_of(mail_from)
         if not any(p == "*" or (domain and domain_matches(domain, p)) for p in sender_domains):
             return False
     return True
@@ -134,7 +126,7 @@ def plan_routes(
         if route is None:
             unrouted.append(recipient)
             continue
-        domain = _domain(recipient.address) if _needs_domain(route) else ""
+        domain = domain_of(recipient.address) if _needs_domain(route) else ""
         key = (route.name, domain)
         grouped.setdefault(key, []).append(recipient)
         chosen[key] = route
@@ -143,7 +135,3 @@ def plan_routes(
         for key, rcpts in grouped.items()
     )
     return RoutingPlan(groups=groups, unrouted=tuple(unrouted))
-
-
-def is_reject(hop: NextHop) -> bool:
-    return isinstance(hop, RejectHop)

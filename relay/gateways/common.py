@@ -1,60 +1,13 @@
-"""What every gateway transport shares: outcome builders, diagnostic text, sysexits codes.
+"""What every gateway transport shares: diagnostic text and sysexits codes.
 
-Pure helpers; no I/O. The transports are in the sibling modules.
+Pure helpers; no I/O. The transports are in the sibling modules; they build their outcomes with
+relay.core.outcome.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-
-from relay.core.model import (
-    Disposition,
-    Recipient,
-    RecipientOutcome,
-)
-
-log = logging.getLogger(__name__)
-
 EX_TEMPFAIL = 75  # sysexits.h: temporary failure, the caller should retry
 DIAGNOSTIC_LIMIT = 400  # characters of stderr / HTTP body kept in a diagnostic
-
-
-def recipient_outcome(
-    recipient: Recipient,
-    disposition: Disposition,
-    code: int,
-    status: str,
-    text: str,
-    *,
-    remote: str | None = None,
-    relayed: bool = False,
-) -> RecipientOutcome:
-    return RecipientOutcome(
-        recipient=recipient,
-        disposition=disposition,
-        code=code,
-        status=status,
-        text=text,
-        remote_mta=remote,
-        relayed=relayed,
-    )
-
-
-def all_outcomes(
-    recipients: Sequence[Recipient],
-    disposition: Disposition,
-    code: int,
-    status: str,
-    text: str,
-    *,
-    remote: str | None = None,
-    relayed: bool = False,
-) -> list[RecipientOutcome]:
-    return [
-        recipient_outcome(r, disposition, code, status, text, remote=remote, relayed=relayed)
-        for r in recipients
-    ]
 
 
 def one_line(text: str, limit: int = DIAGNOSTIC_LIMIT) -> str:

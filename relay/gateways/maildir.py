@@ -14,13 +14,8 @@ from pathlib import Path
 
 from relay.config import MaildirGateway
 from relay.core.addresses import split_address
-from relay.core.model import (
-    DeliveryRequest,
-    Disposition,
-    Recipient,
-    RecipientOutcome,
-)
-from relay.gateways.common import recipient_outcome
+from relay.core.model import DeliveryRequest, Recipient, RecipientOutcome
+from relay.core.outcome import deferred, delivered
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +112,10 @@ def write_maildir(folder: Path, data: bytes, hostname: str) -> Path:
 def _maildir_failure(recipient: Recipient, exc: OSError) -> RecipientOutcome:
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return recipient_outcome(recipient, Disposition.DEFERRED, 452, "4.3.1", f"maildir full: {reason}")
+        return deferred(recipient, "4.3.1", f"maildir full: {reason}", code=452)
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return recipient_outcome(
-            recipient, Disposition.DEFERRED, 451, "4.3.0", f"maildir not writable: {reason}"
-        )
-    return recipient_outcome(recipient, Disposition.DEFERRED, 451, "4.3.0", f"maildir write failed: {reason}")
+        return deferred(recipient, "4.3.0", f"maildir not writable: {reason}")
+    return deferred(recipient, "4.3.0", f"maildir write failed: {reason}")
 
 
 class MaildirTransport:
@@ -144,9 +137,7 @@ class MaildirTransport:
                 "[%s] maildir delivery to %s deferred: %s", request.message.entry.queue_id, folder, exc
             )
             return _maildir_failure(recipient, exc)
-        return recipient_outcome(
-            recipient, Disposition.DELIVERED, 250, "2.0.0", f"delivered to maildir {stored}"
-        )
+        return delivered(recipient, f"delivered to maildir {stored}")
 
     def write(self, folder: Path, data: bytes) -> Path:
         """The one place that touches the disk (tests may wrap it to inject an OSError)."""

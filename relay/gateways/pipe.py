@@ -10,13 +10,9 @@ import signal
 from collections.abc import Sequence
 
 from relay.config import PipeGateway
-from relay.core.model import (
-    DeliveryRequest,
-    Disposition,
-    Recipient,
-    RecipientOutcome,
-)
-from relay.gateways.common import EX_TEMPFAIL, all_outcomes, one_line
+from relay.core.model import DeliveryRequest, Recipient, RecipientOutcome
+from relay.core.outcome import bounced, deferred, delivered, for_all
+from relay.gateways.common import EX_TEMPFAIL, one_line
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +65,6 @@ class PipeTransport:
             recipients[0].address if self.per_recipient else "",
             entry.queue_id,
         )
-        defer = Disposition.DEFERRED
         try:
             process = await asyncio.create_subprocess_exec(
                 *args,
@@ -81,7 +76,7 @@ class PipeTransport:
             )
         except OSError as exc:
             text = f"cannot run pipe command {args[0]!r}: {exc.strerror or exc}"
-            return all_outcomes(recipients, defer, 451, "4.3.5", text)
+            return for_all(recipients, deferred, "4.3.5", text)
         try:
             _, stderr = await asyncio.wait_for(
                 process.communicate(request.message.content), timeout=self.config.timeout
@@ -91,7 +86,7 @@ class PipeTransport:
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
             text = f"pipe command timed out after {self.config.timeout:g}s and was killed"
-            return all_outcomes(recipients, defer, 451, "4.4.7", text)
+            return for_all(recipients, deferred, "4.4.7", text)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
@@ -99,22 +94,20 @@ class PipeTransport:
         code = process.returncode
         said = one_line(stderr.decode("utf-8", errors="replace"))
         if code == 0:
-            return all_outcomes(
-                recipients, Disposition.DELIVERED, 250, "2.0.0", "pipe command exited 0", relayed=True
-            )
+            return for_all(recipients, delivered, "pipe command exited 0", relayed=True)
         if code is not None and code < 0:
             try:
                 name = signal.Signals(-code).name
             except ValueError:
                 name = str(-code)
             text = f"pipe command killed by signal {name}"
-            return all_outcomes(recipients, defer, 451, "4.3.0", f"{text}: {said}" if said else text)
+            return for_all(recipients, deferred, "4.3.0", f"{text}: {said}" if said else text)
         if code == EX_TEMPFAIL:
             text = "pipe command exited 75 (temporary failure)"
-            return all_outcomes(recipients, defer, 451, "4.3.0", f"{text}: {said}" if said else text)
+            return for_all(recipients, deferred, "4.3.0", f"{text}: {said}" if said else text)
         text = f"pipe command exited {code}"
         status = _EXIT_STATUS.get(code or 0, "5.3.0")
-        return all_outcomes(recipients, Disposition.BOUNCED, 554, status, f"{text}: {said}" if said else text)
+        return for_all(recipients, bounced, status, f"{text}: {said}" if said else text, code=554)
 
     async def close(self) -> None:
         return None

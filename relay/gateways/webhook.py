@@ -23,13 +23,9 @@ from typing import Any
 import aiohttp
 
 from relay.config import WebhookGateway
-from relay.core.model import (
-    DeliveryRequest,
-    Disposition,
-    Recipient,
-    RecipientOutcome,
-)
-from relay.gateways.common import all_outcomes, one_line
+from relay.core.model import DeliveryRequest, Recipient, RecipientOutcome
+from relay.core.outcome import bounced, deferred, delivered, for_all
+from relay.gateways.common import one_line
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +137,11 @@ class WebhookTransport:
         recipients = request.recipients
         entry = request.message.entry
         addresses = [r.address for r in recipients]
-        defer = Disposition.DEFERRED
         remote = self._remote
         try:
             auth = await self._auth_header()
         except (OSError, ValueError) as exc:
-            return all_outcomes(recipients, defer, 451, "4.3.5", f"webhook auth header file unusable: {exc}")
+            return for_all(recipients, deferred, "4.3.5", f"webhook auth header file unusable: {exc}")
         headers: dict[str, str] = {}
         if auth is not None:
             headers["Authorization"] = auth
@@ -157,7 +152,7 @@ class WebhookTransport:
                 )
             except Exception as exc:  # the email parser is lenient; this is a broken invariant
                 log.exception("cannot build webhook JSON for %s", entry.queue_id)
-                return all_outcomes(recipients, defer, 451, "4.3.0", f"cannot build webhook JSON: {exc}")
+                return for_all(recipients, deferred, "4.3.0", f"cannot build webhook JSON: {exc}")
             headers["Content-Type"] = "application/json; charset=utf-8"
         else:
             body = request.message.content
@@ -175,16 +170,16 @@ class WebhookTransport:
                 answer = await response.text(errors="replace")
         except TimeoutError:
             text = f"webhook timed out after {self.config.timeout:g}s"
-            return all_outcomes(recipients, defer, 451, "4.4.2", text, remote=remote)
+            return for_all(recipients, deferred, "4.4.2", text, remote_mta=remote)
         except aiohttp.ClientConnectorCertificateError as exc:
             text = f"webhook TLS certificate not trusted: {one_line(str(exc.certificate_error))}"
-            return all_outcomes(recipients, defer, 451, "4.7.5", text, remote=remote)
+            return for_all(recipients, deferred, "4.7.5", text, remote_mta=remote)
         except aiohttp.ClientConnectorError as exc:
             text = f"webhook connection failed: {one_line(str(exc.os_error) or str(exc))}"
-            return all_outcomes(recipients, defer, 451, "4.4.1", text, remote=remote)
+            return for_all(recipients, deferred, "4.4.1", text, remote_mta=remote)
         except (aiohttp.ClientError, OSError) as exc:
             text = f"webhook request failed: {one_line(str(exc) or type(exc).__name__)}"
-            return all_outcomes(recipients, defer, 451, "4.4.2", text, remote=remote)
+            return for_all(recipients, deferred, "4.4.2", text, remote_mta=remote)
         return self._classify(recipients, status, reason, answer)
 
     def _classify(
@@ -199,12 +194,10 @@ class WebhookTransport:
         if detail:
             said = f"{said}: {detail}"
         if 200 <= status < 300:
-            return all_outcomes(
-                recipients, Disposition.DELIVERED, 250, "2.0.0", said, remote=remote, relayed=True
-            )
+            return for_all(recipients, delivered, said, remote_mta=remote, relayed=True)
         if status >= 500 or status in (408, 429) or 300 <= status < 400 or status < 200:
-            return all_outcomes(recipients, Disposition.DEFERRED, 451, "4.3.0", said, remote=remote)
-        return all_outcomes(recipients, Disposition.BOUNCED, 550, "5.0.0", said, remote=remote)
+            return for_all(recipients, deferred, "4.3.0", said, remote_mta=remote)
+        return for_all(recipients, bounced, "5.0.0", said, remote_mta=remote)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -57,4 +57,23 @@ def test_deferred_needs_a_transient_status() -> None:
 
 
 def test_diagnostic() -> None:
-    assert outcome.diagnostic(outcome.from_reply(R, 550, "5.1.1 nope")) == "smtp; 550 5.1.1 nope"
+    remote = outcome.from_reply(R, 550, "5.1.1 nope", remote_mta="mx.d.test")
+    assert outcome.diagnostic(remote) == "smtp; 550 5.1.1 nope"
+    local = outcome.connection_failed(R, "refused")
+    assert outcome.diagnostic(local) == "x-mailrelay; 421 4.4.1 connection failed: refused"
+
+
+def test_one_each_defers_the_recipients_a_transport_forgot() -> None:
+    other = Recipient("b@d.test")
+    given = outcome.from_reply(other, 250, "ok")
+    done = outcome.one_each([R, other], [given])
+    assert done[1] is given
+    assert (done[0].recipient, done[0].disposition, done[0].status) == (R, Disposition.DEFERRED, "4.3.0")
+
+
+def test_for_all_and_delivered() -> None:
+    both = outcome.for_all([R, Recipient("b@d.test")], outcome.delivered, "stored", relayed=True)
+    assert [(o.recipient.address, o.code, o.status, o.text, o.relayed) for o in both] == [
+        ("a@d.test", 250, "2.0.0", "stored", True),
+        ("b@d.test", 250, "2.0.0", "stored", True),
+    ]
