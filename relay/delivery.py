@@ -60,6 +60,7 @@ from typing import Literal
 from relay.config import QueueConfig, RelayHop, SmarthostHop
 from relay.core import outcome
 from relay.core.dsn import as_xtext
+from relay.core.headers import header_section
 from relay.core.model import DeliveryRequest, Envelope, Recipient, RecipientOutcome
 from relay.smtp_client import (
     Reply,
@@ -93,13 +94,6 @@ def orcpt_param(orcpt: str) -> str:
     return f"ORCPT={addr_type.strip()};{as_xtext(address.strip())}"
 
 
-def header_block(content: bytes) -> bytes:
-    end = content.find(b"\r\n\r\n")
-    if end < 0:
-        end = content.find(b"\n\n")
-    return content if end < 0 else content[:end]
-
-
 def has_8bit(data: bytes) -> bool:
     return not data.isascii()
 
@@ -111,7 +105,7 @@ def needs_smtputf8(envelope: Envelope, recipients: Sequence[Recipient], content:
         return False
     if not envelope.mail_from.isascii() or not all(r.address.isascii() for r in recipients):
         return True
-    return has_8bit(header_block(content))
+    return has_8bit(header_section(content))
 
 
 def downgrade_8bit(content: bytes) -> bytes | None:
@@ -119,7 +113,7 @@ def downgrade_8bit(content: bytes) -> bytes | None:
     is re-encoded (text/* as quoted-printable, the rest as base64); a message without MIME
     headers becomes ``text/plain; charset=unknown-8bit`` (RFC 1428). None when the header itself
     carries 8-bit bytes: that message cannot be made 7-bit (the caller bounces it with 5.6.3)."""
-    if has_8bit(header_block(content)):
+    if has_8bit(header_section(content)):
         return None
     policy = email.policy.compat32.clone(linesep="\r\n", max_line_length=0)
     message = email.message_from_bytes(content, policy=policy)

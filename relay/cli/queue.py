@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from relay.cli.run import load_or_exit
+from relay.core.headers import header_section
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -189,8 +190,7 @@ def queue_show(queue_id: str, config_path: Path | None, spool_dir: Path | None, 
             )
     content = message.content
     if not full:
-        end = content.find(b"\r\n\r\n")
-        content = content if end < 0 else content[: end + 2]
+        content = header_section(content)
     click.echo("")
     click.echo(content.decode("utf-8", "replace").replace("\r\n", "\n"), nl=False)
 

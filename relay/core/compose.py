@@ -36,6 +36,7 @@ from email.parser import BytesHeaderParser
 from email.utils import format_datetime, getaddresses, make_msgid, parseaddr
 
 from relay.core.addresses import split_address
+from relay.core.headers import header_end
 
 __all__ = [
     "Attachment",
@@ -369,8 +370,8 @@ def _crlf(data: bytes) -> bytes:
 
 def _without_bcc(data: bytes) -> bytes:
     """Drop Bcc fields (with their folded continuation lines) from the header section."""
-    end = data.find(b"\r\n\r\n")
-    head, body = (data, b"") if end < 0 else (data[: end + 2], data[end + 2 :])
+    end = header_end(data)
+    head, body = data[:end], data[end:]
     kept: list[bytes] = []
     dropping = False
     for line in head.split(b"\r\n")[:-1]:

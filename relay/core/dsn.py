@@ -40,6 +40,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from typing import Literal
 
+from relay.core.headers import header_section
 from relay.core.model import Disposition, Envelope, QueueEntry, Recipient, RecipientOutcome
 from relay.core.outcome import diagnostic
 
@@ -221,14 +222,6 @@ def _per_recipient_fields(report: Report, now: float, retry_until: float | None)
     return fields
 
 
-def _header_block(content: bytes) -> bytes:
-    for separator in (b"\r\n\r\n", b"\n\n"):
-        end = content.find(separator)
-        if end >= 0:
-            return content[: end + len(separator) // 2]
-    return content
-
-
 def _subject(reports: Sequence[Report]) -> str:
     actions = {r.action for r in reports}
     if "failed" in actions:
@@ -283,7 +276,7 @@ def build_dsn(
         returned: email.message.Message = MIMEMessage(original, policy=_POLICY)
         returned["Content-Description"] = "Undelivered Message"
     else:
-        headers = _header_block(content).decode("utf-8", errors="replace")
+        headers = header_section(content).decode("utf-8", errors="replace")
         charset = "us-ascii" if headers.isascii() else "utf-8"
         returned = MIMEText(headers, "rfc822-headers", charset, policy=_POLICY)
         returned["Content-Description"] = "Undelivered Message Headers"

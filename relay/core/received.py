@@ -11,7 +11,8 @@ the ``Message-ID``/``Date`` a submission server adds when they are missing.
   (``554 5.4.6``); the front calls `count_received` before accepting.
 - RFC 6409 8.2/8.3: a message submission agent may add a missing ``Date:`` and ``Message-ID:``.
 
-Pure functions over bytes; the time and randomness are arguments. Called by relay.front.
+Pure functions over bytes; the time and randomness are arguments. Called by relay.front; the
+header section is found by relay.core.headers.
 """
 
 from __future__ import annotations
@@ -21,25 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 
-
-def header_section(content: bytes) -> bytes:
-    """The header block of a message (without the empty line); all of it when there is no body."""
-    if content.startswith(b"\r\n"):
-        return b""
-    end = content.find(b"\r\n\r\n")
-    return content if end < 0 else content[: end + 2]
-
-
-def header_names(headers: bytes) -> list[str]:
-    """Lower-cased field names in order (continuation lines skipped)."""
-    names = []
-    for line in headers.split(b"\r\n"):
-        if not line or line[:1] in (b" ", b"\t"):
-            continue
-        name, colon, _ = line.partition(b":")
-        if colon:
-            names.append(name.strip().decode("latin-1").lower())
-    return names
+from relay.core.headers import header_names, header_section
 
 
 def count_received(content: bytes) -> int:
