@@ -62,6 +62,7 @@ from relay.core import outcome
 from relay.core.dsn import as_xtext
 from relay.core.headers import header_section
 from relay.core.model import DeliveryRequest, Envelope, Recipient, RecipientOutcome
+from relay.core.smtp_payload import data_payload
 from relay.smtp_client import (
     Reply,
     SmtpConnection,
@@ -71,7 +72,6 @@ from relay.smtp_client import (
     TransactionReplies,
     UnsafeCommand,
     command_line,
-    normalised_payload,
 )
 
 log = logging.getLogger(__name__)
@@ -143,21 +143,6 @@ def downgrade_8bit(content: bytes) -> bytes | None:
 
 def ensure_crlf_end(content: bytes) -> bytes:
     return content if content.endswith(b"\r\n") or not content else content + b"\r\n"
-
-
-def data_payload(content: bytes) -> bytes | None:
-    """What follows the 354 reply for `content` (dot-stuffed, RFC 5321 4.5.2, and the final
-    ``.<CRLF>``), when every line already ends with CRLF and so does the content (what the
-    front stores); None otherwise. Bytes operations only: a regex over a 100 KB message per
-    delivery (aiosmtplib's ``data()``) cost a third of the relay's CPU for large mail."""
-    crlf = content.count(b"\r\n")
-    if not content.endswith(b"\r\n") or content.count(b"\r") != crlf or content.count(b"\n") != crlf:
-        return None
-    if content.startswith(b"."):
-        content = b"." + content
-    if b"\r\n." in content:
-        content = content.replace(b"\r\n.", b"\r\n..")
-    return content + b".\r\n"
 
 
 # --------------------------------------------------------------------------- targets
@@ -242,13 +227,6 @@ class _Connection:
 class _Pool:
     limit: asyncio.Semaphore
     idle: list[_Connection] = field(default_factory=list)
-
-
-def wire_payload(content: bytes) -> bytes:
-    """What follows the 354 reply: `data_payload` for CRLF-clean content (the fast path), else
-    the content with its line ends normalised to CRLF and dot-stuffed."""
-    payload = data_payload(content)
-    return payload if payload is not None else normalised_payload(content)
 
 
 # --------------------------------------------------------------------------- the client
@@ -568,7 +546,7 @@ class SmtpClient:
             await smtp.send_mail(
                 mail_line,
                 rcpt_lines,
-                wire_payload(content),
+                data_payload(content),
                 replies,
                 command_timeout=self.queue.command_timeout,
                 data_timeout=self.queue.data_timeout,

@@ -219,20 +219,6 @@ def command_line(*parts: bytes) -> bytes:
     return line + b"\r\n"
 
 
-_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
-_LEADING_DOT = re.compile(rb"(?m)^\.")
-
-
-def normalised_payload(content: bytes) -> bytes:
-    """The DATA payload for content that is not CRLF-clean: lone CR and LF become CRLF, a CRLF
-    is added at the end, lines starting with a dot are stuffed (RFC 5321 4.5.2), the final dot
-    follows (what aiosmtplib's ``data()`` sent). Slow path: regular expressions."""
-    content = _LINE_ENDS.sub(b"\r\n", content)
-    if not content.endswith(b"\r\n"):
-        content += b"\r\n"
-    return _LEADING_DOT.sub(b"..", content) + b".\r\n"
-
-
 # --------------------------------------------------------------------------- transactions
 
 

@@ -119,22 +119,6 @@ async def test_the_client_pipelines_exactly_when_advertised(
     assert connection.supports("pipelining") is pipelining
 
 
-@pytest.mark.parametrize(
-    ("content", "payload"),
-    [
-        (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
-        (b".x\r\n.\r\n..y\r\nz.\r\n", b"..x\r\n..\r\n...y\r\nz.\r\n.\r\n"),
-        (b"", None),
-        (b"a\r\nb", None),  # no CRLF at the end
-        (b"a\nb\r\n", None),  # bare LF
-        (b"a\rb\r\n", None),  # bare CR
-        (b"a\n\r\n", None),
-    ],
-)
-def test_data_payload_stuffs_dots_of_crlf_clean_content_only(content: bytes, payload: bytes | None) -> None:
-    assert delivery.data_payload(content) == payload
-
-
 async def test_content_with_bare_line_ends_still_goes_out_with_crlf(
     client: SmtpClient, sinks: list[SmtpSink]
 ) -> None:

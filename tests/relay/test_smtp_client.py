@@ -35,7 +35,6 @@ from relay.smtp_client import (
     TransactionReplies,
     UnsafeCommand,
     command_line,
-    normalised_payload,
     parse_extensions,
 )
 
@@ -716,19 +715,6 @@ def test_parse_extensions() -> None:
         "8BITMIME": "",
     }
     assert parse_extensions("mx.test\nAUTH=LOGIN PLAIN") == {"AUTH": "LOGIN PLAIN"}
-
-
-@pytest.mark.parametrize(
-    ("content", "payload"),
-    [
-        (b"a\nb", b"a\r\nb\r\n.\r\n"),
-        (b"a\rb\r\n.x\n", b"a\r\nb\r\n..x\r\n.\r\n"),
-        (b".\n", b"..\r\n.\r\n"),
-        (b"", b"\r\n.\r\n"),
-    ],
-)
-def test_normalised_payload(content: bytes, payload: bytes) -> None:
-    assert normalised_payload(content) == payload
 
 
 # --------------------------------------------------------------------------- uvloop
