@@ -64,7 +64,7 @@ from relay.core.headers import header_section
 from relay.core.model import DeliveryRequest, Envelope, Recipient, RecipientOutcome
 from relay.core.smtp_payload import data_payload
 from relay.smtp_client import (
-    Reply,
+    ServerReply,
     SmtpConnection,
     SmtpError,
     SmtpReplyError,
@@ -206,7 +206,7 @@ class _TransactionError(Exception):
         self.before_mail = False  # the session failed before the server accepted MAIL
 
 
-def _reply_error(reply: Reply) -> _TransactionError:
+def _reply_error(reply: ServerReply) -> _TransactionError:
     """A refusal (greeting, EHLO, MAIL) that applies to every recipient, worded like an RCPT
     refusal: the enhanced status code apart from the text."""
     status, text = outcome.split_enhanced(reply.code, reply.text)

@@ -60,8 +60,9 @@ _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
-class Reply:
-    """One SMTP reply: its code and its text (the lines after the code, joined with ``\\n``)."""
+class ServerReply:
+    """One reply a server sent us: its code and its text (the lines after the code, joined with
+    ``\\n``). Not `relay.core.status.Reply`, which is a reply the front sends."""
 
     code: int
     text: str
@@ -85,7 +86,7 @@ class SmtpTlsError(SmtpError):
 class SmtpReplyError(SmtpError):
     """A session command (greeting, EHLO, STARTTLS, AUTH, ...) got an unexpected reply."""
 
-    def __init__(self, command: str, reply: Reply) -> None:
+    def __init__(self, command: str, reply: ServerReply) -> None:
         super().__init__(f"{command}: {reply}")
         self.command = command
         self.reply = reply
@@ -114,7 +115,7 @@ class ReplyParser:
     """Bytes in, complete replies out (RFC 5321 4.2). Keeps a partial line between calls."""
 
     def __init__(self) -> None:
-        self.replies: deque[Reply] = deque()
+        self.replies: deque[ServerReply] = deque()
         self.queued_bytes = 0
         self._partial = b""
         self._lines: list[str] = []
@@ -176,7 +177,7 @@ class ReplyParser:
         if separator == b"-":
             return False
         # RFC 5321 4.2.1: every line carries the same code; the last one is authoritative
-        reply = Reply(int(head), self._lines[0] if len(self._lines) == 1 else "\n".join(self._lines))
+        reply = ServerReply(int(head), self._lines[0] if len(self._lines) == 1 else "\n".join(self._lines))
         self.queued_bytes += self._reply_bytes
         if self.queued_bytes > MAX_QUEUED_BYTES:
             raise SmtpProtocolError(f"more than {MAX_QUEUED_BYTES} bytes of unread replies")
@@ -185,7 +186,7 @@ class ReplyParser:
         self._reply_bytes = 0
         return True
 
-    def pop(self) -> Reply:
+    def pop(self) -> ServerReply:
         reply = self.replies.popleft()
         if not self.replies:
             self.queued_bytes = 0
@@ -228,10 +229,10 @@ class TransactionReplies:
     None (or a short `recipients` list) means that reply was never read: the connection broke
     or the server closed it with 421 before."""
 
-    mail: Reply | None = None
-    recipients: list[Reply] = field(default_factory=list)
-    data: Reply | None = None  # the reply to DATA (354 when content followed)
-    final: Reply | None = None  # the reply after the content and its final dot
+    mail: ServerReply | None = None
+    recipients: list[ServerReply] = field(default_factory=list)
+    data: ServerReply | None = None  # the reply to DATA (354 when content followed)
+    final: ServerReply | None = None  # the reply after the content and its final dot
     content_sent: bool = False
 
 
@@ -357,7 +358,7 @@ class SmtpConnection(asyncio.Protocol):
         self._outstanding += replies
         transport.write(data)
 
-    async def read_reply(self, timeout: float | None, what: str = "a reply") -> Reply:  # noqa: ASYNC109 (a timer per reply; see the docstring)
+    async def read_reply(self, timeout: float | None, what: str = "a reply") -> ServerReply:  # noqa: ASYNC109 (a timer per reply; see the docstring)
         """The next reply, waiting at most `timeout` seconds for it."""
         parser = self._parser
         if parser.replies:
@@ -398,7 +399,7 @@ class SmtpConnection(asyncio.Protocol):
         if self._error is not None and not self._parser.replies:
             raise self._error
 
-    async def command(self, line: bytes, timeout: float | None) -> Reply:  # noqa: ASYNC109 (a timer per reply; see the docstring)
+    async def command(self, line: bytes, timeout: float | None) -> ServerReply:  # noqa: ASYNC109 (a timer per reply; see the docstring)
         """Send one command line (with CRLF) and read its reply."""
         self._write(line, 1)
         reply = await self.read_reply(timeout, line.split(b" ", 1)[0].strip().decode("ascii", "replace"))
@@ -455,7 +456,7 @@ class SmtpConnection(asyncio.Protocol):
             raise SmtpReplyError("greeting", greeting)
         return connection
 
-    async def hello(self, name: str, timeout: float | None) -> Reply:  # noqa: ASYNC109 (a timer per reply; see the docstring)
+    async def hello(self, name: str, timeout: float | None) -> ServerReply:  # noqa: ASYNC109 (a timer per reply; see the docstring)
         """EHLO, or HELO when EHLO is refused with 5xx; records the extensions."""
         encoded = name.encode("ascii")
         reply = await self.command(command_line(b"EHLO", encoded), timeout)
@@ -528,7 +529,7 @@ class SmtpConnection(asyncio.Protocol):
         offered = " ".join(mechanisms) or "no AUTH"
         raise SmtpError(f"no supported AUTH mechanism (the server offers {offered})")
 
-    async def rset(self, timeout: float | None) -> Reply:  # noqa: ASYNC109 (a timer per reply; see the docstring)
+    async def rset(self, timeout: float | None) -> ServerReply:  # noqa: ASYNC109 (a timer per reply; see the docstring)
         return await self.command(b"RSET\r\n", timeout)
 
     async def quit(self, timeout: float | None) -> None:  # noqa: ASYNC109 (a timer per reply; see the docstring)

@@ -24,8 +24,8 @@ from relay.config import QueueConfig
 from relay.core.model import DeliveryRequest, Envelope, Message, QueueEntry, Recipient, RecipientOutcome
 from relay.delivery import SmtpClient, SmtpTarget
 from relay.smtp_client import (
-    Reply,
     ReplyParser,
+    ServerReply,
     SmtpConnection,
     SmtpConnectionLost,
     SmtpError,
@@ -283,10 +283,10 @@ async def test_pipelined_group_goes_out_in_one_write_before_any_reply(servers: l
         command_timeout=2,
         data_timeout=2,
     )
-    assert replies.mail == Reply(250, "2.1.0 ok")
+    assert replies.mail == ServerReply(250, "2.1.0 ok")
     assert [r.code for r in replies.recipients] == [250, 250]
     assert replies.data is not None and replies.data.code == 354
-    assert replies.final == Reply(250, "2.0.0 queued")
+    assert replies.final == ServerReply(250, "2.0.0 queued")
     assert server.messages == [b"hello\r\n"]
     group = ["MAIL FROM:<s@sender.test>", "RCPT TO:<a@d.test>", "RCPT TO:<b@d.test>", "DATA"]
     assert group in server.chunks_with_commands  # one segment: one write
@@ -625,7 +625,7 @@ async def test_greeting_refused(servers: list[RawServer]) -> None:
     server = await serve(servers, greeting=b"554-5.3.2 no service\r\n554 here\r\n")
     with pytest.raises(SmtpReplyError) as info:
         await SmtpConnection.open("127.0.0.1", server.port, timeout=2)
-    assert info.value.reply == Reply(554, "5.3.2 no service\nhere")
+    assert info.value.reply == ServerReply(554, "5.3.2 no service\nhere")
 
 
 @pytest.mark.parametrize(
@@ -684,9 +684,9 @@ def test_several_replies_in_one_segment_are_all_kept() -> None:
     parser = ReplyParser()
     assert parser.feed(b"250 2.1.0 ok\r\n250-2.1.5 first\r\n250 second\r\n354 go\r\n") == 3
     assert [parser.pop() for _ in range(3)] == [
-        Reply(250, "2.1.0 ok"),
-        Reply(250, "2.1.5 first\nsecond"),
-        Reply(354, "go"),
+        ServerReply(250, "2.1.0 ok"),
+        ServerReply(250, "2.1.5 first\nsecond"),
+        ServerReply(354, "go"),
     ]
     assert parser.idle
 
@@ -696,15 +696,15 @@ def test_reply_split_byte_by_byte() -> None:
     data = b"250-mx.test hello\r\n250-PIPELINING\r\n250 SIZE 10\r\n221 bye\n"
     completed = sum(parser.feed(data[i : i + 1]) for i in range(len(data)))
     assert completed == 2
-    assert parser.pop() == Reply(250, "mx.test hello\nPIPELINING\nSIZE 10")
-    assert parser.pop() == Reply(221, "bye")  # a bare LF ends a line too
+    assert parser.pop() == ServerReply(250, "mx.test hello\nPIPELINING\nSIZE 10")
+    assert parser.pop() == ServerReply(221, "bye")  # a bare LF ends a line too
     assert parser.idle
 
 
 def test_reply_without_text() -> None:
     parser = ReplyParser()
     parser.feed(b"250\r\n")
-    assert parser.pop() == Reply(250, "")
+    assert parser.pop() == ServerReply(250, "")
 
 
 def test_parse_extensions() -> None:
