@@ -19,7 +19,8 @@ commits the log up to the inode's last change; NFS commits directory changes bef
 replies), so no directory fsync follows (measured: the second fsync cost a third of the
 single-session rate). A power loss in the window between the rename and the fsync can leave an
 empty or truncated file in incoming/; the client had no 250 for it, and the scheduler moves it
-to corrupt/ when it fails to parse.
+to corrupt/ when it fails to parse. The write-fsync-rename sequence itself is relay.durable's;
+the order of its fsyncs is decided here.
 
 A deferral rewrites the claimed file (tmp, fsync, rename over ``active/ID``), renames it into
 ``deferred/`` and fsyncs again: the message is never in two claimable places at once (two
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from relay import durable
 from relay.core.model import Message, QueueEntry
 
 log = logging.getLogger(__name__)
@@ -246,13 +248,8 @@ class Spool:
         return report
 
     def _fsync_dir_now(self, path: Path) -> None:
-        if not self.fsync:
-            return
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.fsync:
+            durable.fsync_dir(path)
 
     # ----------------------------------------------------------------- blocking primitives
 
@@ -273,27 +270,15 @@ class Spool:
         leaves the renamed file to the caller."""
         tmp = f"{self._root}/tmp/{entry.queue_id}.{os.getpid()}.{next(self._tmp_names)}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(encode(entry, content))
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                if mtime is not None:
-                    os.utime(fd, (mtime, mtime))
-                if self.fsync and replaces_durable_copy:
-                    os.fsync(fd)
-                source = tmp
-                for target in moves:
-                    os.replace(source, target)
-                    source = target
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            durable.commit(
+                tmp,
+                encode(entry, content),
+                moves,
+                fsync_before_rename=self.fsync and replaces_durable_copy,
+                fsync_after_rename=self.fsync,
+                mtime=mtime,
+            )
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise _classify(exc) from exc
 
     def _read(self, path: str) -> Message:

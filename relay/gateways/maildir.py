@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -12,6 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from relay import durable
 from relay.config import MaildirGateway
 from relay.core.addresses import split_address
 from relay.core.model import DeliveryRequest, Recipient, RecipientOutcome
@@ -65,23 +65,15 @@ def maildir_copy(content: bytes, mail_from: str, recipient: str) -> bytes:
     return (prefix + content).replace(b"\r\n", b"\n")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _ensure_maildir(folder: Path) -> None:
     if all((folder / sub).is_dir() for sub in ("tmp", "new", "cur")):
         return
     created = not folder.exists()
     for sub in ("tmp", "new", "cur"):
         (folder / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-    _fsync_dir(folder)
+    durable.fsync_dir(folder)
     if created:
-        _fsync_dir(folder.parent)
+        durable.fsync_dir(folder.parent)
 
 
 def write_maildir(folder: Path, data: bytes, hostname: str) -> Path:
@@ -90,22 +82,8 @@ def write_maildir(folder: Path, data: bytes, hostname: str) -> Path:
     name = _unique_name(hostname)
     tmp = folder / "tmp" / name
     final = folder / "new" / name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(final.parent)
+    durable.commit(tmp, data, (final,), fsync_before_rename=True, fsync_after_rename=False)
+    durable.fsync_dir(final.parent)
     return final
 
 

@@ -1,0 +1,68 @@
+"""relay.durable: the write-fsync-rename sequence, in the order each caller asks for (the fsynced
+file is named through /proc, so the test sees which name it had when it was synced)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from relay import durable
+from relay.gateways.maildir import write_maildir
+
+
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    names: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return names
+
+
+@pytest.mark.parametrize(("before", "after"), [(False, True), (True, True), (True, False), (False, False)])
+def test_commit_fsyncs_where_asked(tmp_path: Path, synced: list[str], before: bool, after: bool) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    tmp, middle, final = tmp_path / "t", tmp_path / "a" / "x", tmp_path / "b" / "x"
+    durable.commit(
+        tmp, b"data", (middle, final), fsync_before_rename=before, fsync_after_rename=after, mtime=5.0
+    )
+    assert synced == [str(tmp)] * before + [str(final)] * after
+    assert final.read_bytes() == b"data" and final.stat().st_mtime == 5.0
+    assert not tmp.exists() and not middle.exists()
+
+
+def test_commit_removes_the_temporary_file_when_the_rename_fails(tmp_path: Path) -> None:
+    tmp = tmp_path / "t"
+    with pytest.raises(FileNotFoundError):
+        durable.commit(
+            tmp, b"x", (tmp_path / "missing" / "x",), fsync_before_rename=True, fsync_after_rename=True
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_commit_never_overwrites_an_existing_temporary_name(tmp_path: Path) -> None:
+    tmp = tmp_path / "t"
+    tmp.write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError):
+        durable.commit(tmp, b"x", (tmp_path / "x",), fsync_before_rename=False, fsync_after_rename=False)
+    assert not (tmp_path / "x").exists()
+    assert tmp.read_bytes() == b"someone else's"
+
+
+def test_a_maildir_copy_is_synced_before_its_rename_then_its_directory(
+    tmp_path: Path, synced: list[str]
+) -> None:
+    folder = tmp_path / "box"
+    write_maildir(folder, b"x", "host")  # creates the folder (its own directory fsyncs)
+    synced.clear()
+    stored = write_maildir(folder, b"Subject: hi\n\nbody\n", "host")
+    assert synced == [str(folder / "tmp" / stored.name), str(folder / "new")]
+    assert stored.read_bytes() == b"Subject: hi\n\nbody\n"
+    assert os.listdir(folder / "tmp") == []
