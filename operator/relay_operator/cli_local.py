@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
@@ -26,7 +26,7 @@ from relay_operator.cli import manifest_options, plan_manifests
 from relay_operator.local.graph import GraphRelay, GraphvizError, render_image, to_dot, to_text
 from relay_operator.local.layout import StateDir, StateDirBusyError, locked
 from relay_operator.local.plan import LocalOptions, LocalRelay, Plan, PortBook, Refused, build_plan
-from relay_operator.local.up import Console, Supervisor, UpOptions, busy_listeners
+from relay_operator.local.up import Console, LocalController, UpOptions, busy_listeners
 
 
 def _users_hint(relay: LocalRelay) -> str | None:
@@ -176,6 +176,11 @@ def up_command(
             click.echo(line)
         click.echo(f"ok: {len(first.relays)} MailRelay(s) would run")
         return
+    sys.exit(_run(planner, first, state, bind, drain_timeout))
+
+
+def _run(planner: Callable[[], Plan | Refused], first: Plan, state: StateDir, bind: str, drain: float) -> int:
+    """Hold the state directory, refuse taken ports, then run the plan until stopped."""
     console = Console(sys.stdout)
     try:
         with locked(state):
@@ -187,18 +192,15 @@ def up_command(
                     "error: a port is taken (another `mailrelay up`?); stop it, or pass --port-offset",
                     err=True,
                 )
-                sys.exit(2)
+                return 2
             for line in startup_lines(first, state, bind):
                 console.line(f"[up] {line}")
             console.line("[up] Ctrl-C stops every relay (queued mail stays for the next run)")
-            supervisor = Supervisor(
-                planner, first, UpOptions(state=state, drain_timeout=drain_timeout), console
-            )
-            code = asyncio.run(supervisor.run())
+            controller = LocalController(planner, first, UpOptions(state=state, drain_timeout=drain), console)
+            return asyncio.run(controller.run())
     except StateDirBusyError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    sys.exit(code)
+        return 2
 
 
 # --------------------------------------------------------------------------- graph

@@ -8,33 +8,78 @@ files; `mailrelay up` calls it with its own `RenderContext` per relay (folders o
 instead of mounted Secrets) and a resolver that answers with local ports. Pure: no I/O, no clock,
 no Kubernetes client; problems are values (`Problem`), never exceptions.
 
-Routing semantics mirror the relay's (relay.config.RelayConfig.ordered_routes): routes are tried
-by priority, highest first, ties broken by name; the first route whose recipient patterns (and
-sender patterns, when given) match takes the message. A loop is found by following, for every
-domain pattern that any route names, the route each relay would pick, through `relay` hops and
-failover `relay` hops, until a relay repeats (RFC 5321 6.3 leaves loop detection to the MTAs;
-the relay's hop limit is the last line of defence, this is the first).
+Routing semantics are the relay's own, not a copy: every route is first rendered into the
+`relay.config.RouteConfig` the relay will load, put in the relay's order
+(`RelayConfig.ordered_routes`: priority, highest first, ties broken by name), and the loop check
+asks `relay.core.routing.select_route` which route a relay takes (`chosen_route`). A loop is
+found by following, for every domain pattern that any route names, the route each relay would
+pick, through `relay` hops and failover `relay` hops of the rendered routes, until a relay
+repeats (RFC 5321 6.3 leaves loop detection to the MTAs; the relay's hop limit is the last line
+of defence, this is the first). Only the selection (routeSelector, a Kubernetes notion) and the
+conflict warning (two routes of one priority whose matches overlap) are the operator's own.
+
+The config is built from relay.config's typed models (never camelCase dicts), so a field name
+is checked by mypy, and what relay.config refuses becomes a `ConfigRejected` problem naming the
+field as it is on disk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import PurePosixPath
-from typing import Any, Literal
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, ParamSpec, TypeVar
 
-from relay.config import ConfigError, RelayConfig, dump_config, parse_config
+from pydantic import ValidationError
+from pydantic.alias_generators import to_camel
+
+from relay.config import (
+    AuthConfig,
+    ConfigError,
+    DnsConfig,
+    GatewayHop,
+    LimitsConfig,
+    ListenerConfig,
+    MaildirGateway,
+    MatchConfig,
+    MetricsConfig,
+    MxHop,
+    PipeGateway,
+    QueueConfig,
+    RejectHop,
+    RelayConfig,
+    RelayHop,
+    RetryPolicyConfig,
+    RouteConfig,
+    SmarthostHop,
+    TlsConfig,
+    WebhookGateway,
+    describe_validation_error,
+    dump_config,
+    parse_duration,
+    parse_quantity,
+)
 from relay.core.addresses import domain_matches
+from relay.core.routing import route_hops, select_route
 from relay_operator import naming
 from relay_operator.spec import (
+    CaSecretRef,
+    GatewaySpec,
     HopSpec,
     Invalid,
+    KeyedSecretRef,
+    LimitsSpec,
+    ListenerSpec,
     MailRelay,
+    MailRelaySpec,
     MatchSpec,
     ObjectKey,
+    QueueSpec,
     RelayRoute,
+    SmarthostSpec,
     parse_mailrelay,
     parse_relayroute,
 )
@@ -147,6 +192,9 @@ def context_resolver(context_for: ContextFactory, host: str = "127.0.0.1") -> Re
 # --------------------------------------------------------------------------- plans
 
 
+RouteTable = tuple[RouteConfig, ...]  # one relay's rendered routes, in the order it tries them
+
+
 @dataclass(frozen=True)
 class SecretUse:
     """A Secret a relay needs mounted: where, for what, and which keys must be in it."""
@@ -168,6 +216,9 @@ class RelayPlan:
     config: RelayConfig | None  # None when relay.config refused the rendering (see problems)
     secrets: tuple[SecretUse, ...]
     problems: tuple[Problem, ...]
+    # The rendered routes in the order the relay tries them, also when the whole config was
+    # refused (the loop check follows them).
+    route_table: RouteTable = ()
 
     @property
     def valid(self) -> bool:
@@ -230,7 +281,7 @@ class NamespacePlan:
         return [p for p in self.problems if p.severity == "error"]
 
 
-# --------------------------------------------------------------------------- matching
+# --------------------------------------------------------------------------- conflicts
 
 
 def patterns_overlap(a: str, b: str) -> bool:
@@ -258,6 +309,54 @@ def matches_overlap(a: MatchSpec, b: MatchSpec) -> bool:
     )
 
 
+def conflict_problems(relay_name: str, routes: Sequence[RelayRoute]) -> list[Problem]:
+    """Routes of one relay (in the order it tries them) with the same priority and overlapping
+    matches: the relay breaks the tie by its order, which is rarely what the author meant."""
+    problems: list[Problem] = []
+    for index, first in enumerate(routes):
+        for second in routes[index + 1 :]:
+            if first.spec.priority != second.spec.priority or not matches_overlap(
+                first.spec.match, second.spec.match
+            ):
+                continue
+            for this, other in ((first, second), (second, first)):
+                problems.append(
+                    Problem(
+                        _ref("RelayRoute", this.key),
+                        "Conflict",
+                        f"on MailRelay {relay_name}, priority {this.spec.priority} and overlapping "
+                        f"match with RelayRoute {other.key.name} (tie broken by name: "
+                        f"{first.key.name} wins)",
+                        "warning",
+                    )
+                )
+    return problems
+
+
+# --------------------------------------------------------------------------- loops
+
+
+def relay_order(routes: Iterable[RouteConfig]) -> RouteTable:
+    """Routes in the order the relay tries them: the relay's own `RelayConfig.ordered_routes`,
+    applied to routes that need not form a valid config yet (model_construct validates nothing,
+    so the placeholder hostname and listeners are never looked at)."""
+    holder = RelayConfig.model_construct(hostname="", listeners=[], routes=list(routes))
+    return tuple(holder.ordered_routes())
+
+
+def probe_address(domain: str) -> str:
+    return f"postmaster@{domain}"
+
+
+def chosen_route(
+    table: Sequence[RouteConfig], recipient_domain: str, sender_domain: str | None
+) -> RouteConfig | None:
+    """The route a relay running `table` takes for mail to `recipient_domain` from
+    `sender_domain` (None: the null sender ``<>``): the relay's own `select_route`."""
+    mail_from = "" if sender_domain is None else probe_address(sender_domain)
+    return select_route(table, mail_from, probe_address(recipient_domain))
+
+
 def _witness(pattern: str) -> str:
     """A domain that a pattern matches and no more specific name in a route is likely to."""
     if pattern == "*":
@@ -267,88 +366,165 @@ def _witness(pattern: str) -> str:
     return pattern
 
 
-def _route_matches(route: RelayRoute, recipient: str, sender: str | None) -> bool:
-    match = route.spec.match
-    if match.recipient_domains and not any(domain_matches(recipient, p) for p in match.recipient_domains):
-        return False
-    if match.sender_domains:
-        # As relay.core.routing.route_matches: "*" matches every sender, the null sender included.
-        return "*" in match.sender_domains or (
-            sender is not None and any(domain_matches(sender, p) for p in match.sender_domains)
+@dataclass(frozen=True, order=True)
+class Loop:
+    """A routing loop: `relays` starts and ends with the same relay; `pattern` is the recipient
+    domain pattern it was found for; `taken` names each step's route (``relay: route``)."""
+
+    relays: tuple[str, ...]
+    pattern: str
+    taken: tuple[str, ...]
+
+    def message(self) -> str:
+        return (
+            f"routing loop for recipient domain {self.pattern}: {' -> '.join(self.relays)} "
+            f"(routes {', '.join(self.taken)})"
         )
-    return True
 
 
-def order_routes(routes: Iterable[RelayRoute]) -> list[RelayRoute]:
-    """The relay's order: priority descending, then name."""
-    return sorted(routes, key=lambda r: (-r.spec.priority, r.key.name))
-
-
-def select_routes(relay: MailRelay, routes: Iterable[RelayRoute]) -> list[RelayRoute]:
-    """The routes a relay's routeSelector picks in its namespace (none when it has no selector)."""
-    selector = relay.spec.route_selector
-    if selector is None:
-        return []
-    return order_routes(
-        r for r in routes if r.key.namespace == relay.key.namespace and selector.matches(r.labels)
-    )
-
-
-# --------------------------------------------------------------------------- loops
-
-
-def find_loops(
-    selected: Mapping[str, Sequence[RelayRoute]],
-) -> list[tuple[tuple[str, ...], str, tuple[str, ...]]]:
-    """Routing loops among relays of one namespace: (relays in the cycle, starting and ending
-    with the same relay; the domain pattern; the routes taken), one per distinct cycle."""
+def find_loops(tables: Mapping[str, Sequence[RouteConfig]]) -> list[Loop]:
+    """Routing loops among the relays of one namespace, one per distinct cycle. For every
+    recipient pattern and sender pattern a route names (and ``*`` and the null sender), follow
+    from each relay the route it would choose (`chosen_route`), through its `relay` next hop and
+    failover hops, until a relay repeats."""
     patterns = {"*"}
     senders: set[str | None] = {None}
-    for routes in selected.values():
-        for route in routes:
-            patterns.update(route.spec.match.recipient_domains)
-            senders.update(route.spec.match.sender_domains)
-    found: dict[tuple[str, ...], tuple[tuple[str, ...], str, tuple[str, ...]]] = {}
+    for table in tables.values():
+        for route in table:
+            patterns.update(route.match.recipient_domains)
+            senders.update(route.match.sender_domains)
+    found: dict[tuple[str, ...], Loop] = {}
 
     def walk(
         relay: str, recipient: str, sender: str | None, pattern: str, path: list[tuple[str, str]]
     ) -> None:
-        route = next((r for r in selected.get(relay, ()) if _route_matches(r, recipient, sender)), None)
+        route = chosen_route(tables.get(relay, ()), recipient, sender)
         if route is None:
             return
-        for hop in route.spec.hops():
-            if hop.relay is None:
+        step = [*path, (relay, route.name)]
+        names = [name for name, _ in step]
+        for hop in route_hops(route):
+            if not isinstance(hop, RelayHop):
                 continue
-            target = hop.relay.name
-            step = [*path, (relay, route.key.name)]
-            names = [name for name, _ in step]
-            if target in names:
-                cycle = step[names.index(target) :]
+            if hop.name in names:
+                cycle = step[names.index(hop.name) :]
                 relays = tuple(name for name, _ in cycle)
                 start = relays.index(min(relays))
                 canonical = relays[start:] + relays[:start]
                 if canonical not in found:
-                    found[canonical] = (
-                        (*relays, target),
-                        pattern,
-                        tuple(f"{name}: {route_name}" for name, route_name in cycle),
-                    )
-            elif target in selected:
-                walk(target, recipient, sender, pattern, step)
+                    taken = tuple(f"{name}: {route_name}" for name, route_name in cycle)
+                    found[canonical] = Loop((*relays, hop.name), pattern, taken)
+            elif hop.name in tables:
+                walk(hop.name, recipient, sender, pattern, step)
 
     for pattern in sorted(patterns):
         for sender_pattern in sorted(senders, key=lambda s: s or ""):
             sender = _witness(sender_pattern) if sender_pattern else None
-            for relay in sorted(selected):
+            for relay in sorted(tables):
                 walk(relay, _witness(pattern), sender, pattern, [])
     return sorted(found.values())
 
 
+def loop_problems(namespace: str, tables: Mapping[str, Sequence[RouteConfig]]) -> list[Problem]:
+    """An error on each relay of a loop, a warning on each route it takes."""
+    problems: list[Problem] = []
+    for loop in find_loops(tables):
+        text = loop.message()
+        for relay_name in sorted(set(loop.relays)):
+            problems.append(Problem(ObjectRef("MailRelay", namespace, relay_name), "RoutingLoop", text))
+        for entry in loop.taken:
+            route_name = entry.split(": ", 1)[1]
+            problems.append(
+                Problem(ObjectRef("RelayRoute", namespace, route_name), "RoutingLoop", text, "warning")
+            )
+    return problems
+
+
 # --------------------------------------------------------------------------- rendering
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+Hop = RelayHop | SmarthostHop | MxHop | GatewayHop | RejectHop
 
 
 def _ref(kind: str, key: ObjectKey) -> ObjectRef:
     return ObjectRef(kind, key.namespace, key.name)
+
+
+def _typed(path: str, build: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """`build(...)` (a relay.config model, or a function that makes one); what it refuses
+    becomes a ConfigError naming the field as it is on disk: ``limits.maxMessageSize: ...``."""
+    try:
+        return build(*args, **kwargs)
+    except ValidationError as exc:
+        lines = []
+        for line in describe_validation_error(exc).splitlines():
+            location, _, message = line.partition(": ")
+            parts = [path] if path else []
+            if location != "(top level)":
+                parts += [to_camel(part) for part in location.split(".")]
+            location = ".".join(parts)
+            lines.append(f"{location}: {message}" if location else message)
+        raise ConfigError("\n".join(lines)) from exc
+
+
+def _relay_hop(
+    target_name: str, route: RelayRoute, relays: Mapping[str, MailRelay], resolver: RelayResolver
+) -> RelayHop | Problem:
+    target = relays.get(target_name)
+    subject = _ref("RelayRoute", route.key)
+    if target is None:
+        return Problem(
+            subject,
+            "UnknownRelay",
+            f"next hop relay {target_name!r}: no valid MailRelay of that name in namespace "
+            f"{route.key.namespace}",
+        )
+    address = resolver(target)
+    if address is None:
+        return Problem(
+            subject,
+            "NoRelayListener",
+            f"next hop relay {target_name!r} has no listener in mode relay to deliver to",
+        )
+    return RelayHop(name=target_name, host=address.host, port=address.port)
+
+
+def _secret_file(context: RenderContext, ref: CaSecretRef | KeyedSecretRef | None) -> Path | None:
+    return None if ref is None else Path(context.secret_dir(ref.name) / ref.key)
+
+
+def _smarthost_hop(smarthost: SmarthostSpec, context: RenderContext) -> SmarthostHop:
+    credentials = smarthost.auth_secret_ref
+    return SmarthostHop(
+        host=smarthost.host,
+        port=smarthost.port,
+        tls=smarthost.tls,
+        insecure_skip_verify=smarthost.insecure_skip_verify,
+        credentials_dir=None if credentials is None else Path(context.secret_dir(credentials.name)),
+        ca_file=_secret_file(context, smarthost.ca_secret_ref),
+    )
+
+
+def _gateway_hop(gateway: GatewaySpec, context: RenderContext) -> GatewayHop:
+    if gateway.webhook is not None:
+        webhook = gateway.webhook
+        return GatewayHop(
+            webhook=WebhookGateway(
+                url=webhook.url,
+                format=webhook.format,
+                insecure_skip_verify=webhook.insecure_skip_verify,
+                timeout=parse_duration(webhook.timeout),
+                auth_header_file=_secret_file(context, webhook.auth_secret_ref),
+                ca_file=_secret_file(context, webhook.ca_secret_ref),
+            )
+        )
+    if gateway.maildir is not None:
+        path = Path(context.maildir_root / gateway.maildir.path)
+        return GatewayHop(maildir=MaildirGateway(path=path, layout=gateway.maildir.layout))
+    assert gateway.pipe is not None
+    pipe = gateway.pipe
+    return GatewayHop(pipe=PipeGateway(command=pipe.command, timeout=parse_duration(pipe.timeout)))
 
 
 def _hop_config(
@@ -357,69 +533,18 @@ def _hop_config(
     relays: Mapping[str, MailRelay],
     resolver: RelayResolver,
     context: RenderContext,
-) -> tuple[dict[str, Any] | None, Problem | None]:
+) -> Hop | Problem:
+    """One next hop as relay.config types it, or why it cannot be resolved."""
     if hop.relay is not None:
-        target = relays.get(hop.relay.name)
-        subject = _ref("RelayRoute", route.key)
-        if target is None:
-            return None, Problem(
-                subject,
-                "UnknownRelay",
-                f"next hop relay {hop.relay.name!r}: no valid MailRelay of that name in namespace "
-                f"{route.key.namespace}",
-            )
-        address = resolver(target)
-        if address is None:
-            return None, Problem(
-                subject,
-                "NoRelayListener",
-                f"next hop relay {hop.relay.name!r} has no listener in mode relay to deliver to",
-            )
-        return {"kind": "relay", "name": hop.relay.name, "host": address.host, "port": address.port}, None
+        return _relay_hop(hop.relay.name, route, relays, resolver)
     if hop.smarthost is not None:
-        smarthost = hop.smarthost
-        data: dict[str, Any] = {
-            "kind": "smarthost",
-            "host": smarthost.host,
-            "port": smarthost.port,
-            "tls": smarthost.tls,
-            "insecureSkipVerify": smarthost.insecure_skip_verify,
-        }
-        if smarthost.auth_secret_ref is not None:
-            data["credentialsDir"] = str(context.secret_dir(smarthost.auth_secret_ref.name))
-        if smarthost.ca_secret_ref is not None:
-            data["caFile"] = str(
-                context.secret_dir(smarthost.ca_secret_ref.name) / smarthost.ca_secret_ref.key
-            )
-        return data, None
+        return _smarthost_hop(hop.smarthost, context)
     if hop.mx is not None:
-        return {"kind": "mx", "port": hop.mx.port, "tls": hop.mx.tls}, None
+        return MxHop(port=hop.mx.port, tls=hop.mx.tls)
     if hop.gateway is not None:
-        gateway = hop.gateway
-        if gateway.webhook is not None:
-            webhook: dict[str, Any] = {
-                "url": gateway.webhook.url,
-                "format": gateway.webhook.format,
-                "insecureSkipVerify": gateway.webhook.insecure_skip_verify,
-                "timeout": gateway.webhook.timeout,
-            }
-            if gateway.webhook.auth_secret_ref is not None:
-                ref = gateway.webhook.auth_secret_ref
-                webhook["authHeaderFile"] = str(context.secret_dir(ref.name) / ref.key)
-            if gateway.webhook.ca_secret_ref is not None:
-                ca = gateway.webhook.ca_secret_ref
-                webhook["caFile"] = str(context.secret_dir(ca.name) / ca.key)
-            return {"kind": "gateway", "webhook": webhook}, None
-        if gateway.maildir is not None:
-            path = context.maildir_root / gateway.maildir.path
-            return {"kind": "gateway", "maildir": {"path": str(path), "layout": gateway.maildir.layout}}, None
-        assert gateway.pipe is not None
-        return {
-            "kind": "gateway",
-            "pipe": {"command": gateway.pipe.command, "timeout": gateway.pipe.timeout},
-        }, None
+        return _gateway_hop(hop.gateway, context)
     assert hop.reject is not None
-    return {"kind": "reject", "code": hop.reject.code, "message": hop.reject.reply_text()}, None
+    return RejectHop(code=hop.reject.code, message=hop.reject.reply_text())
 
 
 def _route_config(
@@ -427,34 +552,39 @@ def _route_config(
     relays: Mapping[str, MailRelay],
     resolver: RelayResolver,
     context: RenderContext,
-) -> tuple[dict[str, Any], list[Problem]]:
-    """A route as relay.config wants it. Hops that cannot be resolved are left out; when none
+) -> tuple[RouteConfig, list[Problem]]:
+    """A route as relay.config types it. Hops that cannot be resolved are left out; when none
     is left, matching mail is refused with a temporary error so that senders retry (mail is
-    neither lost nor sent somewhere else while the route is broken)."""
-    hops: list[dict[str, Any]] = []
+    neither lost nor sent somewhere else while the route is broken). Raises ConfigError for
+    what relay.config refuses."""
+    path = f"routes[{route.key.name}]"
+    hops: list[Hop] = []
     problems: list[Problem] = []
-    for hop in route.spec.hops():
-        data, problem = _hop_config(hop, route, relays, resolver, context)
-        if problem is not None:
-            problems.append(problem)
-        if data is not None:
-            hops.append(data)
+    for index, hop in enumerate(route.spec.hops()):
+        where = f"{path}.nextHop" if index == 0 else f"{path}.failover.{index - 1}"
+        rendered = _typed(where, _hop_config, hop, route, relays, resolver, context)
+        if isinstance(rendered, Problem):
+            problems.append(rendered)
+        else:
+            hops.append(rendered)
     if not hops:
-        hops = [
-            {
-                "kind": "reject",
-                "code": 451,
-                "message": f"4.4.0 route {route.key.name}: next hop is not available",
-            }
-        ]
+        hops = [RejectHop(code=451, message=f"4.4.0 route {route.key.name}: next hop is not available")]
     match = route.spec.match
-    return {
-        "name": route.key.name,
-        "priority": route.spec.priority,
-        "match": {"recipientDomains": match.recipient_domains, "senderDomains": match.sender_domains},
-        "nextHop": hops[0],
-        "failover": hops[1:],
-    }, problems
+    config = _typed(
+        path,
+        RouteConfig,
+        name=route.key.name,
+        priority=route.spec.priority,
+        match=_typed(
+            f"{path}.match",
+            MatchConfig,
+            recipient_domains=match.recipient_domains,
+            sender_domains=match.sender_domains,
+        ),
+        next_hop=hops[0],
+        failover=hops[1:],
+    )
+    return config, problems
 
 
 def _secret_uses(relay: MailRelay, routes: Sequence[RelayRoute], context: RenderContext) -> list[SecretUse]:
@@ -467,29 +597,16 @@ def _secret_uses(relay: MailRelay, routes: Sequence[RelayRoute], context: Render
     if spec.auth is not None:
         uses.append(SecretUse(spec.auth.secret_name, "auth", context.auth_dir, (spec.auth.key,), "spec.auth"))
     for route in routes:
+        used_by = f"RelayRoute {route.key.name}"
         for hop in route.spec.hops():
             if hop.smarthost is not None and hop.smarthost.auth_secret_ref is not None:
                 name = hop.smarthost.auth_secret_ref.name
                 uses.append(
-                    SecretUse(
-                        name,
-                        "smarthost",
-                        context.secret_dir(name),
-                        ("username", "password"),
-                        f"RelayRoute {route.key.name}",
-                    )
+                    SecretUse(name, "smarthost", context.secret_dir(name), ("username", "password"), used_by)
                 )
             if hop.gateway is not None and hop.gateway.webhook and hop.gateway.webhook.auth_secret_ref:
                 ref = hop.gateway.webhook.auth_secret_ref
-                uses.append(
-                    SecretUse(
-                        ref.name,
-                        "webhook",
-                        context.secret_dir(ref.name),
-                        (ref.key,),
-                        f"RelayRoute {route.key.name}",
-                    )
-                )
+                uses.append(SecretUse(ref.name, "webhook", context.secret_dir(ref.name), (ref.key,), used_by))
             ca = (
                 hop.smarthost.ca_secret_ref
                 if hop.smarthost is not None
@@ -498,102 +615,254 @@ def _secret_uses(relay: MailRelay, routes: Sequence[RelayRoute], context: Render
                 else None
             )
             if ca is not None:
-                uses.append(
-                    SecretUse(
-                        ca.name, "ca", context.secret_dir(ca.name), (ca.key,), f"RelayRoute {route.key.name}"
-                    )
-                )
+                uses.append(SecretUse(ca.name, "ca", context.secret_dir(ca.name), (ca.key,), used_by))
     return uses
 
 
+def _listener_config(listener: ListenerSpec, context: RenderContext) -> ListenerConfig:
+    return ListenerConfig(
+        name=listener.name,
+        host=context.listener_host,
+        port=context.listener_port(listener.port),
+        mode=listener.mode,
+        tls=listener.tls,
+        auth=listener.auth,
+    )
+
+
+def _limits_config(limits: LimitsSpec) -> LimitsConfig:
+    return LimitsConfig(
+        max_message_size=parse_quantity(limits.max_message_size),
+        max_recipients=limits.max_recipients,
+        max_hops=limits.max_hops,
+        max_connections=limits.max_connections,
+        max_connections_per_client=limits.max_connections_per_client,
+        idle_timeout=parse_duration(limits.idle_timeout),
+    )
+
+
+def _queue_config(queue: QueueSpec, context: RenderContext) -> QueueConfig:
+    retry = queue.retry
+    return QueueConfig(
+        directory=Path(context.queue_dir),
+        retry=_typed(
+            "queue.retry",
+            RetryPolicyConfig,
+            min_backoff=parse_duration(retry.min_backoff),
+            max_backoff=parse_duration(retry.max_backoff),
+            max_lifetime=parse_duration(retry.max_lifetime),
+        ),
+        max_concurrency=queue.max_concurrency,
+        max_per_destination=queue.max_per_destination,
+    )
+
+
+def _config(spec: MailRelaySpec, routes: Sequence[RouteConfig], context: RenderContext) -> RelayConfig:
+    """The whole RelayConfig from typed parts; raises ConfigError (or ValueError) naming what
+    relay.config refuses."""
+    tls = auth = None
+    if spec.tls is not None:
+        tls = TlsConfig(
+            cert_file=Path(context.tls_dir / "tls.crt"), key_file=Path(context.tls_dir / "tls.key")
+        )
+    if spec.auth is not None:
+        auth = _typed(
+            "auth",
+            AuthConfig,
+            users_file=Path(context.auth_dir / spec.auth.key),
+            max_failures=spec.auth.max_failures,
+        )
+    return _typed(
+        "",
+        RelayConfig,
+        hostname=spec.hostname,
+        listeners=[
+            _typed(f"listeners.{index}", _listener_config, listener, context)
+            for index, listener in enumerate(spec.listeners)
+        ],
+        tls=tls,
+        auth=auth,
+        trusted_networks=[ipaddress.ip_network(network, strict=False) for network in spec.trusted_networks],
+        accept_domains=spec.accept_domains,
+        limits=_typed("limits", _limits_config, spec.limits),
+        queue=_typed("queue", _queue_config, spec.queue, context),
+        dns=_typed("dns", DnsConfig, nameservers=spec.dns.nameservers),
+        routes=list(routes),
+        metrics=_typed("metrics", MetricsConfig, host=context.metrics_host, port=context.metrics_port),
+        workers=spec.workers,
+        log_level=spec.log_level,
+    )
+
+
 def render_relay_config(
+    relay: MailRelay, routes: Sequence[RouteConfig], context: RenderContext, refused: Sequence[str] = ()
+) -> tuple[RelayConfig | None, list[Problem]]:
+    """The relay.config document for one relay and its rendered routes (in relay order), or
+    the problem that keeps it from running. `refused` are the routes' own refusals."""
+    subject = _ref("MailRelay", relay.key)
+    clashing = [
+        listener.name
+        for listener in relay.spec.listeners
+        if context.listener_port(listener.port) == context.metrics_port
+    ]
+    if clashing:
+        message = f"listener {clashing[0]!r} uses port {context.metrics_port}, the relay's metrics port"
+        return None, [Problem(subject, "PortConflict", message)]
+    details = list(refused)
+    config = None
+    try:
+        config = _config(relay.spec, routes, context)
+    except (ConfigError, ValueError) as exc:
+        details.append(str(exc))
+    if not details:
+        return config, []
+    detail = "; ".join(line for text in details for line in text.splitlines())
+    return None, [Problem(subject, "ConfigRejected", f"the relay would refuse this configuration: {detail}")]
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    """One relay's rendering: its routes in the order it tries them, and its config."""
+
+    routes: tuple[RelayRoute, ...]
+    table: RouteTable
+    config: RelayConfig | None
+    problems: list[Problem]
+
+
+def render_relay(
     relay: MailRelay,
     routes: Sequence[RelayRoute],
     relays: Mapping[str, MailRelay],
     resolver: RelayResolver,
     context: RenderContext,
-) -> tuple[RelayConfig | None, list[Problem]]:
-    """The relay.config document for one relay and its selected routes (in relay order)."""
-    spec = relay.spec
+) -> _Rendered:
+    """Routes first (each typed by relay.config, then put in the relay's order), then the whole
+    config. A route relay.config refuses is left out of the table and refuses the config."""
+    built: dict[str, RouteConfig] = {}
+    refused: list[str] = []
     problems: list[Problem] = []
-    route_docs = []
     for route in routes:
-        doc, route_problems = _route_config(route, relays, resolver, context)
-        route_docs.append(doc)
+        try:
+            built[route.key.name], route_problems = _route_config(route, relays, resolver, context)
+        except ConfigError as exc:
+            refused.append(str(exc))
+            continue
         problems += route_problems
-    document: dict[str, Any] = {
-        "version": 1,
-        "hostname": spec.hostname,
-        "listeners": [
-            {
-                "name": listener.name,
-                "host": context.listener_host,
-                "port": context.listener_port(listener.port),
-                "mode": listener.mode,
-                "tls": listener.tls,
-                "auth": listener.auth,
-            }
-            for listener in spec.listeners
-        ],
-        "trustedNetworks": spec.trusted_networks,
-        "acceptDomains": spec.accept_domains,
-        "limits": {
-            "maxMessageSize": spec.limits.max_message_size,
-            "maxRecipients": spec.limits.max_recipients,
-            "maxHops": spec.limits.max_hops,
-            "maxConnections": spec.limits.max_connections,
-            "maxConnectionsPerClient": spec.limits.max_connections_per_client,
-            "idleTimeout": spec.limits.idle_timeout,
-        },
-        "queue": {
-            "directory": str(context.queue_dir),
-            "retry": {
-                "minBackoff": spec.queue.retry.min_backoff,
-                "maxBackoff": spec.queue.retry.max_backoff,
-                "maxLifetime": spec.queue.retry.max_lifetime,
-            },
-            "maxConcurrency": spec.queue.max_concurrency,
-            "maxPerDestination": spec.queue.max_per_destination,
-        },
-        "dns": {"nameservers": spec.dns.nameservers},
-        "routes": route_docs,
-        "metrics": {"host": context.metrics_host, "port": context.metrics_port},
-        "workers": spec.workers,
-        "logLevel": spec.log_level,
-    }
-    if spec.tls is not None:
-        document["tls"] = {
-            "certFile": str(context.tls_dir / "tls.crt"),
-            "keyFile": str(context.tls_dir / "tls.key"),
-        }
-    if spec.auth is not None:
-        document["auth"] = {
-            "usersFile": str(context.auth_dir / spec.auth.key),
-            "maxFailures": spec.auth.max_failures,
-        }
-    subject = _ref("MailRelay", relay.key)
-    clashing = [
-        listener.name
-        for listener in spec.listeners
-        if context.listener_port(listener.port) == context.metrics_port
-    ]
-    if clashing:
-        problems.append(
-            Problem(
-                subject,
-                "PortConflict",
-                f"listener {clashing[0]!r} uses port {context.metrics_port}, the relay's metrics port",
+    table = relay_order(built.values())
+    by_name = {route.key.name: route for route in routes}
+    ordered = tuple(by_name[config.name] for config in table)
+    ordered += tuple(route for route in routes if route.key.name not in built)
+    config, config_problems = render_relay_config(relay, table, context, refused)
+    return _Rendered(ordered, table, config, problems + config_problems)
+
+
+# --------------------------------------------------------------------------- the passes
+
+
+def select_routes(relay: MailRelay, routes: Iterable[RelayRoute]) -> list[RelayRoute]:
+    """The routes a relay's routeSelector picks in its namespace (none when it has no selector),
+    by name; the order the relay tries them comes from the rendered routes (`relay_order`)."""
+    selector = relay.spec.route_selector
+    if selector is None:
+        return []
+    return sorted(
+        (r for r in routes if r.key.namespace == relay.key.namespace and selector.matches(r.labels)),
+        key=lambda r: r.key.name,
+    )
+
+
+_Parsed = TypeVar("_Parsed", MailRelay, RelayRoute)
+
+
+def _parse_all(
+    kind: str,
+    bodies: Sequence[Mapping[str, Any]],
+    parse: Callable[[Mapping[str, Any], str], _Parsed | Invalid],
+    namespace: str,
+) -> tuple[dict[str, _Parsed], dict[str, Invalid], list[Problem]]:
+    """Pass 1: bodies → typed documents by name, invalid ones, and an InvalidSpec per error."""
+    valid: dict[str, _Parsed] = {}
+    invalid: dict[str, Invalid] = {}
+    problems: list[Problem] = []
+    for body in bodies:
+        parsed = parse(body, namespace)
+        if isinstance(parsed, Invalid):
+            invalid[parsed.key.name] = parsed
+            problems += [Problem(_ref(kind, parsed.key), "InvalidSpec", e) for e in parsed.errors]
+        else:
+            valid[parsed.key.name] = parsed
+    return valid, invalid, problems
+
+
+def _render_all(
+    relays: Mapping[str, MailRelay],
+    routes: Mapping[str, RelayRoute],
+    resolver: RelayResolver,
+    context_of: ContextFactory,
+) -> dict[str, RelayPlan]:
+    """Pass 2: per relay, select its routes and render them and its config (problems not yet
+    attached: `_attach_problems` does that once every pass has run)."""
+    plans: dict[str, RelayPlan] = {}
+    for name, relay in sorted(relays.items()):
+        context = context_of(relay.key)
+        chosen = select_routes(relay, routes.values())
+        rendered = render_relay(relay, chosen, relays, resolver, context)
+        plans[name] = RelayPlan(
+            relay=relay,
+            context=context,
+            routes=rendered.routes,
+            config=rendered.config,
+            secrets=tuple(_secret_uses(relay, rendered.routes, context)),
+            problems=tuple(rendered.problems),
+            route_table=rendered.table,
+        )
+    return plans
+
+
+def _topology_problems(
+    namespace: str, routes: Mapping[str, RelayRoute], plans: Mapping[str, RelayPlan]
+) -> list[Problem]:
+    """Pass 3, across relays: conflicting routes, routing loops over the rendered route tables,
+    routes no relay selects."""
+    problems: list[Problem] = []
+    for name, plan in plans.items():
+        problems += conflict_problems(name, plan.routes)
+    problems += loop_problems(namespace, {name: plan.route_table for name, plan in plans.items()})
+    for unused in sorted(routes.values(), key=lambda r: r.key.name):
+        if not any(unused in plan.routes for plan in plans.values()):
+            problems.append(
+                Problem(
+                    _ref("RelayRoute", unused.key),
+                    "NotSelected",
+                    "no MailRelay's routeSelector selects this route",
+                    "warning",
+                )
             )
+    return problems
+
+
+def _route_plans(
+    routes: Mapping[str, RelayRoute],
+    invalid_routes: Mapping[str, Invalid],
+    relay_plans: Mapping[str, RelayPlan],
+    problems: Sequence[Problem],
+) -> dict[str, RoutePlan]:
+    """Pass 4b: what became of each RelayRoute."""
+    plans: dict[str, RoutePlan] = {}
+    documents: list[tuple[ObjectKey, RelayRoute | Invalid]] = [(r.key, r) for r in routes.values()]
+    documents += [(i.key, i) for i in invalid_routes.values()]
+    for key, document in sorted(documents, key=lambda item: item[0]):
+        ref = _ref("RelayRoute", key)
+        route = document if isinstance(document, RelayRoute) else None
+        plans[key.name] = RoutePlan(
+            key=key,
+            route=route,
+            relays=tuple(name for name, plan in relay_plans.items() if route in plan.routes) if route else (),
+            problems=tuple(p for p in problems if p.subject == ref),
+            generation=document.generation,
         )
-        return None, problems
-    try:
-        return parse_config(document), problems
-    except ConfigError as exc:
-        detail = "; ".join(str(exc).splitlines())
-        problems.append(
-            Problem(subject, "ConfigRejected", f"the relay would refuse this configuration: {detail}")
-        )
-        return None, problems
+    return plans
 
 
 def plan_namespace(
@@ -609,121 +878,31 @@ def plan_namespace(
     `resolver` defaults to `cluster_resolver()`; `context_for` to the pod layout. Bodies whose
     metadata.namespace is empty are taken to be in `namespace`.
     """
-    resolve = resolver or cluster_resolver()
-    context_of: ContextFactory = context_for or (lambda _key: POD_CONTEXT)
-    problems: list[Problem] = []
-
-    relays: dict[str, MailRelay] = {}
-    invalid_relays: dict[str, Invalid] = {}
-    for body in relay_bodies:
-        parsed = parse_mailrelay(body, namespace)
-        if isinstance(parsed, Invalid):
-            invalid_relays[parsed.key.name] = parsed
-            problems += [Problem(_ref("MailRelay", parsed.key), "InvalidSpec", e) for e in parsed.errors]
-        else:
-            relays[parsed.key.name] = parsed
-
-    routes: dict[str, RelayRoute] = {}
-    invalid_routes: dict[str, Invalid] = {}
-    for body in route_bodies:
-        parsed_route = parse_relayroute(body, namespace)
-        if isinstance(parsed_route, Invalid):
-            invalid_routes[parsed_route.key.name] = parsed_route
-            problems += [
-                Problem(_ref("RelayRoute", parsed_route.key), "InvalidSpec", e) for e in parsed_route.errors
-            ]
-        else:
-            routes[parsed_route.key.name] = parsed_route
-
-    selected = {name: select_routes(relay, routes.values()) for name, relay in sorted(relays.items())}
-
-    # Conflicts: same priority, overlapping match, on one relay (the relay breaks the tie by
-    # name, which is rarely what the author meant).
-    for relay_name, relay_routes in selected.items():
-        for index, first in enumerate(relay_routes):
-            for second in relay_routes[index + 1 :]:
-                if first.spec.priority == second.spec.priority and matches_overlap(
-                    first.spec.match, second.spec.match
-                ):
-                    for this, other in ((first, second), (second, first)):
-                        problems.append(
-                            Problem(
-                                _ref("RelayRoute", this.key),
-                                "Conflict",
-                                f"on MailRelay {relay_name}, priority {this.spec.priority} and overlapping "
-                                f"match with RelayRoute {other.key.name} (tie broken by name: "
-                                f"{min(first.key.name, second.key.name)} wins)",
-                                "warning",
-                            )
-                        )
-
-    for cycle, pattern, taken in find_loops(selected):
-        text = (
-            f"routing loop for recipient domain {pattern}: {' -> '.join(cycle)} (routes {', '.join(taken)})"
-        )
-        for relay_name in sorted(set(cycle)):
-            problems.append(Problem(ObjectRef("MailRelay", namespace, relay_name), "RoutingLoop", text))
-        for entry in taken:
-            route_name = entry.split(": ", 1)[1]
-            problems.append(
-                Problem(ObjectRef("RelayRoute", namespace, route_name), "RoutingLoop", text, "warning")
-            )
-
-    for unused in sorted(routes.values(), key=lambda r: r.key.name):
-        if not any(unused in chosen for chosen in selected.values()):
-            problems.append(
-                Problem(
-                    _ref("RelayRoute", unused.key),
-                    "NotSelected",
-                    "no MailRelay's routeSelector selects this route",
-                    "warning",
-                )
-            )
-
-    relay_plans: dict[str, RelayPlan] = {}
-    for name, relay in sorted(relays.items()):
-        context = context_of(relay.key)
-        config, render_problems = render_relay_config(relay, selected[name], relays, resolve, context)
-        problems += render_problems
-        relay_plans[name] = RelayPlan(
-            relay=relay,
-            context=context,
-            routes=tuple(selected[name]),
-            config=config,
-            secrets=tuple(_secret_uses(relay, selected[name], context)),
-            problems=(),
-        )
-
-    unique: list[Problem] = []
-    for problem in problems:
-        if problem not in unique:
-            unique.append(problem)
-    problems = unique
-
+    relays, invalid_relays, relay_problems = _parse_all("MailRelay", relay_bodies, parse_mailrelay, namespace)
+    routes, invalid_routes, route_problems = _parse_all(
+        "RelayRoute", route_bodies, parse_relayroute, namespace
+    )
+    relay_plans = _render_all(
+        relays, routes, resolver or cluster_resolver(), context_for or (lambda _key: POD_CONTEXT)
+    )
+    problems = [
+        *relay_problems,
+        *route_problems,
+        *_topology_problems(namespace, routes, relay_plans),
+        *(p for plan in relay_plans.values() for p in plan.problems),
+    ]
+    problems = list(dict.fromkeys(problems))  # each problem once, first place kept
     relay_plans = {
         name: replace(
             plan, problems=tuple(p for p in problems if p.subject == _ref("MailRelay", plan.relay.key))
         )
         for name, plan in relay_plans.items()
     }
-    route_plans: dict[str, RoutePlan] = {}
-    for key, route_or_invalid in sorted(
-        [(r.key, r) for r in routes.values()] + [(i.key, i) for i in invalid_routes.values()]
-    ):
-        ref = _ref("RelayRoute", key)
-        route = route_or_invalid if isinstance(route_or_invalid, RelayRoute) else None
-        route_plans[key.name] = RoutePlan(
-            key=key,
-            route=route,
-            relays=tuple(name for name, chosen in selected.items() if route in chosen) if route else (),
-            problems=tuple(p for p in problems if p.subject == ref),
-            generation=route_or_invalid.generation,
-        )
     return NamespacePlan(
         namespace=namespace,
         relays=relay_plans,
         invalid_relays=invalid_relays,
-        routes=route_plans,
+        routes=_route_plans(routes, invalid_routes, relay_plans, problems),
         problems=tuple(problems),
     )
 

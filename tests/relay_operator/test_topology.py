@@ -6,8 +6,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from relay.config import GatewayHop, RejectHop, RelayHop, SmarthostHop
+from relay.config import GatewayHop, RejectHop, RelayConfig, RelayHop, RouteConfig, SmarthostHop, parse_config
+from relay.core.routing import route_hops, select_route
 from relay_operator import topology
 from relay_operator.spec import ObjectKey
 from relay_operator.topology import NamespacePlan, RenderContext
@@ -170,6 +174,21 @@ def test_loop_only_for_one_sender_is_found() -> None:
     assert "RoutingLoop" in reasons(result, "MailRelay", "a")
 
 
+def test_a_hop_that_cannot_be_rendered_takes_no_part_in_a_loop() -> None:
+    # edge's hop to msa (no relay listener) is rendered as a 451 deferral: mail never reaches
+    # msa that way, so msa's route back is no loop (the route's own problem says what is wrong).
+    submission_only = relay(
+        "msa",
+        listeners=[{"name": "sub", "port": 587, "mode": "submission", "auth": "required"}],
+        auth={"secretName": "users"},
+    )
+    result = plan(
+        [relay("edge"), submission_only], [route("in", "edge", to("msa")), route("back", "msa", to("edge"))]
+    )
+    assert reasons(result, "RelayRoute", "in") == ["NoRelayListener"]
+    assert [p for p in result.problems if p.reason == "RoutingLoop"] == []
+
+
 def test_unknown_relay_defers_mail_and_keeps_failover() -> None:
     result = plan(
         [relay("a")],
@@ -322,6 +341,13 @@ def test_relay_config_refusals_become_problems() -> None:
     result = plan([relay("a", dns={"nameservers": ["not-an-ip"]})], [])
     (problem,) = result.problems
     assert problem.reason == "ConfigRejected" and "nameserver" in problem.message
+    assert "dns.nameservers.0: invalid nameserver 'not-an-ip'" in problem.message
+    # The spec allows 1k; relay.config wants at least 1024 bytes: the field as it is on disk.
+    small = plan([relay("a", limits={"maxMessageSize": "1k"})], []).relays["a"]
+    assert [p.message for p in small.problems] == [
+        "the relay would refuse this configuration: limits.maxMessageSize: "
+        "Input should be greater than or equal to 1024"
+    ]
     assert result.relays["a"].config is None and not result.relays["a"].valid
     clash = plan([relay("b", listeners=[{"name": "smtp", "port": 9090}])], [])
     assert reasons(clash, "MailRelay", "b") == ["PortConflict"]
@@ -379,3 +405,122 @@ def test_secret_problems() -> None:
         topology.secret_problems(relay_plan, lambda _n: None, missing_severity="warning")[0].severity
         == "warning"
     )
+
+
+def test_rendered_config_is_what_the_relay_reads_back() -> None:
+    """Typed models in, YAML out, the relay's parser back: the same config, routes in the
+    relay's order, and the route table the loop check follows is that order."""
+    docs = [b for _, b in crd_tools.samples()]
+    result = plan(
+        [d for d in docs if d["kind"] == "MailRelay"], [d for d in docs if d["kind"] == "RelayRoute"]
+    )
+    for relay_plan in result.relays.values():
+        loaded = parse_config(yaml.safe_load(relay_plan.config_yaml))
+        assert loaded == relay_plan.config
+        assert relay_plan.route_table == tuple(loaded.ordered_routes()) == tuple(loaded.routes)
+        assert [r.key.name for r in relay_plan.routes] == [r.name for r in relay_plan.route_table]
+
+
+def test_relay_order_is_the_relays_own() -> None:
+    routes = [
+        RouteConfig(name=name, priority=priority, next_hop={"kind": "mx"})
+        for name, priority in [("b", 1), ("a", 1), ("c", 5), ("d", 0)]
+    ]
+    config = RelayConfig(hostname="h", listeners=[{"name": "smtp", "port": 25}], routes=routes)
+    assert topology.relay_order(routes) == tuple(config.ordered_routes())
+    assert [r.name for r in topology.relay_order(routes)] == ["c", "a", "b", "d"]
+
+
+# --------------------------------------------------------------------------- the two planes agree
+
+_RELAYS = ("a", "b", "c")
+_RECIPIENT_PATTERNS = ("x.example", "*.x.example", "a.x.example", "*")
+_SENDER_PATTERNS = ("s.example", "*.s.example", "*")
+_PROBE_DOMAINS = ("x.example", "a.x.example", "b.a.x.example", "other.example")
+_PROBE_SENDERS = (None, "s.example", "t.s.example", "other.example")
+
+_hops = st.one_of(
+    st.sampled_from([*_RELAYS, "ghost"]).map(to),
+    st.just({"mx": {}}),
+    st.just({"reject": {"code": 550}}),
+)
+_failover = st.lists(st.one_of(st.sampled_from(_RELAYS).map(to), st.just({"mx": {}})), max_size=2)
+_match = st.fixed_dictionaries(
+    {},
+    optional={
+        "recipientDomains": st.lists(
+            st.sampled_from(_RECIPIENT_PATTERNS), min_size=1, max_size=2, unique=True
+        ),
+        "senderDomains": st.lists(st.sampled_from(_SENDER_PATTERNS), min_size=1, max_size=2, unique=True),
+    },
+)
+_route_sets = st.lists(
+    st.tuples(st.sampled_from(_RELAYS), st.integers(0, 2), _match, _hops, _failover), max_size=7
+).map(
+    lambda items: [
+        route(f"r{index}", owner, hop, priority=priority, match=match, failover=failover)
+        for index, (owner, priority, match, hop, failover) in enumerate(items)
+    ]
+)
+
+
+def _address(domain: str | None) -> str:
+    return "" if domain is None else f"postmaster@{domain}"
+
+
+def _relays_as_they_load_their_configs(result: NamespacePlan) -> dict[str, list[RouteConfig]]:
+    """What each relay process would do: its ConfigMap's YAML through the relay's own parser."""
+    return {
+        name: parse_config(yaml.safe_load(relay_plan.config_yaml)).ordered_routes()
+        for name, relay_plan in result.relays.items()
+    }
+
+
+def _relays_on_cycles(tables: dict[str, list[RouteConfig]], probes: list[tuple[str, str | None]]) -> set[str]:
+    """An independent walk over the relays' own choices: every relay on a cycle some probe takes."""
+    on_cycles: set[str] = set()
+
+    def walk(relay_name: str, rcpt: str, mail_from: str, path: list[str]) -> None:
+        if relay_name in path:
+            on_cycles.update(path[path.index(relay_name) :])
+            return
+        chosen = select_route(tables.get(relay_name, []), mail_from, rcpt)
+        for hop in route_hops(chosen) if chosen else ():
+            if isinstance(hop, RelayHop) and hop.name in tables:
+                walk(hop.name, rcpt, mail_from, [*path, relay_name])
+
+    for domain, sender in probes:
+        for start in tables:
+            walk(start, _address(domain), _address(sender), [])
+    return on_cycles
+
+
+def _witness(pattern: str) -> str:
+    return {"*": "any-domain.mailrelay.invalid"}.get(pattern, pattern.replace("*.", "any-subdomain.", 1))
+
+
+@settings(max_examples=150, deadline=None)
+@given(_route_sets)
+def test_the_loop_check_chooses_what_the_relay_chooses(routes: list[dict[str, Any]]) -> None:
+    """The operator's loop check and the relay processes cannot disagree: for every probe, the
+    route the loop check follows is the route the relay picks from its loaded ConfigMap, and
+    the relays reported in a loop are exactly those an independent walk over the relays' own
+    choices finds on a cycle."""
+    result = plan([relay(name) for name in _RELAYS], routes)
+    assert all(p.valid or p.problems for p in result.relays.values())
+    loaded = _relays_as_they_load_their_configs(result)
+    for name, relay_plan in result.relays.items():
+        for domain in _PROBE_DOMAINS:
+            for sender in _PROBE_SENDERS:
+                ours = topology.chosen_route(relay_plan.route_table, domain, sender)
+                theirs = select_route(loaded[name], _address(sender), _address(domain))
+                assert ours == theirs, (name, domain, sender)
+    probes = [
+        (_witness(pattern), None if sender is None else _witness(sender))
+        for pattern in {"*", *_RECIPIENT_PATTERNS}
+        for sender in {None, *_SENDER_PATTERNS}
+    ]
+    flagged = {
+        p.subject.name for p in result.problems if p.reason == "RoutingLoop" and p.subject.kind == "MailRelay"
+    }
+    assert flagged == _relays_on_cycles(loaded, probes)

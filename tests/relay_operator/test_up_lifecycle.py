@@ -31,10 +31,14 @@ OFFSET = 1000
 
 
 def _topology(
-    front_port: int, back_port: int, back_replicas: int, inbox: str = "inbox"
+    front_port: int,
+    back_port: int,
+    back_replicas: int,
+    inbox: str = "inbox",
+    front_workers: int | None = None,
 ) -> list[dict[str, Any]]:
-    def relay(name: str, port: int, replicas: int) -> dict[str, Any]:
-        return {
+    def relay(name: str, port: int, replicas: int, workers: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "apiVersion": "mailrelay.dev/v1alpha1",
             "kind": "MailRelay",
             "metadata": {"name": name, "namespace": "life"},
@@ -47,6 +51,9 @@ def _topology(
                 "routeSelector": {"matchLabels": {"relay": name}},
             },
         }
+        if workers is not None:
+            body["spec"]["workers"] = workers
+        return body
 
     def route(name: str, owner: str, next_hop: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -57,7 +64,7 @@ def _topology(
         }
 
     return [
-        relay("front", front_port, 1),
+        relay("front", front_port, 1, front_workers),
         relay("back", back_port, back_replicas),
         route("front-to-back", "front", {"relay": {"name": "back"}}),
         route("back-store", "back", {"gateway": {"maildir": {"path": inbox, "layout": "single"}}}),
@@ -154,6 +161,49 @@ def test_crash_restart_scale_up_and_route_reload(tmp_path: Path) -> None:
         )
         assert "routing loop" in up.output()
         assert {p["name"]: p["pid"] for p in up.processes()} == {k: v[0] for k, v in after.items()}
+        assert up.stop(signal.SIGINT) == 0
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc, whichever thread started them)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def test_a_crashed_relay_takes_its_workers_along(tmp_path: Path) -> None:
+    """kill -9 of a relay with workers: 2 leaves its workers orphaned (they hold the listener
+    and the output pipe); `up` kills them, as a pod's processes go with its main process, and
+    starts the relay again."""
+    front_port, back_port = free_ports(2)
+    docs = _topology(front_port, back_port, back_replicas=0, front_workers=2)
+    manifest = write_documents(tmp_path / "life.yaml", docs)
+    with running(Up(tmp_path, [manifest], "--port-offset", str(OFFSET), "--drain-timeout", "10")) as up:
+        up.wait_ready()
+        (master,) = up.pids("front")
+        children = wait_for(
+            lambda: _children(master) if len(_children(master)) >= 2 else None,
+            30,
+            "its workers",
+            lambda: f"{master}: {_children(master)}\n{up.output()}",
+        )
+        os.kill(master, signal.SIGKILL)
+
+        def restarted() -> dict[str, Any] | None:
+            (process,) = up.processes("front")
+            return process if process["pid"] not in (None, master) and process["ready"] else None
+
+        wait_for(restarted, 30, "front-0 to be restarted", up.output)
+        assert "[up] front-0 exited (signal SIGKILL); restarting" in up.output()
+        assert [pid for pid in children if alive(pid)] == []
+        send(front_port, "a@life.test", "someone@example.org", "accepted by the new workers")
+        wait_for(lambda: _deferred(up, "front-0"), 20, "the message to be queued", up.output)
         assert up.stop(signal.SIGINT) == 0
 
 

@@ -3,7 +3,7 @@ per relay and laid out as text.
 
 `parse_metrics` reads one process's Prometheus text (relay/metrics.py names the series);
 `build_rows` sums the processes of each relay; `render_table` lays rows out in columns. All pure:
-the supervisor (`relay_operator.local.up`) does the HTTP polling and the printing.
+the controller (`relay_operator.local.up`) does the HTTP polling and the printing.
 """
 
 from __future__ import annotations

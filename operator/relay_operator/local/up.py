@@ -1,9 +1,11 @@
-"""The supervisor of `mailrelay up`: relay processes on this machine instead of pods.
+"""The controller of `mailrelay up` (`LocalController`): relay processes on this machine instead
+of pods.
 
 Given a `Plan` (relay_operator.local.plan: per relay, per replica a rendered config file and a
 metrics port), it starts one process per replica (``python -m relay relay --config FILE``, each
-in its own process group and set to receive SIGTERM if the supervisor dies, via
-PR_SET_PDEATHSIG), prefixes their output (``[edge-0] ...``), restarts a crashed process with
+in its own process group and set to receive SIGTERM if `up` dies, via PR_SET_PDEATHSIG; when
+it exits, what is left in its group, its workers, is killed, as a pod's processes go with it),
+prefixes their output (``[edge-0] ...``), restarts a crashed process with
 exponential backoff, polls each process's /readyz and /metrics for the live table, re-plans when
 a manifest file changes (route changes: configs rewritten atomically, and each relay, which
 watches its file, reloads them without a restart; listener changes: that relay's processes
@@ -59,7 +61,7 @@ def relay_command(config_file: Path) -> list[str]:
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A preexec hook: ask the kernel for SIGTERM when the supervisor dies (even by SIGKILL),
+    """A preexec hook: ask the kernel for SIGTERM when `up` dies (even by SIGKILL),
     and exit at once if it already died between fork and prctl."""
 
     def hook() -> None:
@@ -70,6 +72,37 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
             os._exit(1)
 
     return hook
+
+
+async def _exited(pid: int) -> None:
+    """Return once process `pid` has exited (a pidfd turns readable), whoever reaps it."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def _wait_for_pod(process: asyncio.subprocess.Process) -> int:
+    """The relay process's exit status. When it exits, whatever it left in its process group
+    (relay workers: they hold its output pipe, and `Process.wait` waits for that pipe) is killed,
+    as a pod's other processes go with its main process."""
+    await _exited(process.pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    return await process.wait()
 
 
 def describe_exit(code: int) -> str:
@@ -163,7 +196,6 @@ class Replica:
         self.sample: MetricsSample | None = None
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._started_once = asyncio.Event()
 
     @property
     def pid(self) -> int | None:
@@ -172,9 +204,6 @@ class Replica:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"replica {self.plan.name}")
-
-    async def wait_started(self) -> None:
-        await self._started_once.wait()
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -209,9 +238,8 @@ class Replica:
                 code = None
             else:
                 self.process = process
-                self._started_once.set()
                 pump = asyncio.create_task(self._pump(process))
-                code = await process.wait()
+                code = await _wait_for_pod(process)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(pump, timeout=2.0)
                 pump.cancel()
@@ -227,7 +255,6 @@ class Replica:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
-        self._started_once.set()
 
     def _signal_group(self, signum: int) -> None:
         process = self.process
@@ -296,7 +323,7 @@ class UpOptions:
 Planner = Callable[[], "Plan | Refused"]
 
 
-class Supervisor:
+class LocalController:
     """Runs a plan until SIGINT/SIGTERM; re-plans when a watched manifest changes."""
 
     def __init__(self, planner: Planner, first: Plan, options: UpOptions, console: Console) -> None:
