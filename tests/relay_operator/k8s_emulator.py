@@ -3,7 +3,7 @@
 No kube-apiserver can be installed here (NOTES.md), so the operator's end-to-end tests run the
 real kopf operator and the real `kubernetes` client against this server on 127.0.0.1. It is test
 code, but it must be honest: where it accepts a request, the answer has the shape and the
-semantics a real API server (1.30-ish) gives, and where it does not emulate something it refuses
+semantics a real API server of the emulated version gives, and where it does not emulate something it refuses
 loudly instead of pretending.
 
 Why not a subclass of kmock 0.8's emulator: the trial in NOTES.md replaced its whole state machine
@@ -12,36 +12,71 @@ response object that is mutated per request; an aiohttp app of the same size own
 
 What it emulates (each is checked in test_emulator.py):
 - discovery (/api, /apis, group and resource lists with verbs, kinds, subresources, short names,
-  categories) for the built-in kinds the operator touches and for every CRD created in it;
+  categories) for the built-in kinds the operator touches and for every CRD created in it, and
+  /version for the Kubernetes version given (`version`, default 1.30);
 - objects with uid, creationTimestamp, a cluster-wide monotonic resourceVersion that changes on
   every write and only then (a no-op update changes nothing and sends no watch event), and
   generation bumped only when something outside metadata and status changes;
-- create (201; 409 AlreadyExists; generateName; the namespace must exist), get, list (with kind,
-  resourceVersion, label and field selectors), PUT (optimistic concurrency on resourceVersion),
-  JSON merge patch (RFC 7386), JSON patch (RFC 6902, `test` included), delete with finalizers and
-  deletionTimestamp, deletecollection;
+- create (201; 409 AlreadyExists; generateName; the namespace must exist and not be
+  terminating), get, list (with kind, resourceVersion, label and field selectors, and pages:
+  `limit`, `continue`, `remainingItemCount`; a continue token older than the last compaction is
+  410 Expired), PUT (optimistic concurrency on resourceVersion), JSON merge patch (RFC 7386),
+  JSON patch (RFC 6902, `test` included), delete (uid/resourceVersion preconditions, 409 when
+  they do not hold; finalizers and deletionTimestamp; 202 while something holds it),
+  deletecollection;
 - the /status subresource (writes there change only status; writes to the main resource keep the
   stored status) and the /scale subresource (autoscaling/v1 Scale over spec.replicas) for
   resources that declare them (StatefulSets; CRDs through `subresources.scale`);
 - watch with ADDED/MODIFIED/DELETED, resumed from a resourceVersion (410 Gone when compacted),
   label/field selectors applied per event (an object leaving the selector is DELETED for that
-  watcher), `timeoutSeconds`;
+  watcher), `timeoutSeconds`; `expire_watches()` ends open watches with an ERROR 410 event;
 - garbage collection by ownerReferences (owner uid must match): when an owner goes, dependents
-  whose owners are all gone are deleted (background propagation), `Orphan` keeps them; a dependent
-  created with an owner reference that resolves to nothing is collected too;
+  whose owners are all gone are deleted (background propagation); `Orphan` sets the orphan
+  finalizer, cuts the dependents' references, then lets the owner go; `Foreground` sets
+  foregroundDeletion, deletes the dependents and lets the owner go once none is left; a
+  dependent created with an owner reference that resolves to nothing is collected too;
+- namespace deletion as the namespace controller does it: Terminating with spec.finalizers
+  ["kubernetes"], every object in it deleted (their finalizers honoured), the namespace gone
+  once it is empty; CRD deletion as apiextensions does it: the cleanup finalizer, every custom
+  resource deleted (finalizers honoured), no new ones (405), the CRD gone once none is left;
 - custom resources are defaulted, pruned and validated against the CRD's openAPIV3Schema
   (422 Invalid), like a structural schema on a real server;
-- namespace deletion removes the namespace's objects;
-- a StatefulSet update that changes an immutable spec field is refused (422), as on a server;
-- resource quantities of StatefulSet containers and claim templates are stored in canonical form
-  ("0.5" -> "500m"), as the server's typed decoding does;
+- what a server refuses for every object: names (DNS subdomains; DNS labels for Services and
+  Namespaces), label keys and values, annotation keys and size; and for built-in kinds the
+  OpenAPI schema of the emulated version through kubernetes-validate (required fields and
+  types; 422 with the path);
+- per kind: StatefulSet spec fields other than replicas, template, updateStrategy, ... are
+  immutable (422), quantities of containers and claim templates are stored in canonical form
+  ("0.5" -> "500m"), and below 1.27 persistentVolumeClaimRetentionPolicy is dropped (the
+  StatefulSetAutoDeletePVC gate is off there); Services get defaults, a cluster IP and node
+  ports, kept when an update leaves them out and immutable once set; PersistentVolumeClaims
+  get the default StorageClass (DefaultStorageClass admission), and their spec is immutable but
+  for a bigger storage request, which needs a StorageClass with allowVolumeExpansion
+  (PersistentVolumeClaimResize admission, 403) and never a smaller one (422);
 - bearer-token authentication (401) and RBAC authorization per verb and resource (403) for the
-  tokens given rules, so the operator can run with exactly the chart's ClusterRole.
+  tokens given rules, so the operator can run with exactly the chart's ClusterRole, and the
+  OwnerReferencesPermissionEnforcement admission plugin for those tokens (changing an object's
+  ownerReferences needs `delete` on it; setting blockOwnerDeletion needs `update` on the
+  owner's `finalizers` subresource);
+- controllers (k8s_controllers, on unless `controllers=False`): a StatefulSet controller that
+  makes pods and claims from the template, rolls revisions and writes status as the real one
+  does (zero counts omitted), a kubelet that makes new pods Ready (not in
+  `unready_namespaces`), a provisioner and resizer for claims; `unmanaged_namespaces` opts a
+  namespace out, for tests that write StatefulSet status themselves.
 
-Known gaps (answered with an error, never silently): server-side apply and strategic merge patch
-(415); CEL `x-kubernetes-validations` are not evaluated; built-in kinds are not schema-validated;
-no controllers run (a StatefulSet never gets pods or status unless a test writes it); Foreground
-deletion acts like Background; no pagination (`limit` is ignored); no admission webhooks.
+What it does not model. Refused with an error: server-side apply and strategic merge patch (415).
+Silently different from a server (a test must not rely on them): CEL `x-kubernetes-validations`
+are not evaluated (the CRD tests evaluate them with cel-python); built-in kinds get no validation
+beyond their OpenAPI schema (e.g. a Service without ports, container port ranges, pod spec
+immutability) and their unknown fields are kept, neither pruned nor refused, whatever
+`fieldValidation` asks; a paged list is not a snapshot (later pages show objects as they are
+now). Absent: watch bookmarks, `sendInitialEvents`,
+`allowWatchBookmarks`; admission webhooks and admission plugins other than the three named
+above (no quota, no LimitRanger, no PodSecurity); RBAC bindings (a token's rules apply in every
+namespace, like a ClusterRoleBinding), aggregation and `resourceNames` beyond exact names;
+Foreground deletion waits for every dependent, not only those with blockOwnerDeletion;
+controllers other than those above (no Deployment, ReplicaSet, endpoints, events TTL, leases,
+scheduling, nodes, ControllerRevision objects, pod grace periods).
 """
 
 from __future__ import annotations

@@ -294,3 +294,14 @@ def test_build_objects_refuses_a_plan_without_config() -> None:
     ]
     with pytest.raises(ValueError, match="no rendered config"):
         builders.build_objects(plan)
+
+
+def test_for_a_1_25_server_the_statefulset_omits_the_claim_retention_policy() -> None:
+    options = builders.for_server(builders.BuildOptions(), (1, 25))
+    statefulset = builders.build_statefulset(full_relay_plan(), options, [OWNER])
+    assert "persistentVolumeClaimRetentionPolicy" not in statefulset["spec"]
+    kubernetes_validate.validate(statefulset, "1.25", strict=True)
+    default = builders.build_statefulset(full_relay_plan(), builders.BuildOptions(), [OWNER])
+    assert {
+        k: v for k, v in default["spec"].items() if k != "persistentVolumeClaimRetentionPolicy"
+    } == statefulset["spec"]
