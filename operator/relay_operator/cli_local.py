@@ -100,7 +100,8 @@ def startup_lines(plan: Plan, state: StateDir, bind: str) -> list[str]:
         config = relay.config
         assert config is not None
         processes = len(relay.replicas)
-        lines.append(f"{relay.relay_id}: {processes} process(es)" + ("" if processes else ", not started"))
+        started = f", workers {config.workers} each" if processes else ", not started"
+        lines.append(f"{relay.relay_id}: {processes} process(es){started}")
         for listener in config.listeners:
             address = f"{bind}:{listener.port}"
             lines.append(f"  {listener.name:<12} {address:<22} {_describe_listener(listener)}")

@@ -18,6 +18,9 @@ repeats (RFC 5321 6.3 leaves loop detection to the MTAs; the relay's hop limit i
 of defence, this is the first). Only the selection (routeSelector, a Kubernetes notion) and the
 conflict warning (two routes of one priority whose matches overlap) are the operator's own.
 
+`workers` is rendered by `render_workers`: an explicit number, else the CPU limit rounded up,
+else ``auto`` (the relay counts its CPUs at start).
+
 The config is built from relay.config's typed models (never camelCase dicts), so a field name
 is checked by mypy, and what relay.config refuses becomes a `ConfigRejected` problem naming the
 field as it is on disk.
@@ -63,6 +66,7 @@ from relay.config import (
     parse_quantity,
 )
 from relay.core.addresses import domain_matches
+from relay.core.cpus import workers_for_cpu
 from relay.core.routing import route_hops, select_route
 from relay_operator import naming
 from relay_operator.spec import (
@@ -79,6 +83,7 @@ from relay_operator.spec import (
     ObjectKey,
     QueueSpec,
     RelayRoute,
+    ResourcesSpec,
     SmarthostSpec,
     parse_mailrelay,
     parse_relayroute,
@@ -657,7 +662,35 @@ def _queue_config(queue: QueueSpec, context: RenderContext) -> QueueConfig:
     )
 
 
-def _config(spec: MailRelaySpec, routes: Sequence[RouteConfig], context: RenderContext) -> RelayConfig:
+Workers = int | Literal["auto"]
+
+
+def render_workers(workers: Workers, resources: ResourcesSpec | None) -> Workers:
+    """What a relay's config says for `workers`: an explicit number wins; else, with a CPU limit
+    (``resources.limits.cpu``), that many CPUs rounded up, 1 to 64 ("500m" → 1, "1500m" → 2,
+    relay.core.cpus.workers_for_cpu, the rule the relay applies to its cgroup quota); else
+    ``auto``, which the relay resolves at start from the CPUs it may use. Raises ValueError for
+    a CPU limit that rule cannot read."""
+    if workers != "auto":
+        return workers
+    cpu = resources.limits.get("cpu") if resources is not None else None
+    return "auto" if cpu is None else workers_for_cpu(cpu)
+
+
+def _workers(relay: MailRelay) -> tuple[Workers, list[Problem]]:
+    """`render_workers`, where a CPU limit it cannot read leaves ``auto`` (the relay then
+    counts the quota the kubelet set from that same limit) with a warning."""
+    spec = relay.spec
+    try:
+        return render_workers(spec.workers, spec.resources), []
+    except ValueError as exc:
+        message = f"spec.resources.limits.cpu: {exc}; workers: auto (the relay counts its CPUs at start)"
+        return "auto", [Problem(_ref("MailRelay", relay.key), "CpuLimit", message, "warning")]
+
+
+def _config(
+    spec: MailRelaySpec, routes: Sequence[RouteConfig], context: RenderContext, workers: Workers
+) -> RelayConfig:
     """The whole RelayConfig from typed parts; raises ConfigError (or ValueError) naming what
     relay.config refuses."""
     tls = auth = None
@@ -689,7 +722,7 @@ def _config(spec: MailRelaySpec, routes: Sequence[RouteConfig], context: RenderC
         dns=_typed("dns", DnsConfig, nameservers=spec.dns.nameservers),
         routes=list(routes),
         metrics=_typed("metrics", MetricsConfig, host=context.metrics_host, port=context.metrics_port),
-        workers=spec.workers,
+        workers=workers,
         log_level=spec.log_level,
     )
 
@@ -708,16 +741,18 @@ def render_relay_config(
     if clashing:
         message = f"listener {clashing[0]!r} uses port {context.metrics_port}, the relay's metrics port"
         return None, [Problem(subject, "PortConflict", message)]
+    workers, problems = _workers(relay)
     details = list(refused)
     config = None
     try:
-        config = _config(relay.spec, routes, context)
+        config = _config(relay.spec, routes, context, workers)
     except (ConfigError, ValueError) as exc:
         details.append(str(exc))
     if not details:
-        return config, []
+        return config, problems
     detail = "; ".join(line for text in details for line in text.splitlines())
-    return None, [Problem(subject, "ConfigRejected", f"the relay would refuse this configuration: {detail}")]
+    message = f"the relay would refuse this configuration: {detail}"
+    return None, [*problems, Problem(subject, "ConfigRejected", message)]
 
 
 @dataclass(frozen=True)

@@ -207,3 +207,26 @@ def test_load_manifests_defaults_the_namespace(tmp_path: Path) -> None:
     assert list(loaded.namespaces) == ["ops"]
     assert loaded.namespaces["ops"].relays[0]["metadata"]["namespace"] == "ops"
     assert loaded.files == (tmp_path / "x.json",)
+
+
+def test_render_shows_the_workers_each_relay_runs(tmp_path: Path) -> None:
+    """The ConfigMap carries the rendered `workers`: the CPU limit rounded up, an explicit
+    number as written, else auto (resolved by the relay at start)."""
+    limited = crd_tools.relay_body(resources={"limits": {"cpu": "1500m", "memory": "1Gi"}})
+    explicit = crd_tools.relay_body(workers=3, resources={"limits": {"cpu": "1500m"}})
+    explicit["metadata"]["name"] = "explicit"
+    default = crd_tools.relay_body()
+    default["metadata"]["name"] = "default"
+    write(tmp_path, "relays.yaml", limited, explicit, default)
+    code, out, err = run("render", "-f", str(tmp_path))
+    assert (code, err) == (0, "")
+    configs = {
+        d["metadata"]["name"]: yaml.safe_load(d["data"]["relay.yaml"])
+        for d in yaml.safe_load_all(out)
+        if d["kind"] == "ConfigMap"
+    }
+    assert {name: config["workers"] for name, config in configs.items()} == {
+        "edge-config": 2,
+        "explicit-config": 3,
+        "default-config": "auto",
+    }

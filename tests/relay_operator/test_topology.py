@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from relay.config import GatewayHop, RejectHop, RelayConfig, RelayHop, RouteConfig, SmarthostHop, parse_config
 from relay.core.routing import route_hops, select_route
 from relay_operator import topology
-from relay_operator.spec import ObjectKey
+from relay_operator.spec import ObjectKey, ResourcesSpec
 from relay_operator.topology import NamespacePlan, RenderContext
 from tests.relay_operator import crd_tools
 
@@ -524,3 +524,48 @@ def test_the_loop_check_chooses_what_the_relay_chooses(routes: list[dict[str, An
         p.subject.name for p in result.problems if p.reason == "RoutingLoop" and p.subject.kind == "MailRelay"
     }
     assert flagged == _relays_on_cycles(loaded, probes)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@pytest.mark.parametrize(
+    ("workers", "limits", "expected"),
+    [
+        (3, {"cpu": "500m"}, 3),  # an explicit number wins
+        (1, {"cpu": "8"}, 1),
+        ("auto", None, "auto"),  # no resources at all
+        ("auto", {"memory": "1Gi"}, "auto"),  # limits, but no CPU limit
+        ("auto", {"cpu": "500m"}, 1),
+        ("auto", {"cpu": "1"}, 1),
+        ("auto", {"cpu": "1500m"}, 2),
+        ("auto", {"cpu": "2"}, 2),
+        ("auto", {"cpu": 2}, 2),
+        ("auto", {"cpu": "2.5"}, 3),
+        ("auto", {"cpu": "100m"}, 1),
+        ("auto", {"cpu": "100"}, 64),  # capped at the relay's maximum
+    ],
+)
+def test_render_workers(
+    workers: topology.Workers, limits: dict[str, Any] | None, expected: topology.Workers
+) -> None:
+    resources = None if limits is None else ResourcesSpec(limits=limits)
+    assert topology.render_workers(workers, resources) == expected
+
+
+def test_workers_in_the_rendered_config() -> None:
+    def rendered(**spec: Any) -> tuple[Any, list[str]]:
+        relay_plan = plan([relay("a", **spec)], []).relays["a"]
+        assert relay_plan.config is not None
+        return relay_plan.config.workers, [f"{p.severity} {p.reason}" for p in relay_plan.problems]
+
+    assert rendered() == ("auto", [])
+    assert rendered(resources={"requests": {"cpu": "4"}}) == ("auto", [])  # a request is no limit
+    assert rendered(resources={"limits": {"cpu": "1500m"}}) == (2, [])
+    assert rendered(workers=3, resources={"limits": {"cpu": "1500m"}}) == (3, [])
+    # A quantity Kubernetes accepts but the rule cannot read: the relay counts its quota itself.
+    assert rendered(resources={"limits": {"cpu": "2e0"}}) == ("auto", ["warning CpuLimit"])
+    # Processes are something a running relay cannot change: a new count rolls the pods.
+    one = plan([relay("a", resources={"limits": {"cpu": "1"}})], []).relays["a"]
+    two = plan([relay("a", resources={"limits": {"cpu": "2"}})], []).relays["a"]
+    assert one.rollout_hash != two.rollout_hash

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from relay_operator.local.layout import (
@@ -21,6 +22,7 @@ from relay_operator.local.layout import (
     write_atomically,
     write_secret,
 )
+from relay_operator.local.plan import LocalOptions, Plan, PortBook, build_plan
 from relay_operator.local.table import (
     ListenerView,
     MetricsSample,
@@ -170,7 +172,7 @@ def test_check_only_shows_shifted_ports_on_the_bind_address(tmp_path: Path) -> N
     assert result.returncode == 0, result.stdout + result.stderr
     assert "  submission   127.0.0.2:22587" in result.stdout
     assert "  smtp         127.0.0.2:22525" in result.stdout
-    assert "quickstart/edge: 2 process(es)" in result.stdout
+    assert "quickstart/edge: 2 process(es), workers auto each" in result.stdout
     assert "ok: 4 MailRelay(s) would run" in result.stdout
     assert not (tmp_path / ".mailrelay").exists()  # nothing written, nothing started
 
@@ -206,3 +208,24 @@ def test_console_redraws_the_table_below_log_lines_on_a_terminal() -> None:
     console.line("[up] hi")
     console.table(["HEAD", "row 2"])
     assert plain.getvalue() == "[status] HEAD\n[status] row\n[up] hi\n[status] HEAD\n[status] row 2\n"
+
+
+def test_each_replica_runs_the_workers_the_operator_would_render(tmp_path: Path) -> None:
+    """Under `up` every replica's config file has the cluster's rule: the CPU limit rounded up
+    (or the explicit number, or auto)."""
+    manifest = tmp_path / "relays.yaml"
+    manifest.write_text(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: MailRelay\nmetadata: {name: capped}\n"
+        "spec:\n  replicas: 2\n  hostname: capped.test\n  listeners: [{name: smtp, port: 2525}]\n"
+        "  resources: {limits: {cpu: 1500m}}\n"
+        "---\napiVersion: mailrelay.dev/v1alpha1\nkind: MailRelay\nmetadata: {name: free}\n"
+        "spec:\n  hostname: free.test\n  listeners: [{name: smtp, port: 2526}]\n"
+    )
+    built = build_plan([manifest], StateDir(tmp_path / "state"), LocalOptions(), PortBook())
+    assert isinstance(built, Plan), built
+    workers = {
+        replica.name: yaml.safe_load(replica.config_yaml)["workers"]
+        for relay in built.relays
+        for replica in relay.replicas
+    }
+    assert workers == {"capped-0": 2, "capped-1": 2, "free-0": "auto"}
