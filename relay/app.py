@@ -272,6 +272,20 @@ def configure_logging_level(config: RelayConfig) -> None:
 # ----------------------------------------------------------------------------- several workers
 
 
+def _die_with_parent() -> None:
+    """A worker must not outlive its supervisor: killed with SIGKILL, the supervisor cannot stop
+    its workers, and orphans would keep serving the port and claiming the spool while a new
+    relay recovers it. Linux delivers SIGKILL to this process when the parent dies (prctl
+    PR_SET_PDEATHSIG); a parent that died before the call is caught by the ppid check."""
+    import ctypes
+
+    parent = multiprocessing.parent_process()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)
+
+
 def worker_main(
     config_path: str,
     index: int,
@@ -280,6 +294,7 @@ def worker_main(
     doorbells: list[tuple[Connection, Connection]],
 ) -> None:
     """Entry point of a spawned worker process."""
+    _die_with_parent()
     doorbell = Doorbell(
         os.dup(doorbells[index][0].fileno()),
         [os.dup(writer.fileno()) for n, (_reader, writer) in enumerate(doorbells) if n != index],
