@@ -67,6 +67,11 @@ def _children_map() -> dict[int, list[int]]:
     return children
 
 
+def children(pid: int) -> list[int]:
+    """The live direct children of `pid`."""
+    return sorted(_children_map().get(pid, []))
+
+
 def tree(roots: Iterable[int]) -> list[int]:
     """The root pids that are alive plus all their live descendants."""
     children = _children_map()
@@ -90,6 +95,16 @@ def cpu_seconds(roots: Iterable[int]) -> float:
             continue
         # fields[0] is state (field 3); utime is field 14 -> index 11
         total += sum(int(fields[i]) for i in (11, 12, 13, 14))
+    return total / CLOCK_TICKS
+
+
+def own_cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU seconds of exactly these processes (utime + stime, no descendants)."""
+    total = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
     return total / CLOCK_TICKS
 
 

@@ -21,9 +21,9 @@ import threading
 from pathlib import Path
 
 from bench import procs
-from bench.run import smtp_source
+from bench.load import smtp_source
 from bench.sinks import CountingSink
-from bench.systems import REPO, Hop, Mailrelay
+from bench.systems import REPO, Hop, MailrelaySettings, one_mailrelay
 
 
 def summarize(files: list[Path], top: int) -> str:
@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--seconds", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=None, help="spec.workers (default: the spec's auto)")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--idle", action="store_true", help="py-spy --idle (include waiting threads)")
     args = parser.parse_args()
@@ -66,7 +66,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     sink = CountingSink()
     sink.start()
-    relay = Mailrelay("profiled", workdir, Hop("127.0.0.1", sink.port), None, workers=args.workers)
+    settings = MailrelaySettings(overrides={} if args.workers is None else {"workers": args.workers})
+    relay = one_mailrelay("profiled", workdir, Hop("127.0.0.1", sink.port), None, settings)
     try:
         relay.start()
         root = relay.pids()[0]

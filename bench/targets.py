@@ -1,0 +1,176 @@
+"""The targets of issue 13, as data, and how a run's summary is judged against them: the one
+place that says what each target measures and when it is met. `bench.run` prints every target
+with its figure and met / not met; `bench.report` puts the same lines into bench/RESULTS.md.
+
+Ratios are mailrelay/Postfix of the medians of the same run's interleaved repeats (both
+durable, Postfix in the variant the run used). A target whose figure the run did not measure
+(a scenario left out) says "not measured", never met. "Flat" per-message cost is read as at
+most 1.2x from the shallowest to the deepest queue.
+
+Pure: rows in (bench.run's summary), verdicts out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Row = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str  # as the issue's table names it
+    figure: Literal["ratio", "cpu", "p99", "queued_bytes", "flat", "ready"]
+    scenario: str
+    case: str  # the summary's case ("" for figures over several cases)
+    op: Literal[">=", "<=", "<"]
+    goal: float
+    stretch: float | None = None
+    unit: str = "x"
+    group: Literal["target", "keep"] = "target"
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("2 KB, 20 sessions, defaults", "ratio", "one-hop", "2KB x20", ">=", 1.5, 2.0),
+    Target("2 KB, 1 session", "ratio", "one-hop", "2KB x1", ">=", 1.2, 1.5),
+    Target("100 KB, 20 sessions", "ratio", "one-hop", "100KB x20", ">=", 1.5, 2.0),
+    Target("100 KB, 1 session", "ratio", "one-hop", "100KB x1", ">=", 1.2),
+    Target(
+        "three relays chained vs three Postfix chained", "ratio", "chain", "2KB x20 3 hops", ">=", 1.5, 2.0
+    ),
+    Target("relay CPU per 2 KB message", "cpu", "one-hop", "2KB x20", "<=", 1.6, 1.0, unit=" ms"),
+    Target("p99 latency at 20 sessions (2 KB)", "p99", "one-hop", "2KB x20", "<=", 1.0, unit="x Postfix's"),
+    Target("memory per queued message", "queued_bytes", "queue", "", "<=", 1024, unit=" B", group="keep"),
+    Target(
+        "flat per-message cost from 10,000 to 100,000 queued", "flat", "queue", "", "<=", 1.2, group="keep"
+    ),
+    Target("100,000-message spool ready", "ready", "recovery", "", "<", 5.0, unit=" s", group="keep"),
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: Target
+    value: float | None  # None: not measured in this run
+    detail: str
+
+    @property
+    def met(self) -> bool:
+        return self.value is not None and _holds(self.target.op, self.value, self.target.goal)
+
+    @property
+    def stretch_met(self) -> bool:
+        stretch = self.target.stretch
+        return self.value is not None and stretch is not None and _holds(self.target.op, self.value, stretch)
+
+    @property
+    def status(self) -> str:
+        if self.value is None:
+            return "not measured"
+        if self.stretch_met:
+            return "met (stretch too)"
+        return "met" if self.met else "NOT met"
+
+    def goal_text(self) -> str:
+        t = self.target
+        text = f"{t.op} {t.goal:g}{t.unit}"
+        return text + (f" (stretch {t.stretch:g}{t.unit})" if t.stretch is not None else "")
+
+    def value_text(self) -> str:
+        if self.value is None:
+            return "-"
+        unit = self.target.unit if self.target.figure != "p99" else "x"
+        digits = 0 if self.target.figure == "queued_bytes" else 2
+        return f"{self.value:.{digits}f}{unit}"
+
+
+def _holds(op: str, value: float, goal: float) -> bool:
+    if op == ">=":
+        return value >= goal
+    if op == "<=":
+        return value <= goal
+    return value < goal
+
+
+def _index(rows: Iterable[Row]) -> dict[tuple[str, str, str], Row]:
+    return {(r["scenario"], r["case"], r["system"]): r for r in rows}
+
+
+def _judge(target: Target, rows: list[Row]) -> Verdict:
+    index = _index(rows)
+    mine = index.get((target.scenario, target.case, "mailrelay"))
+    theirs = index.get((target.scenario, target.case, "postfix"))
+    if target.figure == "ratio":
+        if mine and theirs and mine.get("rate") and theirs.get("rate"):
+            ratio = mine["rate"] / theirs["rate"]
+            return Verdict(target, ratio, f"{mine['rate']:.0f} vs {theirs['rate']:.0f} msg/s")
+        return Verdict(target, None, "")
+    if target.figure == "cpu":
+        if mine and mine.get("cpu_ms_per_msg") is not None:
+            other = (
+                f"; Postfix {theirs['cpu_ms_per_msg']:.2f} ms"
+                if theirs and theirs.get("cpu_ms_per_msg")
+                else ""
+            )
+            return Verdict(target, mine["cpu_ms_per_msg"], f"{target.case}{other}")
+        return Verdict(target, None, "")
+    if target.figure == "p99":
+        if mine and theirs and mine.get("p99_ms") and theirs.get("p99_ms"):
+            return Verdict(
+                target,
+                mine["p99_ms"] / theirs["p99_ms"],
+                f"{mine['p99_ms']:.0f} vs {theirs['p99_ms']:.0f} ms",
+            )
+        return Verdict(target, None, "")
+    mailrelay_rows = [r for r in rows if r["scenario"] == target.scenario and r["system"] == "mailrelay"]
+    if target.figure == "queued_bytes":
+        sized = [
+            (r["depth"], r["bytes_per_queued_msg"]) for r in mailrelay_rows if r.get("bytes_per_queued_msg")
+        ]
+        if not sized:
+            return Verdict(target, None, "")
+        worst = max(sized, key=lambda item: item[1])
+        detail = ", ".join(f"{b:.0f} B at {d:,}" for d, b in sorted(sized))
+        return Verdict(target, worst[1], detail)
+    if target.figure == "flat":
+        costs = sorted((r["depth"], r["cpu_ms_per_msg"]) for r in mailrelay_rows if r.get("cpu_ms_per_msg"))
+        if len(costs) < 2:
+            return Verdict(target, None, "")
+        (low, low_cost), (high, high_cost) = costs[0], costs[-1]
+        return Verdict(
+            target,
+            high_cost / low_cost,
+            f"fill CPU {high_cost:.2f} ms/msg at {high:,} vs {low_cost:.2f} at {low:,} queued",
+        )
+    # ready
+    ready = [r for r in mailrelay_rows if r.get("seconds") is not None]
+    if not ready:
+        return Verdict(target, None, "")
+    row = ready[0]
+    return Verdict(target, row["seconds"], f"{row['case']}")
+
+
+def judge(rows: Iterable[Row]) -> list[Verdict]:
+    """A verdict for every target, in the issue's order."""
+    listed = list(rows)
+    return [_judge(target, listed) for target in TARGETS]
+
+
+def lines(verdicts: Iterable[Verdict]) -> list[str]:
+    """One aligned line per target: label, goal, figure (detail), status."""
+    items = list(verdicts)
+    if not items:
+        return []
+    label_w = max(len(v.target.label) for v in items)
+    goal_w = max(len(v.goal_text()) for v in items)
+    out = []
+    group = ""
+    for v in items:
+        if v.target.group != group:
+            group = v.target.group
+            out.append("targets (issue 13):" if group == "target" else "keep:")
+        figure = v.value_text() + (f" ({v.detail})" if v.detail else "")
+        out.append(f"  {v.target.label:<{label_w}}  {v.goal_text():<{goal_w}}  {figure:<48}  {v.status}")
+    return out
