@@ -18,7 +18,7 @@ import pytest
 import trustme
 import uvloop
 
-from relay import delivery
+from relay import smtp_pool
 from relay.config import QueueConfig, SmarthostHop
 from relay.core.model import (
     DeliveryRequest,
@@ -32,9 +32,6 @@ from relay.core.model import (
 from relay.delivery import (
     SmtpClient,
     SmtpTarget,
-    SmtpTransport,
-    downgrade_8bit,
-    orcpt_param,
     target_for_hop,
 )
 from tests.relay.smtpsink import SmtpSink, _Handler, _SinkSMTP
@@ -115,7 +112,7 @@ async def test_the_client_pipelines_exactly_when_advertised(
     sink = await start(sinks)
     target = SmtpTarget("127.0.0.1", sink.port)
     await client.deliver(target, request(["a@d.test"]))
-    (connection,) = client._pools[target].idle
+    (connection,) = client.pool.destination(target).idle
     assert connection.supports("pipelining") is pipelining
 
 
@@ -191,9 +188,8 @@ async def test_busy_pooled_connection_is_reused_without_rset_and_idle_one_is_pro
         outcomes = await client.deliver(target, request([f"r{i}@d.test"]))
         assert outcomes[0].disposition is Disposition.DELIVERED
     assert rsets == []  # reused straight away: no RSET round trip per message
-    for pool in client._pools.values():  # as if it had idled for a while
-        for connection in pool.idle:
-            connection.idle_since -= delivery.PROBE_AFTER_IDLE + 1
+    for connection in client.pool.destination(target).idle:  # as if it had idled for a while
+        connection.idle_since -= smtp_pool.PROBE_AFTER_IDLE + 1
     outcomes = await client.deliver(target, request(["late@d.test"]))
     assert outcomes[0].disposition is Disposition.DELIVERED
     assert rsets == ["RSET"]
@@ -231,10 +227,9 @@ async def test_broken_pooled_connection_is_replaced(client: SmtpClient, sinks: l
     sink = await start(sinks)
     target = SmtpTarget("127.0.0.1", sink.port)
     await client.deliver(target, request(["a@d.test"]))
-    for pool in client._pools.values():  # the server side goes away while the connection idles
-        for connection in pool.idle:
-            assert connection.smtp.transport is not None
-            connection.smtp.transport.abort()
+    for connection in client.pool.destination(target).idle:  # the server side goes away while it idles
+        assert connection.smtp.transport is not None
+        connection.smtp.transport.abort()
     outcomes = await client.deliver(target, request(["b@d.test"]))
     assert outcomes[0].disposition is Disposition.DELIVERED
     assert sink.connections == 2
@@ -409,7 +404,7 @@ async def test_starttls_verified_with_ca_file(
 ) -> None:
     sink = await start(sinks, starttls_context=server_context)
     hop = SmarthostHop(host="127.0.0.1", port=sink.port, tls="starttls", ca_file=ca_file)
-    outcomes = await SmtpTransport(client, target_for_hop(hop)).deliver(request(["a@d.test"]))
+    outcomes = await client.deliver(target_for_hop(hop), request(["a@d.test"]))
     assert dispositions(outcomes) == [("delivered", "2.0.0")]
     assert sink.messages[0].tls is True
 
@@ -523,41 +518,6 @@ async def test_without_auth_the_smarthost_refuses(
     outcomes = await client.deliver(target_for_hop(hop), request(["a@d.test"]))
     assert outcomes[0].disposition is Disposition.BOUNCED  # 530 5.7.0 Authentication required
     assert outcomes[0].code == 530
-
-
-# --------------------------------------------------------------------------- pure helpers
-
-
-def test_orcpt_param() -> None:
-    assert orcpt_param("rfc822;a+2Bb@d.test") == "ORCPT=rfc822;a+2Bb@d.test"  # wire form kept
-    assert orcpt_param("rfc822;a+b@d.test") == "ORCPT=rfc822;a+2Bb@d.test"  # not xtext: encoded
-    assert orcpt_param("a@d.test") == "ORCPT=rfc822;a@d.test"
-
-
-def test_downgrade_multipart_keeps_ascii_parts() -> None:
-    content = (
-        b"From: s@sender.test\r\nMIME-Version: 1.0\r\n"
-        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
-        b"--b\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nplain ascii\r\n"
-        b"--b\r\nContent-Type: application/octet-stream\r\n"
-        b"Content-Transfer-Encoding: 8bit\r\n\r\n\xff\xfe\x00data\r\n"
-        b"--b--\r\n"
-    )
-    converted = downgrade_8bit(content)
-    assert converted is not None and converted.isascii()
-    parsed = email.message_from_bytes(converted, policy=email.policy.default)
-    parts = list(parsed.iter_parts())  # type: ignore[attr-defined]
-    assert parts[0].get_content() == "plain ascii"
-    assert parts[1]["Content-Transfer-Encoding"] == "base64"
-    assert parts[1].get_content() == b"\xff\xfe\x00data"
-
-
-def test_downgrade_non_mime_message_gets_mime_headers() -> None:
-    converted = downgrade_8bit("Subject: x\r\n\r\ncafé\r\n".encode())
-    assert converted is not None and converted.isascii()
-    parsed = email.message_from_bytes(converted, policy=email.policy.compat32)
-    assert parsed["MIME-Version"] == "1.0"
-    assert parsed.get_payload(decode=True) == "café\r\n".encode()
 
 
 # --------------------------------------------------------------------------- uvloop
