@@ -753,16 +753,27 @@ def test_lists_are_paginated_and_an_old_continue_token_expires(
 
 def test_expired_watches_end_with_410(http: RawHttp, namespace: str, emulator: EmulatorThread) -> None:
     import threading
+    import urllib.request
 
     base = f"/api/v1/namespaces/{namespace}/configmaps"
     http("POST", base, cm("w"))
-    result: list[dict[str, Any]] = []
-    watcher = threading.Thread(target=lambda: result.extend(http.watch(base, count=2)))
+    events: list[dict[str, Any]] = []
+    # A long server-side timeout: only the expiry may end this watch, however slow the machine.
+    request = urllib.request.Request(f"{http.base}{base}?watch=true&timeoutSeconds=120", headers=http.headers)
+
+    def watch() -> None:
+        with urllib.request.urlopen(request, timeout=130) as response:
+            for line in response:
+                if line.strip():
+                    events.append(json.loads(line))
+
+    watcher = threading.Thread(target=watch)
     watcher.start()
-    wait_for(lambda: emulator.call(lambda: bool(emulator.emulator.watchers)), what="the watch to start")
+    wait_for(lambda: events, what="the watch's first event")  # this watch is open now
     assert emulator.call(emulator.emulator.expire_watches) >= 1
-    watcher.join(10)
-    assert [e["type"] for e in result] == ["ADDED", "ERROR"] and result[1]["object"]["code"] == 410
+    watcher.join(30)
+    assert not watcher.is_alive()  # the server ended it
+    assert [e["type"] for e in events] == ["ADDED", "ERROR"] and events[1]["object"]["code"] == 410
 
 
 def test_adapter_pages_lists_deletes_with_preconditions_and_reads_the_version(
