@@ -1,6 +1,6 @@
 """SMTP delivery (Postfix's smtp client): one transaction per call, on pooled connections.
 
-The scheduler calls `SmtpClient.deliver(target, request)` for relay,
+The scheduler's hops (relay.hops) call `SmtpClient.deliver(target, request)` for relay,
 smarthost and MX hops and get exactly one `RecipientOutcome` per requested recipient back.
 Nothing here raises for a delivery failure: a refused connection, a broken session or a timeout
 becomes deferred outcomes (4.4.1 / 4.4.2).

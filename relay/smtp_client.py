@@ -15,10 +15,10 @@ CPU. Here, when the server advertises PIPELINING (RFC 2920), MAIL, every RCPT an
 one write and the content in a second one: two round trips per message.
 
 How it keeps that cheap and safe:
-- an ``asyncio.Protocol`` (no streams); every complete reply that arrives is parsed into a
-  deque, so several replies in one segment, or replies that arrive before anyone waits for
-  them, are never lost; a reply that arrives when none is outstanding breaks the connection
-  (it cannot be paired with a command);
+- an ``asyncio.Protocol`` (no streams), `ReplyChannel`, under the commands of `SmtpConnection`;
+  every complete reply that arrives is parsed into a deque, so several replies in one segment,
+  or replies that arrive before anyone waits for them, are never lost; a reply that arrives
+  when none is outstanding breaks the connection (it cannot be paired with a command);
 - a reply line is at most `MAX_LINE_BYTES`, a reply at most `MAX_REPLY_BYTES`, and at most
   `MAX_QUEUED_BYTES` of unread replies are kept: a hostile server cannot make us buffer without
   bound; an overlong or malformed line (RFC 5321 4.2: three digits, then SP, ``-`` or the end)
@@ -239,8 +239,9 @@ class TransactionReplies:
 # --------------------------------------------------------------------------- the connection
 
 
-class SmtpConnection(asyncio.Protocol):
-    """One client SMTP session over an asyncio transport. Use `SmtpConnection.open`."""
+class ReplyChannel(asyncio.Protocol):
+    """The wire under a client session: writes that owe replies, replies read in order, one
+    timer per awaited reply, flow control, and the error that made the connection unusable."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -251,9 +252,6 @@ class SmtpConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
-        self.extensions: dict[str, str] = {}
-        self.esmtp = False
-        self.tls = False
 
     # ------------------------------------------------------------- asyncio.Protocol
 
@@ -328,13 +326,6 @@ class SmtpConnection(asyncio.Protocol):
     def transport(self) -> asyncio.Transport | None:
         return self._transport
 
-    def supports(self, keyword: str) -> bool:
-        return keyword.upper() in self.extensions
-
-    @property
-    def auth_mechanisms(self) -> list[str]:
-        return self.extensions.get("AUTH", "").upper().split()
-
     def close(self) -> None:
         """Close now (buffered output is still flushed); idempotent."""
         if self._transport is not None:
@@ -406,6 +397,23 @@ class SmtpConnection(asyncio.Protocol):
         if reply.code == 421:
             self.close()  # RFC 5321 3.8: the server is closing the session
         return reply
+
+
+class SmtpConnection(ReplyChannel):
+    """One client SMTP session over an asyncio transport. Use `SmtpConnection.open`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.extensions: dict[str, str] = {}
+        self.esmtp = False
+        self.tls = False
+
+    def supports(self, keyword: str) -> bool:
+        return keyword.upper() in self.extensions
+
+    @property
+    def auth_mechanisms(self) -> list[str]:
+        return self.extensions.get("AUTH", "").upper().split()
 
     # ------------------------------------------------------------- session
 

@@ -354,6 +354,20 @@ class Spool:
         """Every recipient has a final outcome (and any DSN is queued): remove the message."""
         await self._batcher.run(self._unlink, "active", queue_id)
 
+    async def requeue_unchanged(self, queue_id: str, next_attempt: float) -> None:
+        """Move a claimed message from active/ back to deferred/ as it is, due at
+        `next_attempt`: a rename and an mtime need no free space, so this still works on a
+        full spool that cannot take the rewritten file `defer` writes. Raises SpoolError."""
+        await self._run(self._requeue_unchanged, queue_id, next_attempt)
+
+    def _requeue_unchanged(self, queue_id: str, next_attempt: float) -> None:
+        active = self._file("active", queue_id)
+        try:
+            os.utime(active, (next_attempt, next_attempt))
+            os.rename(active, self._file("deferred", queue_id))
+        except OSError as exc:
+            raise _classify(exc) from exc
+
     def _unlink(self, state: str, queue_id: str) -> None:
         try:
             os.unlink(self._file(state, queue_id))

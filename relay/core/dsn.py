@@ -1,8 +1,9 @@
 """Delivery status notifications (Postfix's bounce daemon): RFC 3464 reports for RFC 3461 requests.
 
-The scheduler calls `reportable` after each delivery attempt to pick the recipients a report is
-owed for, and `build_dsn` to write the report, which it then queues as a new message from the
-null sender ``<>`` to the original envelope sender.
+After each delivery attempt relay.core.settle calls `reportable` to pick the recipients a
+report is owed for; the scheduler then calls `build_dsn` to write the report and `envelope_for`
+for its envelope, and queues it as a new message from the null sender ``<>`` to the original
+envelope sender.
 
 Rules:
 - Never report on a message from ``<>`` (RFC 5321 4.5.5, RFC 3461 6.2: that is how bounce loops
@@ -11,7 +12,8 @@ Rules:
   reported; FAILURE, DELAY and SUCCESS ask for "failed", "delayed" and "delivered"/"relayed".
   A message handed to a next hop that supports DSN is not reported as delivered here (that hop
   now owns the request, RFC 3461 6.2.1); handed to a hop without DSN it is "relayed" (6.2.2);
-  stored by a gateway (final delivery) it is "delivered".
+  stored by a gateway (final delivery) it is "delivered". "delayed" goes once per recipient,
+  when NOTIFY asks for DELAY and the message is older than the scheduler's delay-warning age.
 - The report (RFC 3464 2) is ``multipart/report; report-type=delivery-status``: a human
   readable text part, a ``message/delivery-status`` part (per message: Original-Envelope-Id,
   Reporting-MTA, Received-From-MTA, Arrival-Date; per recipient: Original-Recipient (ORCPT),
@@ -32,7 +34,7 @@ import email.policy
 import email.utils
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from email.mime.base import MIMEBase
 from email.mime.message import MIMEMessage
@@ -139,14 +141,19 @@ def reportable(
     *,
     final_delivery: Sequence[bool] | None = None,
     delay_warning: bool = False,
+    already_warned: Collection[str] = (),
 ) -> list[Report]:
-    """The reports owed for `outcomes` of one attempt; none at all for a message from ``<>``."""
+    """The reports owed for `outcomes` of one attempt; none at all for a message from ``<>``.
+
+    `delay_warning`: the message is late enough for "delayed" reports; a recipient in
+    `already_warned` got its one delay warning before and gets no second one."""
     if envelope.mail_from == "":
         return []
     reports = []
     for index, outcome in enumerate(outcomes):
         final = bool(final_delivery[index]) if final_delivery is not None else False
-        action = action_for(outcome, final_delivery=final, delay_warning=delay_warning)
+        warn = delay_warning and outcome.recipient.address not in already_warned
+        action = action_for(outcome, final_delivery=final, delay_warning=warn)
         if action is not None:
             reports.append(Report(outcome, action))
     return reports

@@ -16,7 +16,9 @@ from prometheus_client import REGISTRY
 
 from relay.config import RelayConfig, parse_config
 from relay.core.model import Envelope, QueueEntry, Recipient
-from relay.scheduler import DEFERRED_SCAN_INTERVAL, Scheduler
+from relay.delivery import SmtpClient
+from relay.scan import DEFERRED_SCAN_INTERVAL
+from relay.scheduler import Scheduler
 from relay.spool import Spool, new_queue_id
 from tests.relay.apphelp import free_port, until
 from tests.relay.dnsserver import DnsServer
@@ -208,6 +210,20 @@ async def test_connections_are_reused_across_messages(h: Harness) -> None:
         await run(scheduler, await store(h.spool, ["a@dest.test"]))
     assert len(sink.messages) == 4
     assert sink.connections == 1
+
+
+async def test_an_injected_smtp_client_carries_the_mail_and_is_left_to_its_owner(h: Harness) -> None:
+    sink = await h.sink()
+    config = make_config(h.tmp_path, [{"name": "all", "nextHop": relay_hop(sink.port)}])
+    client = SmtpClient(config.hostname, config.queue)
+    scheduler = await h.scheduler(config, client=client)
+    await run(scheduler, await store(h.spool, ["a@dest.test"]))
+    assert sink.recipients == ["a@dest.test"]
+    assert client.connections_opened == 1
+    await scheduler.stop(5)
+    assert client.idle_connections() == 1  # not the scheduler's to close
+    await client.close()
+    assert client.idle_connections() == 0
 
 
 async def test_concurrency_per_destination_is_limited(h: Harness) -> None:

@@ -121,6 +121,20 @@ async def test_defer_keeps_due_time_in_mtime(spool: Spool) -> None:
     assert again is not None and again.entry.attempts == 1 and len(again.entry.pending) == 1
 
 
+async def test_requeue_unchanged_puts_the_claimed_file_back_as_it_is(spool: Spool) -> None:
+    entry = make_entry()
+    await spool.store(entry, CONTENT)
+    claimed = await spool.claim(entry.queue_id)
+    assert claimed is not None
+    before = spool.path("active", entry.queue_id).read_bytes()
+    await spool.requeue_unchanged(entry.queue_id, 2_000_000_000.0)
+    assert spool.ids("active") == []
+    assert list(spool.scan_deferred()) == [(entry.queue_id, 2_000_000_000.0)]
+    assert spool.path("deferred", entry.queue_id).read_bytes() == before
+    with pytest.raises(SpoolError):  # nothing claimed under that id any more
+        await spool.requeue_unchanged(entry.queue_id, 2_000_000_000.0)
+
+
 async def test_claim_due_by_leaves_a_message_that_is_not_due(spool: Spool) -> None:
     entry = make_entry()
     await spool.store(entry, CONTENT)

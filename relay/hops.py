@@ -1,0 +1,191 @@
+"""Hop iteration (Postfix's qmgr delivery to its transports): one route group through its hops.
+
+The scheduler calls `Hops.deliver_group(message, group)` for each group of relay.core.routing's
+plan and gets one `Attempted` per recipient of the group back. What happens in between:
+
+- the route's hops are tried in order (nextHop, then failover); recipients deferred at a hop
+  (unreachable, 4xx) go on to the next one, final ones stay (relay.core.failover). The same
+  loop, `fail_over`, runs over an MX hop's hosts and addresses;
+- a relay or smarthost hop is one transaction through the injected SMTP client
+  (relay.delivery); a reject hop answers with its configured reply; a gateway hop goes to its
+  transport from the `GatewayCache`, at most ``queue.maxPerDestination`` at a time, and a
+  gateway that raises or cannot be built defers (4.3.0);
+- an MX hop looks up the domain with the injected resolver (relay.dns) and relay.core.mx
+  orders the hosts; up to `MAX_MX_HOSTS` hosts and `MAX_ADDRESSES_PER_HOST` addresses of each
+  are tried, opportunistic TLS, the next after a connection failure or a 4xx; a permanent DNS
+  answer (null MX, NXDOMAIN) bounces, a failed lookup defers.
+
+Every transport's answer passes `relay.core.outcome.one_each`: exactly one outcome per
+recipient. No queue or spool work here (that is the scheduler's), and no decision beyond
+sequencing: the decisions are in the pure modules named above.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Protocol
+
+from relay.config import GatewayHop, MxHop, NextHop, RejectHop, RelayConfig, RelayHop, SmarthostHop
+from relay.core import mx as mxplan
+from relay.core import outcome, routing
+from relay.core.failover import Failover
+from relay.core.model import DeliveryRequest, Disposition, Message, Recipient, RecipientOutcome
+from relay.core.settle import Attempted
+from relay.delivery import SmtpTarget, TargetTls, target_for_hop
+from relay.dns import Resolver
+from relay.gateways.cache import GatewayCache
+
+log = logging.getLogger(__name__)
+
+MAX_MX_HOSTS = 10  # hosts of one domain tried per attempt
+MAX_ADDRESSES_PER_HOST = 4
+
+Try = Callable[[list[Recipient]], Awaitable[Sequence[RecipientOutcome]]]
+
+
+class SmtpDelivery(Protocol):
+    """What the hops need of an SMTP client (relay.delivery.SmtpClient)."""
+
+    async def deliver(self, target: SmtpTarget, request: DeliveryRequest) -> list[RecipientOutcome]: ...
+
+
+async def fail_over(recipients: Sequence[Recipient], tries: AsyncGenerator[Try, None]) -> Failover:
+    """Give the recipients still deferred to each try in turn, until none is left or the tries
+    run out (the one failover loop)."""
+    failover = Failover(recipients)
+    async with contextlib.aclosing(tries):
+        async for attempt in tries:
+            pending = list(failover.pending)
+            failover.record(outcome.one_each(pending, await attempt(pending)))
+            if failover.done:
+                break
+    return failover
+
+
+class Hops:
+    """Delivers route groups; shared by every delivery of one scheduler."""
+
+    def __init__(
+        self,
+        config: Callable[[], RelayConfig],
+        client: SmtpDelivery,
+        resolver: Callable[[], Resolver],
+        gateways: GatewayCache,
+        rng: random.Random,
+    ) -> None:
+        self._config = config  # the current one: a reload applies to the next delivery
+        self._client = client
+        self._resolver = resolver
+        self._gateways = gateways
+        self._rng = rng
+
+    async def deliver_group(self, message: Message, group: routing.RouteGroup) -> list[Attempted]:
+        """Try the group's hops in order; recipients deferred at one hop go to the next."""
+        stored: set[str] = set()  # delivered by a gateway: a final delivery
+
+        async def tries() -> AsyncGenerator[Try, None]:
+            for hop in group.hops:
+                yield functools.partial(self._try_hop, message, group, hop, stored)
+
+        failover = await fail_over(group.recipients, tries())
+        route = group.route.name
+        return [Attempted(o, route, o.recipient.address in stored) for o in failover.outcomes()]
+
+    async def _try_hop(
+        self,
+        message: Message,
+        group: routing.RouteGroup,
+        hop: NextHop,
+        stored: set[str],
+        recipients: list[Recipient],
+    ) -> list[RecipientOutcome]:
+        outcomes = await self._deliver_hop(message, hop, group.domain, recipients)
+        if isinstance(hop, GatewayHop):
+            stored.update(o.recipient.address for o in outcomes if o.disposition is Disposition.DELIVERED)
+        deferred = sum(1 for o in outcomes if o.disposition is Disposition.DEFERRED)
+        if deferred:
+            log.info(
+                "[%s] %s: %d recipients deferred at %s%s",
+                message.entry.queue_id,
+                group.route.name,
+                deferred,
+                routing.hop_label(hop),
+                "; trying the next hop" if hop is not group.hops[-1] else "",
+            )
+        return outcomes
+
+    async def _deliver_hop(
+        self, message: Message, hop: NextHop, domain: str, recipients: list[Recipient]
+    ) -> list[RecipientOutcome]:
+        if isinstance(hop, RejectHop):
+            return [outcome.from_reply(r, hop.code, hop.message) for r in recipients]
+        if isinstance(hop, RelayHop | SmarthostHop):
+            return await self._smtp(target_for_hop(hop), message, recipients)
+        if isinstance(hop, MxHop):
+            return await self._deliver_mx(message, hop, domain, recipients)
+        return await self._deliver_gateway(
+            hop, DeliveryRequest(message=message, recipients=tuple(recipients))
+        )
+
+    async def _smtp(
+        self, target: SmtpTarget, message: Message, recipients: list[Recipient]
+    ) -> list[RecipientOutcome]:
+        request = DeliveryRequest(message=message, recipients=tuple(recipients))
+        return outcome.one_each(recipients, await self._client.deliver(target, request))
+
+    async def _deliver_gateway(self, hop: GatewayHop, request: DeliveryRequest) -> list[RecipientOutcome]:
+        recipients = list(request.recipients)
+        try:
+            transport, limit = self._gateways.get(hop, self._config())
+        except Exception as exc:
+            log.error("gateway %s cannot be built: %s", routing.hop_label(hop), exc)
+            text = f"gateway {routing.hop_label(hop)} unavailable: {exc}"
+            return outcome.for_all(recipients, outcome.deferred, "4.3.0", text)
+        async with limit:
+            try:
+                outcomes = await transport.deliver(request)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception(
+                    "[%s] gateway %s raised", request.message.entry.queue_id, routing.hop_label(hop)
+                )
+                return outcome.for_all(recipients, outcome.deferred, "4.3.0", f"gateway failed: {exc}")
+        return outcome.one_each(recipients, outcomes)
+
+    async def _deliver_mx(
+        self, message: Message, hop: MxHop, domain: str, recipients: list[Recipient]
+    ) -> list[RecipientOutcome]:
+        resolver = self._resolver()
+        plan = mxplan.plan_mx(domain, await resolver.mx(domain), self._rng)
+        if isinstance(plan, mxplan.MxFailure):
+            return [_failure(r, plan) for r in recipients]
+        failures: list[mxplan.MxFailure] = []
+
+        async def tries() -> AsyncGenerator[Try, None]:
+            for host in plan.hosts[:MAX_MX_HOSTS]:
+                addresses = await resolver.addresses(host)
+                if addresses.status is not mxplan.LookupStatus.OK or not addresses.addresses:
+                    failures.append(mxplan.address_failure(domain, host, plan.implicit, addresses))
+                    continue
+                for address in addresses.addresses[:MAX_ADDRESSES_PER_HOST]:
+                    tls: TargetTls = "opportunistic" if hop.tls == "opportunistic" else "none"
+                    target = SmtpTarget(host=address, port=hop.port, tls=tls, server_name=host, verify=False)
+                    yield functools.partial(self._smtp, target, message)
+
+        failover = await fail_over(recipients, tries())
+        if not failover.tries:  # no host had an address
+            failure = mxplan.combine_address_failures(failures)
+            return [_failure(r, failure) for r in recipients]
+        return failover.outcomes()
+
+
+def _failure(recipient: Recipient, failure: mxplan.MxFailure) -> RecipientOutcome:
+    if failure.permanent:
+        return outcome.bounced(recipient, failure.status, failure.text, code=failure.code)
+    return outcome.deferred(recipient, failure.status, failure.text, code=failure.code)
