@@ -1,7 +1,8 @@
 """DNS adapter: MX and address lookups for direct delivery, on dnspython's async resolver.
 
-The scheduler asks `DnsResolver.mx(domain)` and `DnsResolver.addresses(host)` and hands the
-typed answers (relay.core.mx) to the pure MX planner. This module only talks DNS and maps
+The scheduler's MX hops (relay.hops) ask `DnsResolver.mx(domain)` and
+`DnsResolver.addresses(host)` and hand the typed answers (relay.core.mx) to the pure MX
+planner. This module only talks DNS and maps
 dnspython's exceptions onto `LookupStatus`: NXDOMAIN -> NXDOMAIN; NoAnswer -> NO_RECORDS;
 NoNameservers (every server answered SERVFAIL/REFUSED), timeouts and other resolver errors ->
 TEMPFAIL (RFC 5321 5.1: a temporary lookup failure must not bounce mail).
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class Resolver(Protocol):
-    """What the scheduler needs from DNS (tests may pass any object with these methods)."""
+    """What the MX hops need from DNS (tests may pass any object with these methods)."""
 
     async def mx(self, domain: str) -> MxAnswer: ...
 

@@ -117,7 +117,7 @@ def action_for(
     """The DSN action owed for one outcome, or None when no report is due (RFC 3461 4.1, 6.2).
 
     `final_delivery`: the hop stored the message for good (a gateway), so SUCCESS is answered
-    with "delivered". `delay_warning`: the scheduler decided a deferred recipient is now late
+    with "delivered". `delay_warning`: relay.core.settle decided a deferred recipient is now late
     enough for a "delayed" report (only sent when NOTIFY explicitly asks for DELAY)."""
     notify = {n.upper() for n in outcome.recipient.notify}
     if "NEVER" in notify:

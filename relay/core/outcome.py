@@ -8,9 +8,10 @@ recipient still deferred when the message outlives maxLifetime bounces with 4.4.
 "delivery time expired", reported as a permanent failure with the 4.4.7 status, as Postfix does).
 A transport owes exactly one outcome per recipient: `one_each` defers (4.3.0) any it left out.
 
-Every outcome is built here: SMTP delivery (relay.delivery) with `from_reply` and the
+Every outcome is built here: SMTP delivery (relay.smtp_transaction) with `from_reply` and the
 connection helpers, the gateways with `delivered`, `deferred`, `bounced` and `for_all`, the
-scheduler with `one_each` and `expire`, and relay.core.dsn with `diagnostic`. Pure: no I/O.
+scheduler's hops (relay.hops) with `one_each`; relay.core.settle uses `expire` and `is_final`,
+and relay.core.dsn `diagnostic`. Pure: no I/O.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Retry policy: when a deferred recipient is tried again, and when it is given up.
 
-Pure arithmetic on `RetryPolicyConfig` (queue.retry in the relay config); the scheduler calls it
-after every attempt that leaves recipients deferred. Exponential backoff (RFC 5321 4.5.4.1 asks
-for a retry interval of at least 30 minutes on the public Internet and a give-up time of 4-5
-days; both are configurable here): the n-th retry waits ``minBackoff * 2**(n-1)``, capped at
-``maxBackoff``. A message older than ``maxLifetime`` is expired: its deferred recipients bounce
+Pure arithmetic on `RetryPolicyConfig` (queue.retry in the relay config); relay.core.settle
+calls it after every attempt that leaves recipients deferred (the scheduler too, for a deferral
+after a failed attempt and for a DSN's Will-Retry-Until). Exponential backoff (RFC 5321
+4.5.4.1 asks for a retry interval of at least 30 minutes on the public Internet and a give-up
+time of 4-5 days; both are configurable here): the n-th retry waits ``minBackoff * 2**(n-1)``,
+capped at ``maxBackoff``. A message older than ``maxLifetime`` is expired: its deferred recipients bounce
 with 4.4.7 (RFC 3463 "delivery time expired"). The next attempt is never scheduled after the
 expiry time, so the bounce is not late by up to one backoff.
 

@@ -4,7 +4,7 @@ Postfix's trivial-rewrite in a few pure functions. The front calls `select_route
 (a `RejectHop` refuses the recipient there); the scheduler calls `plan_routes` before each
 delivery attempt with the *current* route table (a reloaded table applies to queued mail too).
 
-Rules (DESIGN.md section 1): routes are tried in `RelayConfig.ordered_routes()` order (priority
+Rules (docs/DESIGN.md section 1): routes are tried in `RelayConfig.ordered_routes()` order (priority
 descending, ties by name); a route matches when its recipientDomains (empty = all) match the
 recipient's domain and its senderDomains (empty = all) match the sender's domain (the null
 sender ``<>`` has the empty domain, which only an empty list or ``*`` matches). A route's hops

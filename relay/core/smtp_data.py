@@ -1,8 +1,9 @@
 """The DATA phase: find the end of the message, undo dot-stuffing, normalise line ends, enforce
 the line and size limits. Pure and incremental: `DataDecoder.feed` takes the bytes after the
 354 reply in chunks of any size (a line, 64 KiB, one byte) and says where the message ended, so
-the front can read the socket in big chunks instead of line by line (NOTES.md: line-by-line
-reading is the main cost of large mail in aiosmtpd).
+the front can read the socket in big chunks instead of line by line (aiosmtpd's line-by-line
+reading was the main cost of large mail: bench/RESULTS.md, and the "DATA path" row of
+docs/RELAY-CORE.md). The encoder for the other direction is relay.core.smtp_payload.
 
 Rules (RFC 5321 4.1.4, 4.5.2 and 2.3.8; RFC 5322 2.1.1):
 

@@ -50,7 +50,7 @@ delivery. Three transports:
     are passed from the relay's own environment.
 
 Every transport returns exactly one `RecipientOutcome` per requested recipient, in request
-order, and never raises for a delivery failure (DESIGN.md section 6). Blocking file work runs in
+order, and never raises for a delivery failure (docs/DESIGN.md section 6). Blocking file work runs in
 a thread. Metrics, retries and DSNs are the scheduler's business, not this module's.
 """
 
