@@ -236,6 +236,18 @@ class TransactionReplies:
     content_sent: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class _Exchange:
+    """One `send_mail` call's arguments, for the pipelined and the lockstep way of sending."""
+
+    mail: bytes
+    recipients: list[bytes]
+    payload: bytes
+    replies: TransactionReplies
+    command_timeout: float | None
+    data_timeout: float | None
+
+
 # --------------------------------------------------------------------------- the connection
 
 
@@ -562,74 +574,59 @@ class SmtpConnection(ReplyChannel):
         """One transaction: `mail` and `recipients` are complete command lines (`command_line`),
         `payload` the dot-stuffed content with its final ``.<CRLF>``. Fills `replies` as they
         arrive (the caller keeps them when this raises SmtpProtocolError)."""
+        exchange = _Exchange(mail, recipients, payload, replies, command_timeout, data_timeout)
         if "PIPELINING" in self.extensions:
-            await self._pipelined(mail, recipients, payload, replies, command_timeout, data_timeout)
+            await self._pipelined(exchange)
         else:
-            await self._lockstep(mail, recipients, payload, replies, command_timeout, data_timeout)
+            await self._lockstep(exchange)
         return replies
 
-    async def _pipelined(
-        self,
-        mail: bytes,
-        recipients: list[bytes],
-        payload: bytes,
-        replies: TransactionReplies,
-        command_timeout: float | None,
-        data_timeout: float | None,
-    ) -> None:
+    async def _pipelined(self, x: _Exchange) -> None:
         # RFC 2920 3.1: MAIL, RCPT and DATA may go in one group; DATA ends the group
-        self._write(b"".join((mail, *recipients, b"DATA\r\n")), len(recipients) + 2)
+        self._write(b"".join((x.mail, *x.recipients, b"DATA\r\n")), len(x.recipients) + 2)
         read = self.read_reply
-        replies.mail = await read(command_timeout, "the reply to MAIL")
-        if replies.mail.code == 421:
+        x.replies.mail = await read(x.command_timeout, "the reply to MAIL")
+        if x.replies.mail.code == 421:
             self.close()
             return
-        mail_ok = replies.mail.code == 250
+        mail_ok = x.replies.mail.code == 250
         accepted = False
-        for _ in recipients:
-            reply = await read(command_timeout, "the reply to RCPT")
-            replies.recipients.append(reply)
+        for _ in x.recipients:
+            reply = await read(x.command_timeout, "the reply to RCPT")
+            x.replies.recipients.append(reply)
             if reply.code == 421:
                 self.close()
                 return
             if reply.code in (250, 251):
                 accepted = True
-        replies.data = reply = await read(command_timeout, "the reply to DATA")
+        x.replies.data = reply = await read(x.command_timeout, "the reply to DATA")
         if reply.code == 421:
             self.close()
             return
         if reply.code != 354:
             return
         if not (mail_ok and accepted):  # a broken server asks for content of no transaction
-            await self._discard_data(command_timeout)
+            await self._discard_data(x.command_timeout)
             return
-        await self._send_content(payload, replies, data_timeout)
+        await self._send_content(x.payload, x.replies, x.data_timeout)
 
-    async def _lockstep(
-        self,
-        mail: bytes,
-        recipients: list[bytes],
-        payload: bytes,
-        replies: TransactionReplies,
-        command_timeout: float | None,
-        data_timeout: float | None,
-    ) -> None:
-        replies.mail = await self.command(mail, command_timeout)
-        if replies.mail.code != 250:
+    async def _lockstep(self, x: _Exchange) -> None:
+        x.replies.mail = await self.command(x.mail, x.command_timeout)
+        if x.replies.mail.code != 250:
             return
         accepted = False
-        for line in recipients:
-            reply = await self.command(line, command_timeout)
-            replies.recipients.append(reply)
+        for line in x.recipients:
+            reply = await self.command(line, x.command_timeout)
+            x.replies.recipients.append(reply)
             if reply.code == 421:
                 return
             if reply.code in (250, 251):
                 accepted = True
         if not accepted:
             return
-        replies.data = await self.command(b"DATA\r\n", command_timeout)
-        if replies.data.code == 354:
-            await self._send_content(payload, replies, data_timeout)
+        x.replies.data = await self.command(b"DATA\r\n", x.command_timeout)
+        if x.replies.data.code == 354:
+            await self._send_content(x.payload, x.replies, x.data_timeout)
 
     async def _send_content(
         self, payload: bytes, replies: TransactionReplies, data_timeout: float | None

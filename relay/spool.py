@@ -437,33 +437,28 @@ class Spool:
 
     def retry_now(self, queue_id: str) -> bool:
         """Make a deferred or held message due now (moves it to incoming/)."""
-        for state in ("deferred", "hold"):
-            try:
-                os.rename(self.path(state, queue_id), self.path("incoming", queue_id))
-            except FileNotFoundError:
-                continue
-            self._fsync_dir_now(self.directory / "incoming")
-            return True
-        return False
+        return self._admin_move(queue_id, ("deferred", "hold"), "incoming")
 
     def hold(self, queue_id: str) -> bool:
         """Park a waiting message in hold/ so no scheduler picks it up."""
-        for state in ("incoming", "deferred"):
-            try:
-                os.rename(self.path(state, queue_id), self.path("hold", queue_id))
-            except FileNotFoundError:
-                continue
-            self._fsync_dir_now(self.directory / "hold")
-            return True
-        return False
+        return self._admin_move(queue_id, ("incoming", "deferred"), "hold")
 
     def delete(self, queue_id: str) -> bool:
         """Remove a waiting message without delivery or DSN (an operator's decision)."""
-        for state in ("incoming", "deferred", "hold", "corrupt"):
+        return self._admin_move(queue_id, ("incoming", "deferred", "hold", "corrupt"), None)
+
+    def _admin_move(self, queue_id: str, sources: tuple[str, ...], target: str | None) -> bool:
+        """Rename the message from the first of `sources` that has it into `target` (remove it
+        when `target` is None) and make that durable; False when none has it (an active
+        message is a scheduler's: never touched here)."""
+        for state in sources:
             try:
-                self.path(state, queue_id).unlink()
+                if target is None:
+                    self.path(state, queue_id).unlink()
+                else:
+                    os.rename(self.path(state, queue_id), self.path(target, queue_id))
             except FileNotFoundError:
                 continue
-            self._fsync_dir_now(self.directory / state)
+            self._fsync_dir_now(self.directory / (target or state))
             return True
         return False
