@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from bench import procs
 from bench.sinks import CountingSink, ProbeSender, ProbeSink, latencies
+from bench.summary import percentile
 from bench.systems import System
 
 
@@ -47,14 +48,6 @@ class Run:
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def load_average() -> float:
@@ -161,6 +154,8 @@ def load_run(
         extra["launcher_cpu_ms_per_msg"] = round(1000 * launcher_cpu / max(handled, 1), 3)
     if not drained:
         extra["not_drained"] = True
+    if lat:
+        extra["latencies_ms"] = [round(1000 * value, 1) for value in lat]
     return Run(
         scenario=scenario,
         case=case,

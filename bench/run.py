@@ -38,6 +38,7 @@ from bench.postfix_config import (
     SHIPPED_MAXIMAL_BACKOFF,
     SHIPPED_MINIMAL_BACKOFF,
     VARIANTS,
+    variant_from_spec,
 )
 from bench.scenarios import SCENARIOS, SESSIONS, SIZES, Bench, Options
 from bench.systems import REPO, MailrelaySet, MailrelaySettings, PostfixSettings, postfix_version
@@ -193,7 +194,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"the Postfix the comparisons use (default {DEFAULT_VARIANT}, the best measured)",
     )
     postfix.add_argument(
-        "--postfix-variants", default=",".join(VARIANTS), help="variants the `variants` scenario compares"
+        "--postfix-variants",
+        default=",".join(VARIANTS),
+        help="what the `variants` scenario compares: names, or BASE+key=value+... experiments",
     )
     postfix.add_argument(
         "--postfix-set",
@@ -243,9 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown scenarios: {', '.join(sorted(unknown))}")
     variants = [v.strip() for v in args.postfix_variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"unknown Postfix variants: {', '.join(sorted(unknown))}")
+    for spec in variants:
+        try:
+            variant_from_spec(spec)
+        except ValueError as exc:
+            raise SystemExit(f"--postfix-variants: {exc}") from None
     postfix_overrides = _assignments(args.postfix_set, "--postfix-set")
     mailrelay_overrides = _assignments(args.mailrelay_set, "--mailrelay-set")
     if args.workers is not None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from bench import procs
 from bench.load import Probe, Run, load_average, load_run, log, smtp_source, wait_drained
-from bench.postfix_config import VARIANTS
+from bench.postfix_config import VARIANTS, variant_from_spec
 from bench.sinks import CountingSink, ProbeSink
 from bench.systems import (
     Hop,
@@ -48,15 +48,15 @@ SIZES = {"2KB": 2048, "100KB": 102400}
 SESSIONS = (1, 20)
 # messages per run (full); --quick divides by 5
 MESSAGES = {
-    ("2KB", 1): 2000,
+    ("2KB", 1): 3000,
     ("2KB", 20): 10000,
     ("2KB", 50): 10000,
-    ("100KB", 1): 500,
-    ("100KB", 20): 2000,
-    ("100KB", 50): 2000,
+    ("100KB", 1): 1500,
+    ("100KB", 20): 3000,
+    ("100KB", 50): 3000,
 }
 CHAIN_MESSAGES = 4000
-VARIANT_CASES = (("2KB", 20), ("2KB", 1))
+VARIANT_CASES = (("2KB", 20), ("2KB", 1), ("100KB", 20))
 
 
 @dataclass
@@ -300,12 +300,15 @@ class Bench:
             hop = Hop("127.0.0.1", sink.port)
             running: dict[str, Postfix] = {}
             try:
-                for name in self.o.variants:
-                    settings = replace(self.o.postfix, variant=VARIANTS[name])
-                    running[name] = self.postfix(f"postfix-{name}", hop, None, settings)
+                described: dict[str, str] = {}
+                for number, name in enumerate(self.o.variants):
+                    variant = variant_from_spec(name)
+                    settings = replace(self.o.postfix, variant=variant)
+                    running[name] = self.postfix(f"postfix-v{number}", hop, None, settings)
                     running[name].start()
                     self.warm(running[name], sink)
-                self.notes["variants"] = {name: VARIANTS[name].describe() for name in running}
+                    described[name] = variant.describe()
+                self.notes["variants"] = described
                 for repeat in range(self.o.repeat):
                     for size, sessions in VARIANT_CASES:
                         for name in self.order(repeat, list(running)):

@@ -3,12 +3,14 @@ says what ran, the tables, and the target lines (bench.targets judges them). Use
 ``bench.run`` (terminal) and ``bench.report`` (Markdown for bench/RESULTS.md).
 
 Throughput figures (msg/s, CPU per message, peak PSS) are medians over the throughput runs of a
-case, latency figures (p50, p99) medians over its latency runs: never from the same runs.
+case; latency figures (p50, p99) are percentiles over every probe of its latency runs (pooled:
+a run has a few hundred probes, too few for a p99 of its own): never from the same runs.
 Pure: dictionaries in, text out.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -21,6 +23,14 @@ def median(values: Iterable[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The nearest-rank `q` quantile (0.99: the value 99% of the probes did not exceed)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
 def summarize(runs: Sequence[Mapping[str, Any]]) -> list[Row]:
     """One row per (scenario, case, system), in the order the runs were made."""
     groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
@@ -30,6 +40,7 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[Row]:
     for (scenario, case, system), items in groups.items():
         measured = [r for r in items if r["kind"] != "latency"]
         latency = [r for r in items if r["kind"] == "latency"]
+        pooled = [ms for r in latency for ms in r["extra"].get("latencies_ms", [])]
         row: Row = {
             "scenario": scenario,
             "case": case,
@@ -40,8 +51,9 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[Row]:
             "cpu_ms_per_msg": median(r["cpu_ms_per_msg"] for r in measured),
             "peak_pss_mb": median(r["peak_pss_mb"] for r in measured),
             "seconds": median(r["seconds"] for r in measured),
-            "p50_ms": median(r["p50_ms"] for r in latency),
-            "p99_ms": median(r["p99_ms"] for r in latency),
+            # latency percentiles over every probe of the case's latency runs (pooled)
+            "p50_ms": percentile(pooled, 0.5),
+            "p99_ms": percentile(pooled, 0.99),
             "probes": sum(r["probes"] for r in latency),
             "probes_lost": sum(r["probes_lost"] for r in latency),
             "incomplete": sum(1 for r in items if not r["complete"]),

@@ -131,9 +131,11 @@ class PrivatePostfix:
     127.0.0.1:port only, nothing delivered locally (mydestination is empty): mail goes where
     `transports` (domain -> transport, a ``transport_maps`` inline table) or `relayhost` say.
 
-    `variant` (bench.postfix_config.VARIANTS; default the benchmark's best) chooses master.cf
-    and the tuning. `smtputf8` is on by default, because interop callers send SMTPUTF8; the
-    benchmark passes its variant's choice (its load sends none). `destination_concurrency`
+    `variant` (bench.postfix_config.VARIANTS) chooses master.cf and the tuning; the default,
+    ``debian``, is Postfix as Debian ships it (what the interop tests talk to); the benchmark
+    passes its own (`PostfixSettings`, default the best measured). `smtputf8` is on by
+    default, because interop callers send SMTPUTF8; the benchmark passes its variant's choice
+    (its load sends none). `destination_concurrency`
     sets ``default_destination_concurrency_limit`` (None: Postfix's shipped 20). `overrides`
     are further main.cf parameters (experiments).
 
@@ -151,7 +153,7 @@ class PrivatePostfix:
         transports: dict[str, str] | None = None,
         cert_file: Path | None = None,
         key_file: Path | None = None,
-        variant: PostfixVariant | str = DEFAULT_VARIANT,
+        variant: PostfixVariant | str = "debian",
         smtputf8: bool = True,
         destination_concurrency: int | None = None,
         overrides: Mapping[str, str] | None = None,
