@@ -1,8 +1,11 @@
 """The SMTP front (Postfix's smtpd + cleanup): accepts mail on the configured listeners and
 answers ``250`` only once the message is durable in the spool.
 
-Built on aiosmtpd 1.4.6's `SMTP` protocol class, which keeps the socket, STARTTLS and timer
-machinery; the command loop and every command the relay answers are ours, because aiosmtpd
+Built on aiosmtpd 1.4.6's `SMTP` protocol class, which keeps the socket, stream and timer
+machinery. Layering TLS (STARTTLS and implicit TLS alike) is ours: a session's slot (counted
+against ``limits.maxConnections``/``maxConnectionsPerClient`` and the sessions gauge) is held
+from the TCP accept until that connection closes, whether or not a handshake ever completed.
+The command loop and every command the relay answers are ours too, because aiosmtpd
 lets through what a relay must refuse (NOTES.md): bare LF line ends, NUL and control characters
 in addresses, ``RCPT TO:<>``, unlimited recipients and hops, open relaying, and DATA read line by
 line. The decisions themselves live in pure modules: `relay.core.smtp_syntax` (command syntax and
@@ -18,7 +21,9 @@ connection closed (where the next command starts is ambiguous); a bare CR inside
 is refused with ``501 5.5.2`` and the session goes on. Bare CR/LF in message content is
 normalised to CRLF and NUL refuses the message (see relay.core.smtp_data). Every 5xx reply counts
 towards ``limits.maxErrors`` (then ``421 4.7.0`` and close); ``452 4.5.3`` does not. Connection
-limits are per process (with N workers the totals are N times larger). Recipients that match
+limits are per process (with N workers the totals are N times larger) and count a connection
+from its TCP accept, also while its TLS handshake is pending; a handshake (after STARTTLS or on
+an implicit-TLS listener) must complete within 30 s (`Front.tls_handshake_timeout`). Recipients that match
 no route are refused at RCPT with ``550 5.4.4``; a RejectHop route answers with its own reply.
 ``RCPT TO:<postmaster>`` without a domain is accepted from anyone (RFC 5321 4.5.1) as
 ``postmaster@`` the first plain accept domain (else the hostname) and routed like that address.
@@ -38,12 +43,14 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import secrets
 import socket
 import ssl
 import time
+from asyncio import sslproto
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -97,17 +104,15 @@ IDENT = "ESMTP mailrelay"
 
 
 class TlsContexts:
-    """Server TLS contexts from the certificate files, rebuilt when the files change (a renewed
-    cert-manager Secret): STARTTLS sessions take `current()` when they start, and the implicit-TLS
-    listeners' context switches to the current one in its SNI callback."""
+    """The server TLS context from the certificate files, rebuilt when the files change (a
+    renewed cert-manager Secret): every handshake (STARTTLS or implicit TLS) takes `current()`
+    when it starts."""
 
     def __init__(self, tls: TlsConfig) -> None:
         self.tls = tls
         self._stamp: tuple[float, float] | None = None
         self._checked = 0.0
         self._context = self._build()
-        self.server_context = self._build()
-        self.server_context.sni_callback = self._sni
 
     def _files_stamp(self) -> tuple[float, float]:
         return (os.stat(self.tls.cert_file).st_mtime, os.stat(self.tls.key_file).st_mtime)
@@ -130,9 +135,6 @@ class TlsContexts:
             except (OSError, ssl.SSLError) as exc:
                 log.warning("TLS certificate reload failed, keeping the old one: %s", exc)
         return self._context
-
-    def _sni(self, sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
-        sslobj.context = self.current()
 
 
 # ----------------------------------------------------------------------------- the front
@@ -180,6 +182,7 @@ class Front:
         self.stats = FrontStats()
         self.draining = False
         self.auth_failure_delay = 0.5  # seconds, times the session's failure count (capped)
+        self.tls_handshake_timeout = 30.0  # seconds, STARTTLS and implicit TLS alike
         self._idle = asyncio.Event()
         self._idle.set()
         if any(p == "*" for p in config.accept_domains):
@@ -198,15 +201,11 @@ class Front:
         for runtime in self.listeners.values():
             listener = runtime.config
             sock = bind_socket(listener.host, listener.port)
-            context = None
-            if listener.tls == "implicit":
-                assert self.tls is not None  # config validation guarantees it
-                context = self.tls.server_context
+            # No ssl= here, also for implicit TLS: the session layers TLS over the raw
+            # connection itself (FrontSession._start_tls), so its slot is held from the TCP
+            # accept and given back when that connection closes, handshake or not.
             runtime.server = await loop.create_server(
-                lambda rt=runtime: FrontSession(self, rt.config),
-                sock=sock,
-                ssl=context,
-                ssl_handshake_timeout=30.0 if context else None,
+                functools.partial(FrontSession, self, listener), sock=sock
             )
             runtime.address = sock.getsockname()[:2]
             log.info(
@@ -311,6 +310,32 @@ class _NoHooks:
     """aiosmtpd wants a handler; every command is answered by FrontSession itself."""
 
 
+class _SessionTls(sslproto.SSLProtocol):
+    """asyncio's server-side TLS layer over a session's raw connection, which tells the session
+    when that connection is gone, whether or not the handshake completed. (The plain
+    SSLProtocol tells its application protocol only about connections it announced, that is
+    after a completed handshake: a client that sent STARTTLS and then closed, sent garbage or
+    timed out used to keep its session slot for ever.)"""
+
+    def __init__(self, session: FrontSession, context: ssl.SSLContext, waiter: asyncio.Future[None]) -> None:
+        super().__init__(
+            session.loop,
+            session,
+            context,
+            waiter,
+            server_side=True,
+            # typeshed says int; asyncio takes any number of seconds
+            ssl_handshake_timeout=session.front.tls_handshake_timeout,  # type: ignore[arg-type]
+        )
+        self._session = session
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            self._session._raw_connection_lost(exc)
+
+
 class FrontSession(SMTP):
     """One SMTP connection. Commands are answered in the order they arrive (pipelining)."""
 
@@ -325,7 +350,10 @@ class FrontSession(SMTP):
         self._errors = 0
         self._auth_failures = 0
         self._admission: Reply | None = None
-        self._registered = False
+        self._registered = False  # holds a slot in front.sessions (from TCP accept to close)
+        self._lost = False  # connection_lost ran
+        self._tls_up = False  # a TLS handshake completed (connection_made over TLS ran)
+        self._handshake: asyncio.Future[None] | None = None
         self._trust: tuple[object, str, bool] | None = None  # (networks, client address, trusted)
         self._idle_deadline = 0.0
         self._idle_timer_armed = False
@@ -337,7 +365,7 @@ class FrontSession(SMTP):
             decode_data=False,
             hostname=front.config.hostname,
             ident=IDENT,
-            tls_context=front.tls.current() if (front.tls and listener.tls == "starttls") else None,
+            tls_context=None,  # STARTTLS and implicit TLS are ours (_start_tls)
             require_starttls=False,
             timeout=limits.idle_timeout,
             auth_required=False,
@@ -382,27 +410,81 @@ class FrontSession(SMTP):
 
     # ------------------------------------------------------------------ connection
 
+    # The session slot: taken when the TCP connection is accepted (`connection_made` on the
+    # raw transport), given back once when that connection is closed, however the session
+    # ends. Before TLS the raw transport reports to this object (`connection_lost`); once TLS
+    # is layered on (`_start_tls`) it reports to `_SessionTls`, which calls
+    # `_raw_connection_lost` even when no handshake completed.
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self._original_transport is None and self.transport is None
+        if self._original_transport is not None:  # over TLS, after a completed handshake
+            super().connection_made(transport)
+            self._tls_up = True
+            return
         super().connection_made(transport)
-        if first:
-            peer = transport.get_extra_info("peername")
-            self.client_ip = str(peer[0]) if peer else ""
-            self._admission = self.front.admit(self)
-            self._registered = True
+        peer = transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]) if peer else ""
+        self._admission = self.front.admit(self)
+        self._registered = True
+        if self.listener.tls == "implicit":
+            # At once, before the event loop reads the ClientHello into the plain reader.
+            self._handshake = self._start_tls()
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
         try:
             super().connection_lost(error)
         finally:
-            if self._registered:
-                self._registered = False
-                self.front.release(self)
+            self._release_slot()
+
+    def _raw_connection_lost(self, error: BaseException | None) -> None:
+        """The raw connection under TLS is closed: the slot now; and aiosmtpd's cleanup (idle
+        timer, command loop) soon, if the TLS layer does not report it (no handshake). The TLS
+        layer schedules its own report first, so this one finds it done."""
+        self._release_slot()
+        self.loop.call_soon(self.connection_lost, error if isinstance(error, Exception) else None)
+
+    def _release_slot(self) -> None:
+        if self._registered:
+            self._registered = False
+            self.front.release(self)
+
+    def _start_tls(self) -> asyncio.Future[None]:
+        """Layer server-side TLS over the raw connection; the future says when the handshake
+        is done (TLSSetupException if it failed, timed out or the connection went away)."""
+        assert self.front.tls is not None  # config validation guarantees it
+        raw = self.transport
+        if raw is None or raw.is_closing():
+            raise ConnectionResetError("connection closed before the TLS handshake")
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        # Retrieved here too: a connection reset before the command loop ran awaits nothing.
+        waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
+        tls = _SessionTls(self, self.front.tls.current(), waiter)
+        self._tls_protocol = tls
+        self._original_transport = raw
+        raw.set_protocol(tls)
+        self.transport = tls._app_transport
+        tls.connection_made(raw)
+        return waiter
+
+    async def _handshake_done(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            raise TLSSetupException() from error
+        if not self._tls_up:  # the connection closed before the handshake completed
+            raise TLSSetupException() from ConnectionResetError("connection lost during the TLS handshake")
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Move the idle deadline (every command and DATA chunk calls this). One timer per
         session that re-arms itself when it fires before the deadline, instead of aiosmtpd's
         cancel-and-create per call."""
+        if self._lost:
+            return
         delay = duration or self._timeout_duration
         self._idle_deadline = self.loop.time() + delay
         if not self._idle_timer_armed or (
@@ -459,6 +541,13 @@ class FrontSession(SMTP):
     # ------------------------------------------------------------------ the command loop
 
     async def _handle_client(self) -> None:
+        if self._handshake is not None:  # implicit TLS: the handshake comes before the banner
+            try:
+                await self._handshake_done(self._handshake)
+            except TLSSetupException as error:
+                log.info("session %s: TLS handshake failed: %r", self.client_ip, error.__cause__ or error)
+                self._close()
+                return
         if self._admission is not None:
             log.info("refused connection from %s: %s", self.client_ip, self._admission)
             await self._write_raw([str(self._admission)])
@@ -625,8 +714,8 @@ class FrontSession(SMTP):
         if self.secure:
             await self.reply(status.TLS_ALREADY)
             return
-        self.tls_context = self.front.tls.current()
-        await super().smtp_STARTTLS(arg)
+        await self.push("220 Ready to start TLS")
+        await self._handshake_done(self._start_tls())
         self._reset_transaction()
 
     async def smtp_AUTH(self, arg: str | None) -> None:

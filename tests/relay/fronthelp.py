@@ -1,10 +1,12 @@
-"""Helpers for the SMTP front tests: configs, a running front on 127.0.0.1:0, a raw SMTP client
-that speaks bytes (to send what smtplib refuses to send) and trustme certificates."""
+"""Helpers for the SMTP front tests: configs (plain, and TLS + AUTH), a running front on
+127.0.0.1:0, a raw SMTP client that speaks bytes (to send what smtplib refuses to send) and
+trustme certificates."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,44 @@ def make_config(tmp_path: Path, **overrides: Any) -> RelayConfig:
     }
     data.update(overrides)
     return parse_config(data)
+
+
+TLS_LISTENERS: list[dict[str, Any]] = [
+    {"name": "smtp", "host": "127.0.0.1", "port": 2525, "mode": "relay", "tls": "starttls"},
+    {
+        "name": "submission",
+        "host": "127.0.0.1",
+        "port": 2587,
+        "mode": "submission",
+        "tls": "starttls",
+        "auth": "required",
+    },
+    {
+        "name": "smtps",
+        "host": "127.0.0.1",
+        "port": 2465,
+        "mode": "submission",
+        "tls": "implicit",
+        "auth": "required",
+    },
+]
+
+
+def tls_config(tmp_path: Path, **overrides: Any) -> tuple[RelayConfig, ssl.SSLContext]:
+    """Three listeners (relay with STARTTLS ``smtp``, ``submission`` with STARTTLS and AUTH
+    required, implicit-TLS ``smtps`` with AUTH required), trustme certificates and one user
+    alice/wonderland; with the client context that trusts the certificate."""
+    certs = make_certs(tmp_path)
+    users = write_users(tmp_path, {"alice": "wonderland"})
+    config = make_config(
+        tmp_path,
+        listeners=TLS_LISTENERS,
+        tls={"certFile": str(certs.cert_file), "keyFile": str(certs.key_file)},
+        auth={"usersFile": str(users), "maxFailures": 3},
+        **overrides,
+    )
+    client_context = ssl.create_default_context(cafile=str(certs.ca_file))
+    return config, client_context
 
 
 def with_port_zero(config: RelayConfig) -> RelayConfig:

@@ -19,7 +19,7 @@ import uvloop
 from relay.front import Front
 from relay.scheduler import Scheduler
 from relay.spool import Spool, SpoolFullError, SpoolReadOnlyError
-from tests.relay.fronthelp import RawClient, make_certs, make_config, running_front, write_users
+from tests.relay.fronthelp import RawClient, make_certs, make_config, running_front, tls_config
 from tests.relay.smtpsink import SmtpSink
 
 MESSAGE = b"Subject: hello\r\nFrom: a@sender.org\r\n\r\nbody line\r\n"
@@ -423,39 +423,6 @@ async def test_on_stored_is_called_with_the_queue_id(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- TLS and AUTH
-
-
-def tls_config(tmp_path: Path, **overrides: Any) -> Any:
-    certs = make_certs(tmp_path)
-    users = write_users(tmp_path, {"alice": "wonderland"})
-    listeners = [
-        {"name": "smtp", "host": "127.0.0.1", "port": 2525, "mode": "relay", "tls": "starttls"},
-        {
-            "name": "submission",
-            "host": "127.0.0.1",
-            "port": 2587,
-            "mode": "submission",
-            "tls": "starttls",
-            "auth": "required",
-        },
-        {
-            "name": "smtps",
-            "host": "127.0.0.1",
-            "port": 2465,
-            "mode": "submission",
-            "tls": "implicit",
-            "auth": "required",
-        },
-    ]
-    config = make_config(
-        tmp_path,
-        listeners=listeners,
-        tls={"certFile": str(certs.cert_file), "keyFile": str(certs.key_file)},
-        auth={"usersFile": str(users), "maxFailures": 3},
-        **overrides,
-    )
-    client_context = ssl.create_default_context(cafile=str(certs.ca_file))
-    return config, client_context
 
 
 async def test_starttls_then_auth_on_submission(tmp_path: Path) -> None:
