@@ -366,6 +366,7 @@ class _Replica:
     config_file: Path
     spool_dir: Path
     metrics_port: int
+    config_yaml: str
     process: subprocess.Popen[bytes] | None = None
 
 
@@ -408,7 +409,12 @@ class MailrelaySet:
             for replica in relay.replicas:
                 self.replicas.append(
                     _Replica(
-                        relay.name, replica.name, replica.config_file, replica.spool_dir, replica.metrics_port
+                        relay.name,
+                        replica.name,
+                        replica.config_file,
+                        replica.spool_dir,
+                        replica.metrics_port,
+                        replica.config_yaml,
                     )
                 )
                 if self.settings.launch == "relay":
@@ -425,11 +431,11 @@ class MailrelaySet:
         return next(r.spool_dir for r in self.replicas if r.relay == wanted)
 
     def config_text(self) -> str:
-        """The first replica's rendered config (for the raw results)."""
+        """The first replica's config as the planner renders it (for the raw results; `up`
+        renders the same, with metrics ports of its own choosing)."""
         if not self.replicas:
             self.render()
-        path = self.replicas[0].config_file
-        return path.read_text() if path.exists() else ""
+        return self.replicas[0].config_yaml
 
     def start(self, wait: bool = True) -> None:
         if not self.replicas:
