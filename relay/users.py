@@ -8,9 +8,10 @@ blank lines and lines starting with ``#`` are ignored. Schemes:
 - ``{PLAIN}secret`` for demos and tests only.
 
 Checks compare in constant time (hmac.compare_digest) and an unknown user costs as much as a
-known one, so timing reveals neither. Verification is CPU work (PBKDF2): the front runs
-`UserDatabase.verify` in a thread. The brute-force limit (``auth.maxFailures``) and the delay
-after a failure belong to the front (per session), not here.
+known one, so timing reveals neither. Verification is CPU work (PBKDF2): the front
+(relay.front_session) runs `UserDatabase.verify` in a thread. Decoding the AUTH exchange is
+relay.core.sasl's; the brute-force limit (``auth.maxFailures``) and the delay after a failure
+belong to the front (per session), not here.
 
 This module reads one file and hashes; it never touches the network.
 """

@@ -22,6 +22,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,18 +139,49 @@ def untrusting_context() -> ssl.SSLContext:
 
 # ----------------------------------------------------------------------------- the exit paths
 # Each scenario gets the started front and the trusting client context and leaves the session
-# ended (by the client or by the server); the test then checks the slots.
+# ended (by the client or by the server); the test then checks the slots. Most take first how
+# the session is opened: pending (STARTTLS answered 220, or TCP to the implicit-TLS port, and
+# no ClientHello yet) or over TLS.
+
+Opener = Callable[[Front, ssl.SSLContext], Awaitable[RawClient]]
 
 
-async def starttls_abandoned(front: Front, context: ssl.SSLContext) -> None:
-    client = await after_starttls_220(front)
+async def starttls_pending(front: Front, context: ssl.SSLContext) -> RawClient:
+    return await after_starttls_220(front)
+
+
+async def implicit_pending(front: Front, context: ssl.SSLContext) -> RawClient:
+    return await raw_tcp(front, "smtps")
+
+
+async def abandoned(open_session: Opener, front: Front, context: ssl.SSLContext) -> None:
+    client = await open_session(front, context)
     await client.close()
 
 
-async def starttls_garbage(front: Front, context: ssl.SSLContext) -> None:
-    client = await after_starttls_220(front)
+async def garbage(open_session: Opener, front: Front, context: ssl.SSLContext) -> None:
+    client = await open_session(front, context)
     await client.send(GARBAGE)
     assert await client.closed()
+
+
+async def handshake_timeout(open_session: Opener, front: Front, context: ssl.SSLContext) -> None:
+    front.tls_handshake_timeout = 0.5
+    client = await open_session(front, context)
+    assert await client.closed(timeout=30)  # the server gave up on the handshake
+
+
+async def reset_during_data(open_session: Opener, front: Front, context: ssl.SSLContext) -> None:
+    client = await open_session(front, context)
+    await start_data(client)
+    reset(client)
+
+
+async def quit_over_tls(open_session: Opener, front: Front, context: ssl.SSLContext) -> None:
+    client = await open_session(front, context)
+    assert (await client.cmd("QUIT"))[0] == 221
+    assert await client.closed()
+    await client.close()
 
 
 async def starttls_certificate_refused(front: Front, context: ssl.SSLContext) -> None:
@@ -159,21 +191,15 @@ async def starttls_certificate_refused(front: Front, context: ssl.SSLContext) ->
     await client.close()
 
 
-async def starttls_handshake_timeout(front: Front, context: ssl.SSLContext) -> None:
-    front.tls_handshake_timeout = 0.5
-    client = await after_starttls_220(front)
-    assert await client.closed(timeout=30)  # the server gave up on the handshake
+async def implicit_certificate_refused(front: Front, context: ssl.SSLContext) -> None:
+    host, port = front.addresses["smtps"]
+    with pytest.raises(ssl.SSLError):
+        await RawClient.connect(host, port, ssl=untrusting_context(), server_hostname="localhost")
 
 
-async def starttls_idle_timeout_in_handshake(front: Front, context: ssl.SSLContext) -> None:
+async def idle_timeout_during_handshake(front: Front, context: ssl.SSLContext) -> None:
     client = await after_starttls_220(front)  # idleTimeout is 1 s in this case
     assert await client.closed(timeout=30)
-
-
-async def starttls_reset_during_data(front: Front, context: ssl.SSLContext) -> None:
-    client = await tls_upgraded(front, context)
-    await start_data(client)
-    reset(client)
 
 
 async def plain_reset_during_data(front: Front, context: ssl.SSLContext) -> None:
@@ -193,13 +219,6 @@ async def tls_idle_timeout(front: Front, context: ssl.SSLContext) -> None:
     assert await client.closed()
 
 
-async def tls_quit(front: Front, context: ssl.SSLContext) -> None:
-    client = await tls_upgraded(front, context)
-    assert (await client.cmd("QUIT"))[0] == 221
-    assert await client.closed()
-    await client.close()
-
-
 async def tls_too_many_errors(front: Front, context: ssl.SSLContext) -> None:
     client = await tls_upgraded(front, context)  # maxErrors is 2 in this case
     await client.send(b"BOGUS\r\nBOGUS\r\n")
@@ -208,60 +227,24 @@ async def tls_too_many_errors(front: Front, context: ssl.SSLContext) -> None:
     await client.close()
 
 
-async def implicit_tcp_only(front: Front, context: ssl.SSLContext) -> None:
-    client = await raw_tcp(front, "smtps")
-    await client.close()
-
-
-async def implicit_garbage(front: Front, context: ssl.SSLContext) -> None:
-    client = await raw_tcp(front, "smtps")
-    await client.send(GARBAGE)
-    assert await client.closed()
-
-
-async def implicit_certificate_refused(front: Front, context: ssl.SSLContext) -> None:
-    host, port = front.addresses["smtps"]
-    with pytest.raises(ssl.SSLError):
-        await RawClient.connect(host, port, ssl=untrusting_context(), server_hostname="localhost")
-
-
-async def implicit_handshake_timeout(front: Front, context: ssl.SSLContext) -> None:
-    front.tls_handshake_timeout = 0.5
-    client = await raw_tcp(front, "smtps")
-    assert await client.closed(timeout=30)
-
-
-async def implicit_reset_during_data(front: Front, context: ssl.SSLContext) -> None:
-    client = await implicit_tls(front, context)
-    await start_data(client)
-    reset(client)
-
-
-async def implicit_quit(front: Front, context: ssl.SSLContext) -> None:
-    client = await implicit_tls(front, context)
-    assert (await client.cmd("QUIT"))[0] == 221
-    assert await client.closed()
-    await client.close()
-
-
 Scenario = Callable[[Front, ssl.SSLContext], Awaitable[None]]
 CASES: dict[str, tuple[Scenario, dict[str, Any]]] = {
-    "starttls-abandoned-after-220": (starttls_abandoned, {}),
-    "starttls-garbage-instead-of-client-hello": (starttls_garbage, {}),
+    "starttls-abandoned-after-220": (partial(abandoned, starttls_pending), {}),
+    "starttls-garbage-instead-of-client-hello": (partial(garbage, starttls_pending), {}),
     "starttls-client-refuses-certificate": (starttls_certificate_refused, {}),
-    "starttls-handshake-timeout": (starttls_handshake_timeout, {}),
-    "starttls-idle-timeout-during-handshake": (starttls_idle_timeout_in_handshake, {"idleTimeout": "1s"}),
-    "starttls-reset-during-data": (starttls_reset_during_data, {}),
+    "starttls-handshake-timeout": (partial(handshake_timeout, starttls_pending), {}),
+    "starttls-idle-timeout-during-handshake": (idle_timeout_during_handshake, {"idleTimeout": "1s"}),
+    "starttls-reset-during-data": (partial(reset_during_data, tls_upgraded), {}),
     "plain-reset-during-data": (plain_reset_during_data, {}),
     "tls-idle-timeout": (tls_idle_timeout, {"idleTimeout": "1s"}),
-    "tls-server-closes-after-quit": (tls_quit, {}),
+    "tls-server-closes-after-quit": (partial(quit_over_tls, tls_upgraded), {}),
     "tls-server-closes-after-too-many-errors": (tls_too_many_errors, {"maxErrors": 2}),
-    "implicit-tcp-closed-before-client-hello": (implicit_tcp_only, {}),
-    "implicit-garbage-instead-of-client-hello": (implicit_garbage, {}),
+    "implicit-tcp-closed-before-client-hello": (partial(abandoned, implicit_pending), {}),
+    "implicit-garbage-instead-of-client-hello": (partial(garbage, implicit_pending), {}),
     "implicit-client-refuses-certificate": (implicit_certificate_refused, {}),
-    "implicit-handshake-timeout": (implicit_handshake_timeout, {}),
-    "implicit-reset-during-data": (implicit_reset_during_data, {}),
-    "implicit-server-closes-after-quit": (implicit_quit, {}),
+    "implicit-handshake-timeout": (partial(handshake_timeout, implicit_pending), {}),
+    "implicit-reset-during-data": (partial(reset_during_data, implicit_tls), {}),
+    "implicit-server-closes-after-quit": (partial(quit_over_tls, implicit_tls), {}),
 }
 
 
@@ -301,7 +284,7 @@ async def test_120_abandoned_starttls_sessions_then_a_full_session(tmp_path: Pat
     async with running_front(config) as front:
         before = slots(front)
         for _ in range(120):
-            await starttls_abandoned(front, context)  # each one greeted with 220, not 421
+            await abandoned(starttls_pending, front, context)  # each greeted with 220, not 421
         await settled(front, before)
         assert (await full_session(front, "submission", context)).startswith("2.0.0")
         await settled(front, before)
