@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import summary, targets
+from bench.postfix_config import DEFAULT_VARIANT
 from bench.systems import REPO
 
 RESULTS = REPO / "bench" / "results"
@@ -30,7 +31,8 @@ def markdown(data: dict[str, Any], source: str = "") -> str:
     queue = summary.queue_rows(rows)
     if queue:
         out += ["", summary.markdown_table(summary.QUEUE_HEAD, queue)]
-    out += ["", "```", *targets.lines(targets.judge(rows)), "```"]
+    notes = summary.variant_notes(rows, DEFAULT_VARIANT)
+    out += ["", "```", *notes, *targets.lines(targets.judge(rows)), "```"]
     return "\n".join(out)
 
 

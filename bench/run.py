@@ -141,6 +141,8 @@ def report(info: dict[str, Any], bench: Bench, path: Path) -> None:
         print()
         print(summary.text_table(summary.QUEUE_HEAD, queue))
     print()
+    for line in summary.variant_notes(rows, DEFAULT_VARIANT):
+        print(line)
     for line in targets.lines(verdicts):
         print(line)
     print(f"\nraw results: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)

@@ -165,6 +165,27 @@ def markdown_table(head: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def variant_notes(rows: Sequence[Mapping[str, Any]], default: str, margin: float = 0.05) -> list[str]:
+    """For each case of the `variants` scenario, whether another variant beat the default by
+    more than `margin` in this run (then the default deserves a second look)."""
+    notes = []
+    cases: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["scenario"] == "variants" and r["rate"]:
+            cases.setdefault(r["case"], {})[r["system"]] = r["rate"]
+    for case, rates in cases.items():
+        mine = rates.get(default)
+        best, rate = max(rates.items(), key=lambda item: item[1])
+        if mine is None or best == default:
+            continue
+        if rate > mine * (1 + margin):
+            notes.append(
+                f"note: at {case} variant {best} did {rate:.0f} msg/s, {100 * (rate / mine - 1):.0f}% more "
+                f"than the default {default} ({mine:.0f})"
+            )
+    return notes
+
+
 def header(info: Mapping[str, Any]) -> list[str]:
     """What ran: machine, commit, both systems' settings, overrides (the lines of the header)."""
     s = info["settings"]
