@@ -87,6 +87,9 @@ class Verdict:
             return "-"
         unit = self.target.unit if self.target.figure != "p99" else "x"
         digits = 0 if self.target.figure == "queued_bytes" else 2
+        # never round a figure onto its goal (1.496 is not 1.50 when the goal is 1.5)
+        while digits < 4 and f"{self.value:.{digits}f}" == f"{self.target.goal:.{digits}f}":
+            digits += 1
         return f"{self.value:.{digits}f}{unit}"
 
 
