@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 MAX_WORKERS = 64
 
@@ -46,7 +46,7 @@ def auto_workers(quota_cpus: float | None, affinity_cpus: int | None) -> int:
     """The worker count for ``workers: auto``."""
     cpus = affinity_cpus if affinity_cpus and affinity_cpus > 0 else 1
     if quota_cpus is not None and quota_cpus > 0:
-        cpus = min(cpus, math.ceil(quota_cpus - 1e-9))
+        cpus = min(cpus, math.ceil(quota_cpus))
     return max(1, min(cpus, MAX_WORKERS))
 
 
@@ -59,10 +59,7 @@ def workers_for_cpu(quantity: str | int | float) -> int:
     match = _QUANTITY.match(str(quantity))
     if match is None:
         raise ValueError(f"not a CPU quantity: {quantity!r} (use e.g. 500m, 1, 2.5)")
-    try:
-        value = Decimal(match.group(1))
-    except InvalidOperation as exc:  # pragma: no cover - the pattern admits only decimals
-        raise ValueError(f"not a CPU quantity: {quantity!r}") from exc
+    value = Decimal(match.group(1))  # the pattern admits only decimals
     if match.group(2) == "m":
         value /= 1000
     return max(1, min(math.ceil(value), MAX_WORKERS))
