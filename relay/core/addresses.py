@@ -1,6 +1,7 @@
 """Envelope address parsing: split a mailbox into local part and domain, judge its real
 destination and decide relay permission (no open relay). Pure functions, RFC 5321 4.1.2
-grammar; no DNS, no I/O. Called by relay.front at RCPT time and by routing.
+grammar; no DNS, no I/O. Called by relay.core.rcpt (the RCPT decision), relay.core.routing
+and the adapters that parse addresses (front_session, hops, the gateways).
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ the ``Message-ID``/``Date`` a submission server adds when they are missing.
   recipient, so one message does not leak the others) and the date. TLS version and cipher go
   in a comment, as Postfix writes them.
 - RFC 5321 6.3: a message whose ``Received:`` count reaches the hop limit is in a loop
-  (``554 5.4.6``); the front calls `count_received` before accepting.
+  (``554 5.4.6``); relay.core.accept calls `count_received` before the front stores a message.
 - RFC 6409 8.2/8.3: a message submission agent may add a missing ``Date:`` and ``Message-ID:``.
 
-Pure functions over bytes; the time and randomness are arguments. Called by relay.front; the
-header section is found by relay.core.headers.
+Pure functions over bytes; the time and randomness are arguments. Called by relay.core.accept (what the
+front stores); the header section is found by relay.core.headers.
 """
 
 from __future__ import annotations
