@@ -359,6 +359,33 @@ class RouteConfig(_Model):
     failover: list[NextHop] = []
 
 
+# --------------------------------------------------------------------------- scale-down hand-off
+
+
+class HandoffConfig(_Model):
+    """The peer-only SMTP listener that takes queued mail from a draining peer of the same
+    relay (issue 14). Only a client that authenticates (AUTH PLAIN) with the shared secret in
+    `credentialFile` may use it; it keeps each message's queue state (relay.handoff_server)."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=2526, ge=1, le=65535)
+    credential_file: Path = Path("/etc/mailrelay/handoff/credential")
+
+
+class HandoffPeer(_Model):
+    """Where a draining relay hands its queue: another pod of the same relay, its handoff port."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(default=2526, ge=1, le=65535)
+
+
+class DrainConfig(_Model):
+    """The pods named in `pods` drain: no new mail, queued mail delivered or handed to `peers`."""
+
+    pods: list[str] = []
+    peers: list[HandoffPeer] = []
+
+
 # --------------------------------------------------------------------------- the whole relay
 
 
@@ -383,6 +410,8 @@ class RelayConfig(_Model):
         "(cgroup CPU quota rounded up, else the affinity mask; relay.core.cpus)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    handoff: HandoffConfig | None = None
+    drain: DrainConfig | None = None
 
     @field_validator("trusted_networks", mode="before")
     @classmethod
@@ -404,10 +433,20 @@ class RelayConfig(_Model):
                 raise ValueError(f"listener {listener.name!r} uses TLS but no tls certificate is configured")
             if listener.auth != "none" and self.auth is None:
                 raise ValueError(f"listener {listener.name!r} uses AUTH but no auth usersFile is configured")
+        if self.handoff is not None and any(
+            listener.port == self.handoff.port
+            and (listener.host == self.handoff.host or "0.0.0.0" in (listener.host, self.handoff.host))
+            for listener in self.listeners
+        ):
+            raise ValueError(f"handoff.port {self.handoff.port} is already used by a listener")
         route_names = [route.name for route in self.routes]
         if len(set(route_names)) != len(route_names):
             raise ValueError("route names must be unique")
         return self
+
+    def draining(self, pod: str) -> bool:
+        """Whether the pod named `pod` is asked to drain (listed in ``drain.pods``)."""
+        return self.drain is not None and pod in self.drain.pods
 
     def ordered_routes(self) -> list[RouteConfig]:
         """Routes in the order they are tried: higher priority first, ties broken by name."""

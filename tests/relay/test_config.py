@@ -115,3 +115,27 @@ def test_quantities(text: object, size: int) -> None:
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+def test_handoff_and_drain_round_trip_and_name_the_draining_pods() -> None:
+    data = {
+        **FULL,
+        "handoff": {"port": 2526, "credentialFile": "/etc/mailrelay/handoff/credential"},
+        "drain": {"pods": ["edge-1", "edge-2"], "peers": [{"host": "edge-0.edge-peers", "port": 2526}]},
+    }
+    config = parse_config(data)
+    assert config.handoff is not None and config.handoff.port == 2526
+    assert config.handoff.credential_file == Path("/etc/mailrelay/handoff/credential")
+    assert config.drain is not None and config.drain.peers[0].host == "edge-0.edge-peers"
+    assert config.draining("edge-1") and config.draining("edge-2")
+    assert not config.draining("edge-0")
+    assert not parse_config(FULL).draining("edge-1")
+    again = parse_config(__import__("yaml").safe_load(dump_config(config)))
+    assert again == config
+
+
+def test_handoff_port_must_not_be_a_listener_port() -> None:
+    with pytest.raises(ConfigError, match="handoff.port 25 is already used"):
+        parse_config({**FULL, "handoff": {"port": 25}})
+    with pytest.raises(ConfigError, match="drain.peers.0.port"):
+        parse_config({**FULL, "drain": {"pods": ["a"], "peers": [{"host": "h", "port": 0}]}})
