@@ -135,7 +135,7 @@ def test_handoff_and_drain_round_trip_and_name_the_draining_pods() -> None:
 
 
 def test_handoff_port_must_not_be_a_listener_port() -> None:
-    with pytest.raises(ConfigError, match="handoff.port 25 is already used"):
+    with pytest.raises(ConfigError, match=r"handoff\.port 25 is already used"):
         parse_config({**FULL, "handoff": {"port": 25}})
-    with pytest.raises(ConfigError, match="drain.peers.0.port"):
+    with pytest.raises(ConfigError, match=r"drain\.peers\.0\.port"):
         parse_config({**FULL, "drain": {"pods": ["a"], "peers": [{"host": "h", "port": 0}]}})
