@@ -30,25 +30,33 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-CONFIG_VERSION = 1
-
 # --------------------------------------------------------------------------- value formats
+# The one definition of the two value grammars of manifests and configs (the operator's spec and
+# the CRD schema use the patterns below; tests/relay_operator/test_spec.py checks the CRD's copy):
+# - a duration is a number and a unit, ms, s, m, h or d ("250ms", "30s", "5m", "5d");
+# - a size is a Kubernetes quantity of bytes, a number with an optional decimal (k, M, G, T) or
+#   binary (Ki, Mi, Gi, Ti) suffix ("25Mi", "10M", "1048576").
+# A relay config (this file's models) also takes a duration as a plain number of seconds and
+# allows blanks around the parts, since configs are also written by hand. CPU quantities
+# ("500m", "2") are a third grammar, Kubernetes' own, used only for `workers` (relay.core.cpus).
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|k|K|M|G|T)?\s*$")
-_QUANTITY_UNITS = {
-    None: 1,
+_SIZE_UNITS = {
+    "Ki": 1024,
+    "Mi": 1024**2,
+    "Gi": 1024**3,
+    "Ti": 1024**4,
     "k": 1000,
     "K": 1000,
     "M": 1000**2,
     "G": 1000**3,
     "T": 1000**4,
-    "Ki": 1024,
-    "Mi": 1024**2,
-    "Gi": 1024**3,
-    "Ti": 1024**4,
 }
+_NUMBER = r"[0-9]+(\.[0-9]+)?"
+DURATION_PATTERN = rf"^{_NUMBER}({'|'.join(_DURATION_UNITS)})$"
+SIZE_PATTERN = rf"^{_NUMBER}({'|'.join(_SIZE_UNITS)})?$"
+_DURATION = re.compile(rf"^\s*({_NUMBER})\s*({'|'.join(_DURATION_UNITS)})?\s*$")
+_SIZE = re.compile(rf"^\s*({_NUMBER})\s*({'|'.join(_SIZE_UNITS)})?\s*$")
 
 
 def parse_duration(value: object) -> float:
@@ -62,12 +70,12 @@ def parse_duration(value: object) -> float:
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            number, unit = match.groups()
+            number, _, unit = match.groups()
             return float(number) * _DURATION_UNITS[unit or "s"]
     raise ValueError(f"invalid duration {value!r}: use a number with a unit s, m, h or d, e.g. '5m'")
 
 
-def parse_quantity(value: object) -> int:
+def parse_size(value: object) -> int:
     """Bytes from a Kubernetes quantity (``"25Mi"``, ``"10M"``) or a plain number of bytes."""
     if isinstance(value, bool):
         raise ValueError("a size must be a quantity like '25Mi' or a number of bytes")
@@ -76,10 +84,10 @@ def parse_quantity(value: object) -> int:
             raise ValueError("a size cannot be negative")
         return value
     if isinstance(value, str):
-        match = _QUANTITY.match(value)
+        match = _SIZE.match(value)
         if match:
-            number, unit = match.groups()
-            return int(float(number) * _QUANTITY_UNITS[unit])
+            number, _, unit = match.groups()
+            return int(float(number) * (_SIZE_UNITS[unit] if unit else 1))
     raise ValueError(f"invalid size {value!r}: use a Kubernetes quantity such as '25Mi' or a number of bytes")
 
 
@@ -99,7 +107,7 @@ Duration = Annotated[
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
 ]
-ByteSize = Annotated[int, BeforeValidator(parse_quantity)]
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
 
 _DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from relay_operator import naming
-from relay_operator.spec import Invalid
+from relay_operator.spec import InvalidSpec
 from relay_operator.topology import Problem, RelayPlan, RoutePlan
 
 # The order in which reasons win when several problems make ConfigValid False.
@@ -133,7 +133,7 @@ def statefulset_rollout(statefulset: Mapping[str, Any] | None, desired: int) -> 
 
 
 def mailrelay_status(
-    plan: RelayPlan | Invalid,
+    plan: RelayPlan | InvalidSpec,
     *,
     previous: Mapping[str, Any] | None,
     statefulset: Mapping[str, Any] | None,
@@ -153,7 +153,7 @@ def mailrelay_status(
     previous = previous or {}
     conditions = previous.get("conditions") or []
     sts = (statefulset or {}).get("status") or {}
-    if isinstance(plan, Invalid):
+    if isinstance(plan, InvalidSpec):
         name, generation = plan.key.name, plan.generation
         problems: Sequence[Problem] = ()
         invalid: tuple[str, str] | None = ("InvalidSpec", "; ".join(plan.errors))
@@ -202,7 +202,7 @@ def mailrelay_status(
     }
     if generation is None:
         del status["observedGeneration"]
-    if not isinstance(plan, Invalid):
+    if not isinstance(plan, InvalidSpec):
         status["routeCount"] = len(plan.routes)
         status["routes"] = [
             {"name": r.key.name, "priority": r.spec.priority, "nextHop": r.spec.next_hop.summary()}

@@ -72,7 +72,7 @@ from relay_operator.k8s import (
     Resource,
     resource_for,
 )
-from relay_operator.spec import Invalid as InvalidSpec
+from relay_operator.spec import InvalidSpec
 from relay_operator.topology import (
     NamespacePlan,
     ObjectRef,

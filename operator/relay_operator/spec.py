@@ -9,7 +9,7 @@ equal the CRD defaults (a test checks that), so a body reads the same before and
 server's defaulting.
 
 Called by `topology` (and through it by the reconcile path and the CLI). Pure: no I/O, no
-Kubernetes client; invalid input becomes `Invalid` with one line per problem, never an exception.
+Kubernetes client; invalid input becomes `InvalidSpec` with one line per problem, never an exception.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from relay.config import normalize_domain_pattern, parse_duration
+from relay.config import DURATION_PATTERN, SIZE_PATTERN, normalize_domain_pattern, parse_duration
 from relay_operator import naming
 
-# Shared with the CRD schema (tests/relay_operator/test_spec.py checks they are the same).
-DURATION_PATTERN = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h|d)$"
-QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|K|M|G|T)?$"
+# Shared with the CRD schema (tests/relay_operator/test_spec.py checks they are the same); the
+# duration and size grammars are relay.config's (DURATION_PATTERN, SIZE_PATTERN).
 LISTENER_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 HOSTNAME_PATTERN = (
     r"^[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*$"
@@ -38,7 +37,7 @@ REJECT_MESSAGE_PATTERN = r"^[45]\.[0-9]{1,3}\.[0-9]{1,3}( [ -~]*)?$"
 SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
 
 _DURATION = re.compile(DURATION_PATTERN)
-_QUANTITY = re.compile(QUANTITY_PATTERN)
+_SIZE = re.compile(SIZE_PATTERN)
 
 
 class _Spec(BaseModel):
@@ -53,10 +52,10 @@ def _duration(value: Any) -> str:
     return value
 
 
-def _quantity(value: Any) -> str | int:
+def _size(value: Any) -> str | int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"invalid quantity {value!r}: use e.g. '25Mi' or a number of bytes")
-    if isinstance(value, str) and not _QUANTITY.match(value):
+    if isinstance(value, str) and not _SIZE.match(value):
         raise ValueError(f"invalid quantity {value!r}: use e.g. '25Mi', '5Gi' or a number of bytes")
     if isinstance(value, int) and value < 0:
         raise ValueError("a quantity cannot be negative")
@@ -108,7 +107,7 @@ class LimitsSpec(_Spec):
     max_connections_per_client: int = Field(default=50, ge=1, le=100000)
     idle_timeout: str = "5m"
 
-    _size = field_validator("max_message_size", mode="before")(_quantity)
+    _size = field_validator("max_message_size", mode="before")(_size)
     _idle = field_validator("idle_timeout", mode="before")(_duration)
 
 
@@ -116,7 +115,7 @@ class StorageSpec(_Spec):
     size: str | int = "1Gi"
     storage_class_name: str | None = Field(default=None, max_length=253)
 
-    _size = field_validator("size", mode="before")(_quantity)
+    _size = field_validator("size", mode="before")(_size)
 
 
 class RetrySpec(_Spec):
@@ -480,7 +479,7 @@ class RelayRoute:
 
 
 @dataclass(frozen=True)
-class Invalid:
+class InvalidSpec:
     """A body that cannot be used; `errors` are lines for a condition message or `mailrelay check`."""
 
     kind: str
@@ -524,8 +523,8 @@ def _spec_body(body: Mapping[str, Any]) -> tuple[Any, list[str]]:
     return spec, []
 
 
-def parse_mailrelay(body: Mapping[str, Any], default_namespace: str = "default") -> MailRelay | Invalid:
-    """A MailRelay body (as the API returns it, or as written in a file) → `MailRelay` or `Invalid`."""
+def parse_mailrelay(body: Mapping[str, Any], default_namespace: str = "default") -> MailRelay | InvalidSpec:
+    """A MailRelay body (as the API returns it, or as written in a file) → `MailRelay` or `InvalidSpec`."""
     key, labels, uid, generation = _metadata(body, default_namespace)
     errors: list[str] = []
     if not naming.is_valid_relay_name(key.name):
@@ -542,12 +541,12 @@ def parse_mailrelay(body: Mapping[str, Any], default_namespace: str = "default")
         except ValidationError as exc:
             errors += _describe(exc)
     if errors or spec is None:
-        return Invalid("MailRelay", key, tuple(errors), generation)
+        return InvalidSpec("MailRelay", key, tuple(errors), generation)
     return MailRelay(key=key, spec=spec, labels=labels, uid=uid, generation=generation)
 
 
-def parse_relayroute(body: Mapping[str, Any], default_namespace: str = "default") -> RelayRoute | Invalid:
-    """A RelayRoute body → `RelayRoute` or `Invalid`."""
+def parse_relayroute(body: Mapping[str, Any], default_namespace: str = "default") -> RelayRoute | InvalidSpec:
+    """A RelayRoute body → `RelayRoute` or `InvalidSpec`."""
     key, labels, uid, generation = _metadata(body, default_namespace)
     errors: list[str] = []
     if not key.name:
@@ -561,10 +560,10 @@ def parse_relayroute(body: Mapping[str, Any], default_namespace: str = "default"
         except ValidationError as exc:
             errors += _describe(exc)
     if errors or spec is None:
-        return Invalid("RelayRoute", key, tuple(errors), generation)
+        return InvalidSpec("RelayRoute", key, tuple(errors), generation)
     return RelayRoute(key=key, spec=spec, labels=labels, uid=uid, generation=generation)
 
 
-def messages(items: Sequence[Invalid]) -> list[str]:
+def messages(items: Sequence[InvalidSpec]) -> list[str]:
     """`kind namespace/name: problem` lines for a batch of invalid documents."""
     return [f"{item.kind} {item.key}: {error}" for item in items for error in item.errors]

@@ -63,7 +63,7 @@ from relay.config import (
     describe_validation_error,
     dump_config,
     parse_duration,
-    parse_quantity,
+    parse_size,
 )
 from relay.core.addresses import domain_matches
 from relay.core.cpus import workers_for_cpu
@@ -73,7 +73,7 @@ from relay_operator.spec import (
     CaSecretRef,
     GatewaySpec,
     HopSpec,
-    Invalid,
+    InvalidSpec,
     KeyedSecretRef,
     LimitsSpec,
     ListenerSpec,
@@ -274,7 +274,7 @@ class RoutePlan:
 class NamespacePlan:
     namespace: str
     relays: Mapping[str, RelayPlan]
-    invalid_relays: Mapping[str, Invalid]
+    invalid_relays: Mapping[str, InvalidSpec]
     routes: Mapping[str, RoutePlan]
     problems: tuple[Problem, ...] = field(default=())
 
@@ -637,7 +637,7 @@ def _listener_config(listener: ListenerSpec, context: RenderContext) -> Listener
 
 def _limits_config(limits: LimitsSpec) -> LimitsConfig:
     return LimitsConfig(
-        max_message_size=parse_quantity(limits.max_message_size),
+        max_message_size=parse_size(limits.max_message_size),
         max_recipients=limits.max_recipients,
         max_hops=limits.max_hops,
         max_connections=limits.max_connections,
@@ -813,16 +813,16 @@ _Parsed = TypeVar("_Parsed", MailRelay, RelayRoute)
 def _parse_all(
     kind: str,
     bodies: Sequence[Mapping[str, Any]],
-    parse: Callable[[Mapping[str, Any], str], _Parsed | Invalid],
+    parse: Callable[[Mapping[str, Any], str], _Parsed | InvalidSpec],
     namespace: str,
-) -> tuple[dict[str, _Parsed], dict[str, Invalid], list[Problem]]:
+) -> tuple[dict[str, _Parsed], dict[str, InvalidSpec], list[Problem]]:
     """Pass 1: bodies → typed documents by name, invalid ones, and an InvalidSpec per error."""
     valid: dict[str, _Parsed] = {}
-    invalid: dict[str, Invalid] = {}
+    invalid: dict[str, InvalidSpec] = {}
     problems: list[Problem] = []
     for body in bodies:
         parsed = parse(body, namespace)
-        if isinstance(parsed, Invalid):
+        if isinstance(parsed, InvalidSpec):
             invalid[parsed.key.name] = parsed
             problems += [Problem(_ref(kind, parsed.key), "InvalidSpec", e) for e in parsed.errors]
         else:
@@ -879,13 +879,13 @@ def _topology_problems(
 
 def _route_plans(
     routes: Mapping[str, RelayRoute],
-    invalid_routes: Mapping[str, Invalid],
+    invalid_routes: Mapping[str, InvalidSpec],
     relay_plans: Mapping[str, RelayPlan],
     problems: Sequence[Problem],
 ) -> dict[str, RoutePlan]:
     """Pass 4b: what became of each RelayRoute."""
     plans: dict[str, RoutePlan] = {}
-    documents: list[tuple[ObjectKey, RelayRoute | Invalid]] = [(r.key, r) for r in routes.values()]
+    documents: list[tuple[ObjectKey, RelayRoute | InvalidSpec]] = [(r.key, r) for r in routes.values()]
     documents += [(i.key, i) for i in invalid_routes.values()]
     for key, document in sorted(documents, key=lambda item: item[0]):
         ref = _ref("RelayRoute", key)

@@ -14,7 +14,7 @@ from relay.config import (
     load_config,
     parse_config,
     parse_duration,
-    parse_quantity,
+    parse_size,
 )
 
 FULL = {
@@ -108,7 +108,7 @@ def test_durations(text: object, seconds: float) -> None:
     ("text", "size"), [("25Mi", 26214400), ("10M", 10_000_000), ("1Ki", 1024), (512, 512)]
 )
 def test_quantities(text: object, size: int) -> None:
-    assert parse_quantity(text) == size
+    assert parse_size(text) == size
 
 
 @pytest.mark.parametrize("bad", ["5 minutes", "-1s", True, "m"])

@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 
 from relay_operator import spec
-from relay_operator.spec import Invalid, MailRelay, RelayRoute, parse_mailrelay, parse_relayroute
+from relay_operator.spec import InvalidSpec, MailRelay, RelayRoute, parse_mailrelay, parse_relayroute
 from tests.relay_operator import crd_tools
 
 
-def parse(body: dict[str, Any]) -> MailRelay | RelayRoute | Invalid:
+def parse(body: dict[str, Any]) -> MailRelay | RelayRoute | InvalidSpec:
     if body["kind"] == "MailRelay":
         return parse_mailrelay(body, "default")
     return parse_relayroute(body, "default")
@@ -24,7 +24,7 @@ def parse(body: dict[str, Any]) -> MailRelay | RelayRoute | Invalid:
 )
 def test_what_the_api_server_refuses_spec_refuses_too(body: dict[str, Any], phrase: str) -> None:
     parsed = parse(body)
-    assert isinstance(parsed, Invalid)
+    assert isinstance(parsed, InvalidSpec)
     assert any(phrase in error for error in parsed.errors), parsed.errors
 
 
@@ -34,7 +34,7 @@ def test_samples_parse_the_same_before_and_after_api_server_defaulting(
 ) -> None:
     raw = parse(body)
     defaulted = parse(crd_tools.apply_defaults(crd_tools.schema(body["kind"]), body))
-    assert not isinstance(raw, Invalid), raw
+    assert not isinstance(raw, InvalidSpec), raw
     assert raw == defaulted
 
 
@@ -90,8 +90,8 @@ def test_patterns_are_the_crd_patterns() -> None:
         _pattern("RelayRoute", "spec", "failover", "[]", "gateway", "pipe", "timeout")
         == spec.DURATION_PATTERN
     )
-    assert _pattern("MailRelay", "spec", "limits", "maxMessageSize") == spec.QUANTITY_PATTERN
-    assert _pattern("MailRelay", "spec", "queue", "storage", "size") == spec.QUANTITY_PATTERN
+    assert _pattern("MailRelay", "spec", "limits", "maxMessageSize") == spec.SIZE_PATTERN
+    assert _pattern("MailRelay", "spec", "queue", "storage", "size") == spec.SIZE_PATTERN
     assert _pattern("MailRelay", "spec", "listeners", "[]", "name") == spec.LISTENER_NAME_PATTERN
     assert _pattern("MailRelay", "spec", "hostname") == spec.HOSTNAME_PATTERN
     assert _pattern("RelayRoute", "spec", "nextHop", "smarthost", "host") == spec.HOSTNAME_PATTERN
@@ -122,7 +122,7 @@ def test_patterns_are_the_crd_patterns() -> None:
 )
 def test_semantic_rules(changes: dict[str, Any], phrase: str) -> None:
     parsed = parse(crd_tools.relay_body(**changes))
-    assert isinstance(parsed, Invalid)
+    assert isinstance(parsed, InvalidSpec)
     assert any(phrase in e for e in parsed.errors), parsed.errors
 
 
@@ -140,7 +140,7 @@ def test_semantic_rules(changes: dict[str, Any], phrase: str) -> None:
 )
 def test_broken_documents_are_invalid_not_exceptions(body: dict[str, Any], phrase: str) -> None:
     parsed = parse(body)
-    assert isinstance(parsed, Invalid)
+    assert isinstance(parsed, InvalidSpec)
     assert any(phrase in e for e in parsed.errors), parsed.errors
 
 
