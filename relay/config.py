@@ -149,6 +149,28 @@ TlsMode = Literal["none", "starttls", "implicit"]
 AuthMode = Literal["none", "optional", "required"]
 
 
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _parse_networks(value: Any) -> Any:
+    if isinstance(value, list):
+        return [ipaddress.ip_network(str(v), strict=False) for v in value]
+    return value
+
+
+class ProxyProtocolConfig(_Model):
+    """The listener sits behind a load balancer that speaks the PROXY protocol (HAProxy's
+    proxy-protocol.txt, v1 text or v2 binary): a connection from `trustedFrom` must begin with
+    a header, and the client address it announces is the session's client address. A
+    connection from anywhere else, or without a valid header within `timeout`, is dropped."""
+
+    version: Literal["v1", "v2", "any"] = "any"
+    trusted_from: list[IpNetwork] = Field(min_length=1)
+    timeout: Duration = 5.0
+
+    _networks = field_validator("trusted_from", mode="before")(_parse_networks)
+
+
 class ListenerConfig(_Model):
     """One SMTP listener. `mode` relay is an MTA (port 25); submission is an MSA (RFC 6409)."""
 
@@ -158,6 +180,7 @@ class ListenerConfig(_Model):
     mode: ListenerMode = "relay"
     tls: TlsMode = "none"
     auth: AuthMode = "none"
+    proxy_protocol: ProxyProtocolConfig | None = None
 
     @model_validator(mode="after")
     def _submission_needs_auth(self) -> ListenerConfig:

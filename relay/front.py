@@ -177,12 +177,13 @@ class Front:
 
     # ------------------------------------------------------------------ sessions
 
-    def admit(self, session: SmtpdSession) -> Reply | None:
-        """Register a new connection; the reply to send instead of the banner, if refused."""
+    def admit(self, session: SmtpdSession, *, count_client: bool = True) -> Reply | None:
+        """Register a new connection (its slot, from the TCP accept); the reply to send instead
+        of the banner, if refused. On a PROXY listener the client is not known yet:
+        `count_client` is False there and the session calls `admit_client` after the header."""
         self.sessions.add(session)
         self._idle.clear()
         self.stats.sessions += 1
-        self.stats.per_client[session.client_ip] += 1
         metrics.SESSIONS.labels(session.listener.name).inc()
         limits = self.config.limits
         if self.draining:
@@ -190,7 +191,15 @@ class Front:
         if len(self.sessions) > limits.max_connections:
             metrics.REJECTED.labels("connections").inc()
             return status.TOO_MANY_CONNECTIONS
-        if self.stats.per_client[session.client_ip] > limits.max_connections_per_client:
+        return self.admit_client(session) if count_client else None
+
+    def admit_client(self, session: SmtpdSession) -> Reply | None:
+        """Count the session against its client address (``session.client_ip``, the announced
+        one behind a proxy); the refusal, if that client has too many connections."""
+        key = session.client_ip
+        session.counted_client = key
+        self.stats.per_client[key] += 1
+        if self.stats.per_client[key] > self.config.limits.max_connections_per_client:
             metrics.REJECTED.labels("connections").inc()
             return status.TOO_MANY_CONNECTIONS_FROM_YOU
         return None
@@ -200,9 +209,12 @@ class Front:
             return
         self.sessions.discard(session)
         self.stats.sessions -= 1
-        self.stats.per_client[session.client_ip] -= 1
-        if self.stats.per_client[session.client_ip] <= 0:
-            del self.stats.per_client[session.client_ip]
+        key = session.counted_client
+        if key is not None:
+            session.counted_client = None
+            self.stats.per_client[key] -= 1
+            if self.stats.per_client[key] <= 0:
+                del self.stats.per_client[key]
         metrics.SESSIONS.labels(session.listener.name).dec()
         if not self.sessions:
             self._idle.set()

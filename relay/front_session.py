@@ -85,6 +85,8 @@ class FrontSession(SmtpdSession):
 
     @property
     def trusted(self) -> bool:
+        if self.proxy_unknown:  # a proxy's own connection: its address is not a client's
+            return False
         networks, client_ip = self.front.config.trusted_networks, self.client_ip
         trust = self._trust
         if trust is None or trust[0] is not networks or trust[1] != client_ip:  # once per session

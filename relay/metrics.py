@@ -42,3 +42,9 @@ CONFIG_RELOADS = Counter(
     "mailrelay_config_reloads", "Configuration reloads by result (ok, invalid)", ["result"]
 )
 SESSIONS = Gauge("mailrelay_smtp_sessions", "Open SMTP sessions", ["listener"], multiprocess_mode="livesum")
+PROXY_DROPPED = Counter(
+    "mailrelay_proxy_dropped",
+    "Connections dropped on a PROXY-protocol listener, by reason (untrusted_source, missing, "
+    "invalid, version, timeout)",
+    ["listener", "reason"],
+)

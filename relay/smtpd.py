@@ -35,11 +35,13 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from aiosmtpd.proxy_protocol import AF, V2_CMD, get_proxy
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from relay import metrics
 from relay.config import ListenerConfig
 from relay.core import status
+from relay.core.addresses import client_is_trusted
 from relay.core.smtp_data import DataDecoder
 from relay.core.smtp_syntax import check_command_line
 from relay.core.status import Reply, with_enhanced_code
@@ -77,7 +79,10 @@ class SmtpdSession(SMTP):
         limits = front.config.limits
         # aiosmtpd sizes its StreamReader from this attribute in __init__.
         self.line_length_limit = max(limits.max_command_line, 1024) + 2
-        self.client_ip = ""
+        self.client_ip = ""  # the client: the peer, or the one a trusted proxy announced
+        self.peer_ip = ""  # the other end of the TCP connection (a proxy, on a PROXY listener)
+        self.proxy_unknown = False  # a PROXY header without a client (v2 LOCAL, v1 UNKNOWN)
+        self.counted_client: str | None = None  # the key Front.admit_client counted it under
         self._errors = 0
         self._admission: Reply | None = None
         self._registered = False  # holds a slot in front.sessions (from TCP accept to close)
@@ -128,10 +133,13 @@ class SmtpdSession(SMTP):
             return
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
-        self.client_ip = str(peer[0]) if peer else ""
-        self._admission = self.front.admit(self)
+        self.client_ip = self.peer_ip = str(peer[0]) if peer else ""
+        proxied = self.listener.proxy_protocol is not None
+        # On a PROXY listener the client is known only after the header (_greet): the slot is
+        # held from now on, the per-client count waits for the announced address.
+        self._admission = self.front.admit(self, count_client=not proxied)
         self._registered = True
-        if self.listener.tls == "implicit":
+        if self.listener.tls == "implicit" and not proxied:
             # At once, before the event loop reads the ClientHello into the plain reader.
             self._handshake = self._start_tls()
 
@@ -179,6 +187,15 @@ class SmtpdSession(SMTP):
         raw.set_protocol(tls)
         self.transport = tls._app_transport
         tls.connection_made(raw)
+        # Bytes the plain reader already holds belong to the TLS layer: on a PROXY listener with
+        # implicit TLS the ClientHello often arrives in the same segment as the PROXY header.
+        # (After STARTTLS these are pipelined plaintext, which aiosmtpd discards on handshake:
+        # RFC 3207 4; here only implicit TLS takes them.)
+        buffered: bytearray = self._reader._buffer  # type: ignore[attr-defined]
+        if buffered and self.listener.tls == "implicit":
+            leftover = bytes(buffered)
+            buffered.clear()
+            asyncio.protocols._feed_data_to_buffered_proto(tls, leftover)  # type: ignore[attr-defined]
         return waiter
 
     async def _handshake_done(self, waiter: asyncio.Future[None]) -> None:
@@ -285,8 +302,15 @@ class SmtpdSession(SMTP):
                     await self.push(reply)
 
     async def _greet(self) -> bool:
-        """The implicit-TLS handshake, then the banner or the admission refusal; False when
-        the session is over."""
+        """The PROXY header, the implicit-TLS handshake, then the banner or the admission
+        refusal; False when the session is over."""
+        if self.listener.proxy_protocol is not None:
+            if self._admission is None and not await self._read_proxy_header():
+                return False
+            if self._admission is None:
+                self._admission = self.front.admit_client(self)
+            if self.listener.tls == "implicit" and self._admission is None:
+                self._handshake = self._start_tls()
         if self._handshake is not None:
             try:
                 await self._handshake_done(self._handshake)
@@ -301,6 +325,41 @@ class SmtpdSession(SMTP):
             return False
         await self._write_raw([f"220 {self.hostname} {IDENT}"])
         return True
+
+    async def _read_proxy_header(self) -> bool:
+        """Read the PROXY header (aiosmtpd's parser) from a trusted proxy and take the client
+        address it announces; False (connection dropped, logged and counted) otherwise."""
+        proxy = self.listener.proxy_protocol
+        assert proxy is not None
+        if not client_is_trusted(self.peer_ip, proxy.trusted_from):
+            return self._drop_proxy("untrusted_source", "not in proxyProtocol.trustedFrom")
+        try:
+            data = await asyncio.wait_for(get_proxy(self._reader), proxy.timeout)
+        except TimeoutError:
+            return self._drop_proxy("timeout", f"no PROXY header within {proxy.timeout:g}s")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return self._drop_proxy("missing", "connection closed before a PROXY header")
+        if not data.valid:
+            reason = "missing" if data.version is None else "invalid"
+            return self._drop_proxy(reason, f"bad PROXY header: {data.error or 'incomplete'}")
+        if proxy.version != "any" and data.version != int(proxy.version[1]):
+            return self._drop_proxy("version", f"PROXY v{data.version}, the listener takes {proxy.version}")
+        local = data.version == 2 and data.command == V2_CMD.LOCAL
+        if local or data.family not in (AF.INET, AF.INET6) or data.src_addr is None:
+            # The proxy's own connection (a health check): no client to announce. The session
+            # keeps the proxy's address and is never trusted (relay.front_session.trusted).
+            self.proxy_unknown = True
+            log.info("session %s: PROXY header without a client address (%s)", self.peer_ip, data.family)
+            return True
+        self.client_ip = str(data.src_addr)
+        log.info("session %s: PROXY v%d from %s", self.client_ip, data.version, self.peer_ip)
+        return True
+
+    def _drop_proxy(self, reason: str, text: str) -> bool:
+        log.warning("connection from %s dropped (listener %s): %s", self.peer_ip, self.listener.name, text)
+        metrics.PROXY_DROPPED.labels(self.listener.name, reason).inc()
+        self._close()
+        return False
 
     async def _next_line(self) -> bytes | None:
         """The next command line, CRLF included; None when it was too long (skipped and

@@ -180,9 +180,31 @@ class LabelSelector(_Spec):
         return True
 
 
+def _cidrs(value: Any) -> Any:
+    if isinstance(value, list):
+        for item in value:
+            try:
+                ipaddress.ip_network(str(item), strict=False)
+            except ValueError as exc:
+                raise ValueError(f"invalid network {item!r}: use CIDR notation like 10.0.0.0/8") from exc
+    return value
+
+
+class ProxyProtocolSpec(_Spec):
+    """The load balancer in front of the client Service sends a PROXY header (v1 or v2) from
+    `trustedFrom`; the relay then judges the client the header names."""
+
+    version: Literal["v1", "v2", "any"] = "any"
+    trusted_from: list[str] = Field(min_length=1, max_length=64)
+    listeners: list[str] = Field(default=[], max_length=16, description="empty: every listener")
+
+    _trusted = field_validator("trusted_from", mode="before")(_cidrs)
+
+
 class ServiceSpec(_Spec):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     annotations: dict[str, str] = {}
+    proxy_protocol: ProxyProtocolSpec | None = None
 
 
 class NamedRef(_Spec):
@@ -251,7 +273,18 @@ class MailRelaySpec(_Spec):
                 raise ValueError(
                     f"listener {listener.name!r} uses auth {listener.auth}: set spec.auth.secretName"
                 )
+        proxy = self.service.proxy_protocol
+        unknown = sorted(set(proxy.listeners) - set(names)) if proxy is not None else []
+        if unknown:
+            raise ValueError(f"service.proxyProtocol.listeners names no listener: {', '.join(unknown)}")
         return self
+
+    def proxied(self, listener: ListenerSpec) -> ProxyProtocolSpec | None:
+        """The PROXY protocol settings of a listener, if the Service's balancer sends headers to it."""
+        proxy = self.service.proxy_protocol
+        if proxy is None or (proxy.listeners and listener.name not in proxy.listeners):
+            return None
+        return proxy
 
     def first_relay_listener(self) -> ListenerSpec | None:
         """The listener other relays deliver to: the first one in mode relay."""

@@ -51,6 +51,7 @@ from relay.config import (
     MetricsConfig,
     MxHop,
     PipeGateway,
+    ProxyProtocolConfig,
     QueueConfig,
     RejectHop,
     RelayConfig,
@@ -624,7 +625,8 @@ def _secret_uses(relay: MailRelay, routes: Sequence[RelayRoute], context: Render
     return uses
 
 
-def _listener_config(listener: ListenerSpec, context: RenderContext) -> ListenerConfig:
+def _listener_config(listener: ListenerSpec, context: RenderContext, spec: MailRelaySpec) -> ListenerConfig:
+    proxy = spec.proxied(listener)
     return ListenerConfig(
         name=listener.name,
         host=context.listener_host,
@@ -632,6 +634,14 @@ def _listener_config(listener: ListenerSpec, context: RenderContext) -> Listener
         mode=listener.mode,
         tls=listener.tls,
         auth=listener.auth,
+        proxy_protocol=(
+            ProxyProtocolConfig(
+                version=proxy.version,
+                trusted_from=[ipaddress.ip_network(n, strict=False) for n in proxy.trusted_from],
+            )
+            if proxy is not None
+            else None
+        ),
     )
 
 
@@ -710,7 +720,7 @@ def _config(
         RelayConfig,
         hostname=spec.hostname,
         listeners=[
-            _typed(f"listeners.{index}", _listener_config, listener, context)
+            _typed(f"listeners.{index}", _listener_config, listener, context, spec)
             for index, listener in enumerate(spec.listeners)
         ],
         tls=tls,

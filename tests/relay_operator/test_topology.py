@@ -569,3 +569,44 @@ def test_workers_in_the_rendered_config() -> None:
     one = plan([relay("a", resources={"limits": {"cpu": "1"}})], []).relays["a"]
     two = plan([relay("a", resources={"limits": {"cpu": "2"}})], []).relays["a"]
     assert one.rollout_hash != two.rollout_hash
+
+
+def test_proxy_protocol_from_the_service_reaches_the_listeners() -> None:
+    """spec.service.proxyProtocol becomes each named listener's proxyProtocol (all when no
+    names are given); the relay reads the rendered file back the same; a name that is no
+    listener is a spec problem."""
+    listeners = [
+        {"name": "smtp", "port": 25},
+        {"name": "submission", "port": 587, "mode": "submission", "auth": "required"},
+    ]
+    common = {"listeners": listeners, "auth": {"secretName": "users"}}
+
+    def rendered(proxy: dict[str, Any]) -> dict[str, Any]:
+        relay_plan = plan(
+            [relay("a", service={"type": "LoadBalancer", "proxyProtocol": proxy}, **common)], []
+        ).relays["a"]
+        assert relay_plan.config is not None, relay_plan.problems
+        assert parse_config(yaml.safe_load(relay_plan.config_yaml)) == relay_plan.config
+        return {
+            lc.name: (lc.proxy_protocol.version, [str(n) for n in lc.proxy_protocol.trusted_from])
+            if lc.proxy_protocol is not None
+            else None
+            for lc in relay_plan.config.listeners
+        }
+
+    assert rendered({"trustedFrom": ["10.0.0.0/8"]}) == {
+        "smtp": ("any", ["10.0.0.0/8"]),
+        "submission": ("any", ["10.0.0.0/8"]),
+    }
+    assert rendered({"version": "v2", "trustedFrom": ["10.1.2.3"], "listeners": ["smtp"]}) == {
+        "smtp": ("v2", ["10.1.2.3/32"]),
+        "submission": None,
+    }
+    for proxy in (
+        {"trustedFrom": ["10.0.0.0/8"], "listeners": ["nope"]},
+        {"trustedFrom": ["x"]},
+        {"trustedFrom": []},
+    ):
+        bad = plan([relay("a", service={"proxyProtocol": proxy}, **common)], [])
+        assert set(bad.invalid_relays) == {"a"}, proxy
+        assert reasons(bad, "MailRelay", "a") == ["InvalidSpec"]
