@@ -50,6 +50,8 @@ from relay.cpus import worker_count
 from relay.doorbell import Doorbell
 from relay.front import Front
 from relay.health import HealthServer, metrics_registry, spool_writable
+from relay.http_api import HttpApi
+from relay.message_status import StatusBook
 from relay.scheduler import Scheduler
 from relay.spool import Spool
 
@@ -160,6 +162,7 @@ class RelayProcess:
         self.front: Front | None = None
         self.scheduler: Scheduler | None = None
         self.spool: Spool | None = None
+        self.api: HttpApi | None = None
         self._stop: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ reload
@@ -188,6 +191,8 @@ class RelayProcess:
             return False, "not accepting mail"
         if not all(rt.server is not None and rt.server.is_serving() for rt in self.front.listeners.values()):
             return False, "listeners not bound"
+        if self.api is not None and not self.api.serving():
+            return False, "http listeners not bound"
         if not spool_writable(self.config.queue.directory):
             return False, "spool not writable"
         return True, "ready"
@@ -207,7 +212,11 @@ class RelayProcess:
             log.error("cannot use the queue directory %s: %s", config.queue.directory, exc)
             spool.close()
             return 1
-        scheduler = self.scheduler = Scheduler(config, spool)
+        http_listeners = [lc for lc in config.listeners if lc.mode == "http"]
+        book = StatusBook(config.queue.directory) if http_listeners else None
+        scheduler = self.scheduler = Scheduler(
+            config, spool, on_settled=book.on_settled if book is not None else None
+        )
         doorbell = self.doorbell
 
         def stored(queue_id: str) -> None:
@@ -222,6 +231,16 @@ class RelayProcess:
             await front.close()
             spool.close()
             return 1
+        if book is not None:
+            self.api = HttpApi(front, http_listeners, book)
+            try:
+                await self.api.start()
+            except OSError as exc:
+                log.error("cannot bind an http listener: %s", exc)
+                await self.api.close()
+                await front.close()
+                spool.close()
+                return 1
         await scheduler.start()
         if doorbell is not None:
             doorbell.listen(scheduler.notify)
@@ -242,7 +261,8 @@ class RelayProcess:
         if self.watch:
             watcher = ConfigWatcher(self.config_path, self.reload, interval=self.watch_interval)
             watcher.start()
-        listeners = ", ".join(f"{n} {h}:{p}" for n, (h, p) in front.addresses.items())
+        addresses = {**front.addresses, **(self.api.addresses if self.api is not None else {})}
+        listeners = ", ".join(f"{n} {h}:{p}" for n, (h, p) in addresses.items())
         log.info("relay %s ready (pid %d): %s", config.hostname, os.getpid(), listeners)
         if self.on_ready is not None:
             self.on_ready()
@@ -256,7 +276,9 @@ class RelayProcess:
             await watcher.stop()
         if doorbell is not None:
             doorbell.close()  # mail stored from now on is delivered here or by the others' rescan
-        await front.drain(self.grace * 0.6)
+        await front.drain(self.grace * 0.6)  # the HTTP API answers 503 from its start
+        if self.api is not None:
+            await self.api.close()
         await scheduler.stop(max(deadline - loop.time(), 0.5))
         if health is not None:
             await health.stop()

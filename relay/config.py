@@ -144,7 +144,7 @@ class _Model(BaseModel):
 
 # --------------------------------------------------------------------------- listeners, TLS, auth
 
-ListenerMode = Literal["relay", "submission"]
+ListenerMode = Literal["relay", "submission", "http"]
 TlsMode = Literal["none", "starttls", "implicit"]
 AuthMode = Literal["none", "optional", "required"]
 
@@ -172,7 +172,9 @@ class ProxyProtocolConfig(_Model):
 
 
 class ListenerConfig(_Model):
-    """One SMTP listener. `mode` relay is an MTA (port 25); submission is an MSA (RFC 6409)."""
+    """One listener. `mode` relay is an MTA (port 25); submission is an MSA (RFC 6409); http is
+    the HTTP submission API (relay.http_api: bearer tokens from `api.tokensFile`, tls none or
+    implicit, no SMTP AUTH)."""
 
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=15)
     host: str = "0.0.0.0"
@@ -186,7 +188,37 @@ class ListenerConfig(_Model):
     def _submission_needs_auth(self) -> ListenerConfig:
         if self.mode == "submission" and self.auth == "none":
             raise ValueError(f"listener {self.name!r}: a submission listener needs auth optional or required")
+        if self.mode == "http" and self.tls == "starttls":
+            raise ValueError(f"listener {self.name!r}: an http listener takes tls none or implicit")
+        if self.mode == "http" and self.auth != "none":
+            raise ValueError(
+                f"listener {self.name!r}: an http listener authenticates with api tokens, auth none"
+            )
         return self
+
+
+class ApiConfig(_Model):
+    """The HTTP submission API's clients: one ``NAME TOKEN SENDER-PATTERN[,...]`` per line
+    (relay.core.http_submit.parse_tokens), re-read when the file changes."""
+
+    tokens_file: Path
+
+
+class EventWebhookConfig(_Model):
+    """Where delivery events are POSTed (relay.events), signed with HMAC-SHA256 under the key in
+    `secretFile` (a mounted Secret key; unsigned without one)."""
+
+    url: str = Field(pattern=r"^https?://")
+    secret_file: Path | None = None
+    timeout: Duration = 10.0
+    insecure_skip_verify: bool = False
+    ca_file: Path | None = None
+
+
+class EventsConfig(_Model):
+    """Delivery events (delivered, deferred, bounced, expired) per recipient."""
+
+    webhook: EventWebhookConfig
 
 
 class TlsConfig(_Model):
@@ -388,6 +420,7 @@ class RouteConfig(_Model):
     match: MatchConfig = MatchConfig()
     next_hop: NextHop
     failover: list[NextHop] = []
+    events: EventsConfig | None = None  # overrides the relay's `events` for this route's mail
 
 
 # --------------------------------------------------------------------------- scale-down hand-off
@@ -428,6 +461,8 @@ class RelayConfig(_Model):
     listeners: list[ListenerConfig] = Field(min_length=1)
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
+    api: ApiConfig | None = None  # tokens of the http listeners
+    events: EventsConfig | None = None  # delivery events of mail no route's `events` covers
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     accept_domains: list[DomainPattern] = []
     limits: LimitsConfig = LimitsConfig()
@@ -464,6 +499,10 @@ class RelayConfig(_Model):
                 raise ValueError(f"listener {listener.name!r} uses TLS but no tls certificate is configured")
             if listener.auth != "none" and self.auth is None:
                 raise ValueError(f"listener {listener.name!r} uses AUTH but no auth usersFile is configured")
+            if listener.mode == "http" and self.api is None:
+                raise ValueError(
+                    f"listener {listener.name!r} is an http listener but no api tokensFile is configured"
+                )
         if self.handoff is not None and any(
             listener.port == self.handoff.port
             and (listener.host == self.handoff.host or "0.0.0.0" in (listener.host, self.handoff.host))

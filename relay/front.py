@@ -52,10 +52,11 @@ from dataclasses import dataclass, field
 from relay import metrics
 from relay.config import ListenerConfig, RelayConfig, RouteConfig
 from relay.core import status
+from relay.core.accept import Prepared
 from relay.core.status import Reply
 from relay.front_session import FrontSession
 from relay.smtpd import SmtpdSession
-from relay.spool import Spool
+from relay.spool import Spool, SpoolError, SpoolFullError
 from relay.tls import TlsContexts
 from relay.users import UserDatabase
 
@@ -99,7 +100,8 @@ class Front:
         if users is None and config.auth is not None:
             self.users = UserDatabase.load(config.auth.users_file)
         self.tls = TlsContexts(config.tls) if config.tls is not None else None
-        self.listeners = {lc.name: _ListenerRuntime(lc) for lc in config.listeners}
+        # http listeners are the HTTP API's (relay.http_api), bound by relay.app
+        self.listeners = {lc.name: _ListenerRuntime(lc) for lc in config.listeners if lc.mode != "http"}
         self.sessions: set[SmtpdSession] = set()
         self.stats = FrontStats()
         self.draining = False
@@ -203,6 +205,45 @@ class Front:
             metrics.REJECTED.labels("connections").inc()
             return status.TOO_MANY_CONNECTIONS_FROM_YOU
         return None
+
+    # ------------------------------------------------------------------ storing
+
+    async def store(self, prepared: Prepared, listener: str) -> Reply:
+        """The one store step of every door (SMTP DATA, the HTTP API): store durably, count,
+        log, tell the scheduler. Returns ``250 ... queued as ID`` only once the message is on
+        disk, else the 4xx to answer; the caller's flow gate comes after."""
+        entry = prepared.entry
+        queue_id = entry.queue_id
+        try:
+            await self.spool.store(entry, prepared.data)
+        except SpoolFullError as exc:
+            metrics.REJECTED.labels("spool_full").inc()
+            log.error("%s: not stored, spool full: %s", queue_id, exc)
+            return status.SPOOL_FULL
+        except SpoolError as exc:
+            metrics.REJECTED.labels("spool_error").inc()
+            log.error("%s: not stored: %s", queue_id, exc)
+            return status.SPOOL_ERROR
+        except Exception as exc:
+            metrics.REJECTED.labels("spool_error").inc()
+            log.exception("%s: not stored: %r", queue_id, exc)
+            return status.SPOOL_ERROR
+        self.stats.accepted += 1
+        metrics.ACCEPTED.labels(listener).inc()
+        log.info(
+            "%s: accepted size=%d nrcpt=%d from=<%s>%s",
+            queue_id,
+            prepared.size,
+            len(entry.envelope.recipients),
+            entry.envelope.mail_from,
+            " (bare line ends normalised)" if prepared.normalized else "",
+        )
+        if self.on_stored is not None:
+            try:
+                self.on_stored(queue_id)
+            except Exception:  # the message is safe on disk; the scheduler's rescan finds it
+                log.exception("%s: scheduler notification failed", queue_id)
+        return status.QUEUED.with_text(f"Ok: queued as {queue_id}")
 
     def release(self, session: SmtpdSession) -> None:
         if session not in self.sessions:

@@ -47,7 +47,7 @@ from relay.core.smtp_syntax import (
 )
 from relay.core.status import Reply
 from relay.smtpd import SmtpdSession
-from relay.spool import SpoolError, SpoolFullError, new_queue_id
+from relay.spool import new_queue_id
 from relay.tls import describe
 
 if TYPE_CHECKING:
@@ -374,38 +374,11 @@ class FrontSession(SmtpdSession):
         return await self._store(prepared)
 
     async def _store(self, prepared: Prepared) -> Reply | str:
-        """Store; count and log; tell the scheduler; hold the 250 while the flow gate is shut."""
-        entry = prepared.entry
-        queue_id = entry.queue_id
-        try:
-            await self.front.spool.store(entry, prepared.data)
-        except SpoolFullError as exc:
-            metrics.REJECTED.labels("spool_full").inc()
-            log.error("%s: not stored, spool full: %s", queue_id, exc)
-            return status.SPOOL_FULL
-        except SpoolError as exc:
-            metrics.REJECTED.labels("spool_error").inc()
-            log.error("%s: not stored: %s", queue_id, exc)
-            return status.SPOOL_ERROR
-        except Exception as exc:
-            metrics.REJECTED.labels("spool_error").inc()
-            log.exception("%s: not stored: %r", queue_id, exc)
-            return status.SPOOL_ERROR
-        self.front.stats.accepted += 1
-        metrics.ACCEPTED.labels(self.listener.name).inc()
-        log.info(
-            "%s: accepted size=%d nrcpt=%d from=<%s>%s",
-            queue_id,
-            prepared.size,
-            len(entry.envelope.recipients),
-            entry.envelope.mail_from,
-            " (bare line ends normalised)" if prepared.normalized else "",
-        )
-        if self.front.on_stored is not None:
-            try:
-                self.front.on_stored(queue_id)
-            except Exception:  # the message is safe on disk; the scheduler's rescan finds it
-                log.exception("%s: scheduler notification failed", queue_id)
+        """Store (relay.front.Front.store, the one store path of every door), then hold the 250
+        while the flow gate is shut."""
+        reply = await self.front.store(prepared, self.listener.name)
+        if reply.code != 250:
+            return reply
         if self.front.intake_gate is not None:
             await self.front.intake_gate()  # in-flow control: at most a second, mail is safe
-        return status.QUEUED.with_text(f"Ok: queued as {queue_id}")
+        return reply

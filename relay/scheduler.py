@@ -8,6 +8,7 @@ The process shell (relay.app) builds one per worker process::
     await scheduler.room_for_intake()  # the front, before its 250: wait while new mail piles up
     scheduler.update_config(new)   # route reload: queued and future mail use the new routes
     await scheduler.stop(grace)    # finish in-flight deliveries, leave the rest on disk
+    Scheduler(..., on_settled=hook)  # awaited with each attempt's settlement, before it is recorded
     scheduler.stats                # {"delivered": n, "deferred": n, "bounced": n} (recipients)
 
 One attempt at one message:
@@ -41,7 +42,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from relay import metrics
 from relay.config import RelayConfig
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 
 DELAY_WARNING_AFTER = 4 * 3600.0  # NOTIFY=DELAY: report a recipient still deferred after this long
 UNROUTED = "(none)"
+# Told each attempt's settlement before the spool records it (relay.message_status, relay.events).
+SettleHook = Callable[[QueueEntry, Settlement], Awaitable[None]]
 
 
 class Scheduler:
@@ -76,6 +79,7 @@ class Scheduler:
         rng: random.Random | None = None,
         scan_interval: float = 5.0,
         delay_warning_after: float = DELAY_WARNING_AFTER,
+        on_settled: SettleHook | None = None,
     ) -> None:
         self._config = config
         self._spool = spool
@@ -86,6 +90,7 @@ class Scheduler:
             client = self._own_client = SmtpClient(config.hostname, config.queue)
         self._clock = clock or time.time
         self._delay_warning_after = delay_warning_after
+        self._on_settled = on_settled
         self._gateways = GatewayCache()
         self._hops = Hops(
             lambda: self._config, client, lambda: self.resolver, self._gateways, rng or random.Random()
@@ -232,6 +237,11 @@ class Scheduler:
         entry = message.entry
         for result in settlement.results:
             self._count(entry, result, now)
+        if self._on_settled is not None:  # status records, delivery events: never stop mail
+            try:
+                await self._on_settled(entry, settlement)
+            except Exception:
+                log.exception("[%s] settle hook failed", entry.queue_id)
         if settlement.reports:
             await self._queue_dsn(message, settlement.reports, now)
         updated = settlement.deferred

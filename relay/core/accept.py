@@ -40,6 +40,7 @@ class Arrival:
     submission: bool  # a submission listener: add a missing Date and Message-ID
     arrival: float  # epoch seconds
     when: datetime  # the same instant, time-zone aware (the Received date)
+    protocol: str | None = None  # the Received ``with`` keyword when not SMTP's (``HTTP``)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ def prepare_message(
         helo=arrival.helo,
         client_ip=arrival.client_ip,
         hostname=hostname,
-        protocol=protocol_name(
+        protocol=arrival.protocol
+        or protocol_name(
             esmtp=arrival.esmtp,
             tls=arrival.secure,
             authenticated=arrival.authenticated,
