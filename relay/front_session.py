@@ -13,7 +13,9 @@ most 5 s) and cut-off (``auth.maxFailures``, then ``421 4.7.0``), storing and th
 
 Choices worth knowing: AUTH needs EHLO and TLS (``538 5.7.11`` without), and is refused during
 a transaction. MAIL needs AUTH first (``530 5.7.0``) on a listener with ``auth: required``,
-and on a submission listener unless the client is in a trusted network. STARTTLS discards the
+and on a submission listener unless the client is in a trusted network. An authenticated user
+whose users-file entry lists ``senders`` gets ``553 5.7.1`` for a MAIL FROM outside them (and,
+in relay.core.accept, for such a ``From:``): relay.core.senders. STARTTLS discards the
 session state (RFC 3207 4.2). A duplicate recipient is answered 250 and kept once. DATA is
 read by relay.smtpd (in chunks, not line by line).
 
@@ -36,6 +38,7 @@ from relay.core.accept import Arrival, Prepared, Refused, prepare_message
 from relay.core.addresses import client_is_trusted
 from relay.core.model import Recipient
 from relay.core.rcpt import decide_rcpt
+from relay.core.senders import not_owned, sender_allowed
 from relay.core.smtp_data import DataDecoder
 from relay.core.smtp_syntax import (
     CommandError,
@@ -277,11 +280,26 @@ class FrontSession(SmtpdSession):
             log.info("session %s: MAIL refused: %s (%s)", self.client_ip, exc.reply, exc)
             await self.reply(exc.reply)
             return
+        login = self._login()
+        if login is not None and not sender_allowed(path.address, self._senders(login)):
+            metrics.REJECTED.labels("sender_login_mismatch").inc()
+            log.info("session %s: MAIL refused: <%s> not owned by %s", self.client_ip, path.address, login)
+            await self.reply(not_owned(path.address, login))
+            return
         self._mail = path
         self._mail_params = params
         self._queue_id = new_queue_id()
         log.info("%s: client=[%s] from=<%s>", self._queue_id, self.client_ip, path.address)
         await self.reply(status.SENDER_OK)
+
+    def _login(self) -> str | None:
+        """The user this session authenticated as, if it did."""
+        if not self.authenticated or self.session is None:
+            return None
+        return str(self.session.auth_data)
+
+    def _senders(self, login: str) -> tuple[str, ...] | None:
+        return self.front.users.senders(login) if self.front.users is not None else None
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         assert self.session is not None
@@ -350,6 +368,8 @@ class FrontSession(SmtpdSession):
             submission=self.listener.mode == "submission",
             arrival=now,
             when=datetime.fromtimestamp(now, tz=UTC).astimezone(),
+            login=(login := self._login()),
+            senders=self._senders(login) if login is not None else None,
         )
 
     async def _accept(self, decoder: DataDecoder) -> Reply | str:

@@ -1,7 +1,17 @@
 """SMTP AUTH credentials: the users file and password hashes.
 
 The users file (a mounted Secret, ``auth.usersFile``) holds one ``user:{SCHEME}hash`` per line;
-blank lines and lines starting with ``#`` are ignored. Schemes:
+blank lines and lines starting with ``#`` are ignored. It may instead be a YAML mapping whose
+entries can bind a user to the senders it may use (relay.core.senders, Postfix's
+``reject_sender_login_mismatch``)::
+
+    alice:
+      password: "{PBKDF2-SHA256}310000$..."
+      senders: [alice@example.com, "*@team.example.com"]
+    bob: "{PBKDF2-SHA256}310000$..."      # no senders: any sender
+
+(a file is YAML when it parses as a YAML mapping; a ``user:{SCHEME}hash`` line is a plain
+YAML scalar, never a mapping). Schemes:
 
 - ``{PBKDF2-SHA256}iterations$salt_b64$hash_b64`` (hashlib.pbkdf2_hmac, the default of
   ``mailrelay hash-password``);
@@ -24,8 +34,11 @@ import hashlib
 import hmac
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 DEFAULT_ITERATIONS = 310_000  # OWASP 2023 guidance for PBKDF2-HMAC-SHA256
 _DUMMY = "{PBKDF2-SHA256}310000$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
@@ -97,6 +110,51 @@ def parse_users(text: str) -> dict[str, str]:
     return users
 
 
+def _yaml_users(data: dict[Any, Any]) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    users: dict[str, str] = {}
+    senders: dict[str, tuple[str, ...]] = {}
+    for user, entry in data.items():
+        where = f"user {user!r}"
+        stored: Any
+        allowed: Any
+        if isinstance(entry, str):
+            stored, allowed = entry, None
+        elif isinstance(entry, dict):
+            unknown = sorted(set(map(str, entry)) - {"password", "senders"})
+            if unknown:
+                raise UsersFileError(f"{where}: unknown field {', '.join(unknown)} (password, senders)")
+            stored, allowed = entry.get("password"), entry.get("senders")
+        else:
+            raise UsersFileError(f"{where}: expected a hash or a mapping with password and senders")
+        if not isinstance(user, str) or not user or not isinstance(stored, str):
+            raise UsersFileError(f"{where}: password must be a {{SCHEME}}hash string")
+        try:
+            _check_hash(stored)
+        except UsersFileError as exc:
+            raise UsersFileError(f"{where}: {exc}") from exc
+        users[user] = stored
+        if allowed is not None:
+            if not isinstance(allowed, list) or not all(isinstance(a, str) and a for a in allowed):
+                raise UsersFileError(f"{where}: senders must be a list of addresses or patterns")
+            bad = [a for a in allowed if a != "*" and "@" not in a]
+            if bad:
+                raise UsersFileError(f"{where}: sender pattern {bad[0]!r} needs an @ (or is '*')")
+            senders[user] = tuple(allowed)
+    return users, senders
+
+
+def parse_users_file(text: str) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """(``{user: stored hash}``, ``{user: allowed sender patterns}``) from either form of the
+    users file; raises UsersFileError naming the line or the user."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None
+    if isinstance(data, dict):
+        return _yaml_users(data)
+    return parse_users(text), {}
+
+
 @dataclass
 class UserDatabase:
     """The users file, re-read when its modification time or inode changes (Secret rotation)."""
@@ -104,6 +162,7 @@ class UserDatabase:
     path: Path
     _users: dict[str, str]
     _stamp: tuple[int, int, float] | None
+    _senders: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> UserDatabase:
@@ -125,16 +184,21 @@ class UserDatabase:
         if stamp is not None and stamp == self._stamp:
             return
         try:
-            users = parse_users(self.path.read_text(encoding="utf-8"))
+            users, senders = parse_users_file(self.path.read_text(encoding="utf-8"))
         except (OSError, UsersFileError, UnicodeDecodeError) as exc:
             if self._stamp is None and not self._users:
                 raise UsersFileError(f"{self.path}: {exc}") from exc
             return
         self._users = users
+        self._senders = senders
         self._stamp = stamp
 
     def __len__(self) -> int:
         return len(self._users)
+
+    def senders(self, user: str) -> tuple[str, ...] | None:
+        """The sender patterns a user's entry lists; None when it lists none (unrestricted)."""
+        return self._senders.get(user)
 
     def verify(self, user: str, password: str) -> bool:
         """Blocking (PBKDF2): call from a thread. Unknown users cost the same as known ones."""

@@ -3,7 +3,8 @@ header, the submission headers and the queue entry.
 
 `prepare_message` takes the DATA decoder's result and the transaction and gives either a
 `Refused` (a content problem the decoder found: ``552 5.3.4`` size, ``554 5.6.0`` NUL or a line
-over 998 octets; or the hop limit reached, ``554 5.4.6``, RFC 5321 6.3) or a `Prepared`: the one
+over 998 octets; the hop limit reached, ``554 5.4.6``, RFC 5321 6.3; or a ``From:`` address the
+login may not use, ``553 5.7.1``, relay.core.senders) or a `Prepared`: the one
 ``Received:`` field this hop adds on top (relay.core.received), on a submission listener the
 ``Date:``/``Message-ID:`` the message lacks (RFC 6409 8), and the `QueueEntry` (envelope, all
 recipients pending, arrival time, client address and HELO name).
@@ -22,6 +23,7 @@ from datetime import datetime
 from relay.core import status
 from relay.core.model import Envelope, QueueEntry, Recipient
 from relay.core.received import TraceInfo, build_received, count_received, protocol_name, submission_headers
+from relay.core.senders import foreign_from, not_owned
 from relay.core.smtp_data import DataDecoder
 from relay.core.smtp_syntax import MailParams
 from relay.core.status import Reply
@@ -41,6 +43,8 @@ class Arrival:
     arrival: float  # epoch seconds
     when: datetime  # the same instant, time-zone aware (the Received date)
     protocol: str | None = None  # the Received ``with`` keyword when not SMTP's (``HTTP``)
+    login: str | None = None  # the authenticated user
+    senders: tuple[str, ...] | None = None  # the login's allowed senders (relay.core.senders)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,13 @@ def prepare_message(
     if hops >= max_hops:
         return Refused(
             status.TOO_MANY_HOPS, "loop", f"message refused: {hops} Received headers (limit {max_hops})"
+        )
+    foreign = foreign_from(content, arrival.senders)
+    if foreign is not None:
+        return Refused(
+            not_owned(foreign, arrival.login or ""),
+            "sender_login_mismatch",
+            f"message refused: From <{foreign}> not owned by user {arrival.login}",
         )
     trace = TraceInfo(
         helo=arrival.helo,

@@ -49,6 +49,23 @@ def domain_matches(domain: str, pattern: str) -> bool:
     return domain == pattern
 
 
+def address_matches(address: str, pattern: str) -> bool:
+    """Mailbox patterns (a user's allowed senders): ``local@<domain pattern>`` with the local
+    part exact (case-insensitive, as Postfix's lookups) or ``*`` (any), and the domain judged by
+    `domain_matches` (``name``, ``*.name``, ``*``). The null path and a pattern without ``@``
+    (other than ``*``) match nothing but themselves; ``*`` alone matches every mailbox."""
+    if pattern == "*":
+        return bool(address)
+    try:
+        local, domain = split_address(address)
+        want_local, want_domain = pattern.rsplit("@", 1)
+    except ValueError:
+        return False
+    if want_local != "*" and dequote_local_part(local).lower() != want_local.lower():
+        return False
+    return domain_matches(domain, want_domain.lower().rstrip("."))
+
+
 # --------------------------------------------------------------------------- relay permission
 #
 # Who may use this relay to reach a recipient (RFC 5321 3.6.1, RFC 5068 section 3): a client in a
