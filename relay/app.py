@@ -47,6 +47,7 @@ from relay import metrics
 from relay.config import ConfigError, RelayConfig, load_config
 from relay.config_watch import ConfigWatcher
 from relay.cpus import worker_count
+from relay.dkim import check_keys
 from relay.doorbell import Doorbell
 from relay.front import Front
 from relay.health import HealthServer, metrics_registry, spool_writable
@@ -119,6 +120,7 @@ def reload_config(path: Path, running: RelayConfig, *, count: bool) -> RelayConf
     applies, count the result (when `count`); None keeps the running configuration."""
     try:
         new = load_config(path)
+        check_keys(new)
     except ConfigError as exc:
         log.error("config reload: invalid file, keeping the running configuration:\n%s", exc)
         if count:

@@ -412,6 +412,59 @@ class MatchConfig(_Model):
     sender_domains: list[DomainPattern] = []
 
 
+DkimAlgorithm = Literal["rsa-sha256", "ed25519-sha256"]
+
+# RFC 6376 5.4.1's recommended set; From is always signed (5.4), the rest when present.
+DKIM_DEFAULT_HEADERS = (
+    "from",
+    "to",
+    "cc",
+    "subject",
+    "date",
+    "message-id",
+    "reply-to",
+    "in-reply-to",
+    "references",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "list-id",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+)
+
+
+def _header_name(value: object) -> str:
+    name = str(value).strip().lower()
+    if not re.fullmatch(r"[!-9;-~]+", name):
+        raise ValueError(f"invalid header field name {value!r}")
+    return name
+
+
+_SELECTOR = r"^[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?)*$"
+
+
+class DkimKeyConfig(_Model):
+    """One DKIM signing key (RFC 6376): mail whose From domain is `domain` is signed with it
+    while it is `active`; an inactive key is kept listed (its DNS record stays published) for
+    the overlap of a rotation. `keyFile` is the PEM private key (a mounted Secret's key)."""
+
+    domain: str
+    selector: str = Field(pattern=_SELECTOR)
+    key_file: Path
+    algorithm: DkimAlgorithm = "rsa-sha256"
+    headers: list[Annotated[str, BeforeValidator(_header_name)]] = list(DKIM_DEFAULT_HEADERS)
+    active: bool = True
+
+    @field_validator("domain", mode="before")
+    @classmethod
+    def _domain(cls, value: Any) -> str:
+        domain = normalize_domain_pattern(str(value))
+        if "*" in domain:
+            raise ValueError(f"a DKIM domain is a name, not a pattern: {value!r}")
+        return domain
+
+
 class RouteConfig(_Model):
     """One resolved RelayRoute. The relay orders routes by priority (desc), then name."""
 
@@ -421,6 +474,23 @@ class RouteConfig(_Model):
     next_hop: NextHop
     failover: list[NextHop] = []
     events: EventsConfig | None = None  # overrides the relay's `events` for this route's mail
+    dkim: list[DkimKeyConfig] = []
+
+    @model_validator(mode="after")
+    def _one_active_key_per_domain(self) -> RouteConfig:
+        seen: set[tuple[str, str]] = set()
+        active: set[str] = set()
+        for key in self.dkim:
+            if (key.domain, key.selector) in seen:
+                raise ValueError(f"dkim: selector {key.selector!r} of {key.domain} is listed twice")
+            seen.add((key.domain, key.selector))
+            if key.active:
+                if key.domain in active:
+                    raise ValueError(
+                        f"dkim: more than one active key for {key.domain} (mark the old one active: false)"
+                    )
+                active.add(key.domain)
+        return self
 
 
 # --------------------------------------------------------------------------- scale-down hand-off

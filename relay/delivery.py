@@ -18,6 +18,9 @@ What one delivery does (RFC 5321 3.3, 4.1.1):
   `SmtpConnection.send_mail` sends them (MAIL, every RCPT and DATA in one write when the server
   advertises PIPELINING, RFC 2920, one at a time otherwise), then the pure `interpret` reads the
   replies into outcomes and says whether the session may be reused, needs RSET, or is dropped;
+- a request with a DKIM plan (relay.core.dkim, chosen by relay.hops) is signed by relay.dkim
+  inside `prepare`, after the 8BITMIME conversion: the signature covers the bytes sent; a key
+  that cannot be used defers the recipients (451 4.3.5) rather than sending unsigned mail;
 - DATA waits ``queue.dataTimeout`` (default 600 s, RFC 5321 4.5.3.2.6) for the reply after
   the final dot, so a slow server that did store the message does not receive a duplicate.
 
@@ -44,6 +47,7 @@ from typing import Literal
 
 from relay.config import QueueConfig, RelayHop, SmarthostHop
 from relay.core.model import DeliveryRequest, RecipientOutcome
+from relay.dkim import DkimKeyError, Signer
 from relay.smtp_client import SmtpConnection, SmtpError, SmtpReplyError, SmtpTlsError, TransactionReplies
 from relay.smtp_pool import ConnectionPool, PooledConnection
 from relay.smtp_transaction import (
@@ -122,6 +126,7 @@ class SmtpClient:
         self.pool = ConnectionPool(queue.max_per_destination)
         self._contexts: dict[tuple[bool, Path | None], ssl.SSLContext] = {}
         self.connections_opened = 0
+        self.signer = Signer()
 
     def update(self, hostname: str, queue: QueueConfig) -> None:
         """New settings from a reload; existing destinations keep their limits."""
@@ -286,7 +291,13 @@ class SmtpClient:
         self, connection: PooledConnection, target: SmtpTarget, request: DeliveryRequest
     ) -> Verdict:
         """Prepare, send (the one await), interpret."""
-        prepared = prepare(request, connection.supports, label=target.label, remote=target.name)
+        try:
+            sign = self.signer.signature
+            supports = connection.supports
+            prepared = prepare(request, supports, label=target.label, remote=target.name, sign=sign)
+        except DkimKeyError as exc:
+            log.error("[%s] %s; deferring", request.message.entry.queue_id, exc)
+            return Verdict(error=TransactionError(451, "4.3.5", f"cannot sign the message: {exc}"))
         if not isinstance(prepared, Prepared):
             return prepared
         smtp = connection.smtp

@@ -6,6 +6,9 @@ plan and gets one `Attempted` per recipient of the group back. What happens in b
 - the route's hops are tried in order (nextHop, then failover); recipients deferred at a hop
   (unreachable, 4xx) go on to the next one, final ones stay (relay.core.failover). The same
   loop, `fail_over`, runs over an MX hop's hosts and addresses;
+- every SMTP hop (relay, smarthost, MX) carries the route's DKIM plan (relay.core.dkim:
+  which key, which header fields; relay.delivery signs); gateways and reject hops are not
+  signed;
 - a relay or smarthost hop is one transaction through the injected SMTP client
   (relay.delivery); a reject hop answers with its configured reply; a gateway hop goes to its
   transport from the `GatewayCache`, at most ``queue.maxPerDestination`` at a time, and a
@@ -30,9 +33,18 @@ import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Protocol
 
-from relay.config import GatewayHop, MxHop, NextHop, RejectHop, RelayConfig, RelayHop, SmarthostHop
+from relay.config import (
+    DkimKeyConfig,
+    GatewayHop,
+    MxHop,
+    NextHop,
+    RejectHop,
+    RelayConfig,
+    RelayHop,
+    SmarthostHop,
+)
+from relay.core import dkim, outcome, routing
 from relay.core import mx as mxplan
-from relay.core import outcome, routing
 from relay.core.failover import Failover
 from relay.core.model import DeliveryRequest, Disposition, Message, Recipient, RecipientOutcome
 from relay.core.settle import Attempted
@@ -104,7 +116,7 @@ class Hops:
         stored: set[str],
         recipients: list[Recipient],
     ) -> list[RecipientOutcome]:
-        outcomes = await self._deliver_hop(message, hop, group.domain, recipients)
+        outcomes = await self._deliver_hop(message, hop, group, recipients)
         if isinstance(hop, GatewayHop):
             stored.update(o.recipient.address for o in outcomes if o.disposition is Disposition.DELIVERED)
         deferred = sum(1 for o in outcomes if o.disposition is Disposition.DEFERRED)
@@ -120,22 +132,27 @@ class Hops:
         return outcomes
 
     async def _deliver_hop(
-        self, message: Message, hop: NextHop, domain: str, recipients: list[Recipient]
+        self, message: Message, hop: NextHop, group: routing.RouteGroup, recipients: list[Recipient]
     ) -> list[RecipientOutcome]:
         if isinstance(hop, RejectHop):
             return [outcome.from_reply(r, hop.code, hop.message) for r in recipients]
         if isinstance(hop, RelayHop | SmarthostHop):
-            return await self._smtp(target_for_hop(hop), message, recipients)
+            return await self._smtp(target_for_hop(hop), message, group.route.dkim, recipients)
         if isinstance(hop, MxHop):
-            return await self._deliver_mx(message, hop, domain, recipients)
+            return await self._deliver_mx(message, hop, group, recipients)
         return await self._deliver_gateway(
             hop, DeliveryRequest(message=message, recipients=tuple(recipients))
         )
 
     async def _smtp(
-        self, target: SmtpTarget, message: Message, recipients: list[Recipient]
+        self,
+        target: SmtpTarget,
+        message: Message,
+        dkim_keys: Sequence[DkimKeyConfig],
+        recipients: list[Recipient],
     ) -> list[RecipientOutcome]:
-        request = DeliveryRequest(message=message, recipients=tuple(recipients))
+        plan = dkim.plan_signature(dkim_keys, message.content)
+        request = DeliveryRequest(message=message, recipients=tuple(recipients), dkim=plan)
         return outcome.one_each(recipients, await self._client.deliver(target, request))
 
     async def _deliver_gateway(self, hop: GatewayHop, request: DeliveryRequest) -> list[RecipientOutcome]:
@@ -159,8 +176,9 @@ class Hops:
         return outcome.one_each(recipients, outcomes)
 
     async def _deliver_mx(
-        self, message: Message, hop: MxHop, domain: str, recipients: list[Recipient]
+        self, message: Message, hop: MxHop, group: routing.RouteGroup, recipients: list[Recipient]
     ) -> list[RecipientOutcome]:
+        domain = group.domain
         resolver = self._resolver()
         plan = mxplan.plan_mx(domain, await resolver.mx(domain), self._rng)
         if isinstance(plan, mxplan.MxFailure):
@@ -176,7 +194,7 @@ class Hops:
                 for address in addresses.addresses[:MAX_ADDRESSES_PER_HOST]:
                     tls: TargetTls = "opportunistic" if hop.tls == "opportunistic" else "none"
                     target = SmtpTarget(host=address, port=hop.port, tls=tls, server_name=host, verify=False)
-                    yield functools.partial(self._smtp, target, message)
+                    yield functools.partial(self._smtp, target, message, group.route.dkim)
 
         failover = await fail_over(recipients, tries())
         if not failover.tries:  # no host had an address

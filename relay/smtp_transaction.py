@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from relay.core import outcome
+from relay.core.dkim import SigningPlan
 from relay.core.dsn import as_xtext
 from relay.core.headers import header_section
 from relay.core.model import DeliveryRequest, Envelope, Recipient, RecipientOutcome
@@ -45,6 +46,7 @@ from relay.core.smtp_payload import data_payload
 from relay.smtp_client import ServerReply, TransactionReplies, UnsafeCommand, command_line
 
 Supports = Callable[[str], bool]  # does the server advertise this EHLO keyword (lower case)?
+Sign = Callable[[SigningPlan, bytes], bytes]  # the DKIM-Signature field for this content
 After = Literal["reuse", "rset", "drop"]  # what the session is fit for once the transaction ends
 
 
@@ -175,9 +177,18 @@ def _bounce_all(recipients: Sequence[Recipient], status: str, text: str, code: i
     )
 
 
-def prepare(request: DeliveryRequest, supports: Supports, *, label: str, remote: str) -> Prepared | Verdict:
+def prepare(
+    request: DeliveryRequest,
+    supports: Supports,
+    *,
+    label: str,
+    remote: str,
+    sign: Sign | None = None,
+) -> Prepared | Verdict:
     """What to send for `request` to a server with these extensions, or the answer when nothing
-    may be sent (`label` names the server in diagnostics, `remote` is the Remote-MTA)."""
+    may be sent (`label` names the server in diagnostics, `remote` is the Remote-MTA). With a
+    DKIM plan in the request, `sign(plan, content)` gives the DKIM-Signature field, computed
+    over the content as it goes on the wire (after any 8BITMIME conversion)."""
     envelope = request.message.entry.envelope
     recipients = request.recipients
     content = ensure_crlf_end(request.message.content)
@@ -192,6 +203,8 @@ def prepare(request: DeliveryRequest, supports: Supports, *, label: str, remote:
             text = f"{label} does not support 8BITMIME and the message cannot be converted to 7 bit"
             return _bounce_all(recipients, "5.6.3", text, 554, remote)
         content, eight_bit = converted, False
+    if request.dkim is not None and sign is not None:
+        content = sign(request.dkim, content) + content
 
     dsn = supports("dsn")
     mail_options: list[bytes] = []

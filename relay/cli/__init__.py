@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 import click
 
 from relay import __version__
+from relay.cli.dkim import dkim_group
 from relay.cli.queue import queue_group
 from relay.cli.run import hash_password_command, relay_command
 from relay.cli.send import send_command
@@ -58,3 +59,4 @@ main.add_command(send_command)
 main.add_command(relay_command)
 main.add_command(queue_group)
 main.add_command(hash_password_command)
+main.add_command(dkim_group)

@@ -56,6 +56,13 @@ def relay_command(config_path: Path, grace: float) -> None:
     # starting worker, which inherits the disposition); the file is read after this point anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = load_or_exit(config_path, "relay")
+    from relay.dkim import check_keys
+
+    try:
+        check_keys(config)  # a DKIM key that cannot be used is a config error, not a crash later
+    except ConfigError as exc:
+        click.echo(f"mailrelay relay: invalid configuration {config_path}:\n{exc}", err=True)
+        raise SystemExit(2) from exc
     from relay.app import run_relay
 
     raise SystemExit(run_relay(config_path, config, grace=grace))

@@ -10,7 +10,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from relay.core.dkim import SigningPlan
 
 
 class Disposition(enum.Enum):
@@ -191,6 +194,7 @@ class DeliveryRequest:
 
     message: Message
     recipients: tuple[Recipient, ...]
+    dkim: SigningPlan | None = None  # relay.core.dkim: sign before this hop (SMTP hops only)
 
 
 class Transport(Protocol):
