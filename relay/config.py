@@ -441,7 +441,8 @@ def _header_name(value: object) -> str:
     return name
 
 
-_SELECTOR = r"^[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?)*$"
+_SELECTOR_LABEL = r"[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?"
+DKIM_SELECTOR_PATTERN = rf"^{_SELECTOR_LABEL}(\.{_SELECTOR_LABEL})*$"
 
 
 class DkimKeyConfig(_Model):
@@ -450,7 +451,7 @@ class DkimKeyConfig(_Model):
     the overlap of a rotation. `keyFile` is the PEM private key (a mounted Secret's key)."""
 
     domain: str
-    selector: str = Field(pattern=_SELECTOR)
+    selector: str = Field(pattern=DKIM_SELECTOR_PATTERN, max_length=63)
     key_file: Path
     algorithm: DkimAlgorithm = "rsa-sha256"
     headers: list[Annotated[str, BeforeValidator(_header_name)]] = list(DKIM_DEFAULT_HEADERS)
@@ -463,6 +464,23 @@ class DkimKeyConfig(_Model):
         if "*" in domain:
             raise ValueError(f"a DKIM domain is a name, not a pattern: {value!r}")
         return domain
+
+
+def dkim_keys_problem(keys: list[tuple[str, str, bool]]) -> str | None:
+    """What is wrong with a route's (domain, selector, active) DKIM keys: a selector listed
+    twice for one domain, or more than one active key for a domain (the operator's spec check
+    asks the same)."""
+    seen: set[tuple[str, str]] = set()
+    active: set[str] = set()
+    for domain, selector, is_active in keys:
+        if (domain, selector) in seen:
+            return f"dkim: selector {selector!r} of {domain} is listed twice"
+        seen.add((domain, selector))
+        if is_active:
+            if domain in active:
+                return f"dkim: more than one active key for {domain} (mark the old one active: false)"
+            active.add(domain)
+    return None
 
 
 class RouteConfig(_Model):
@@ -478,18 +496,9 @@ class RouteConfig(_Model):
 
     @model_validator(mode="after")
     def _one_active_key_per_domain(self) -> RouteConfig:
-        seen: set[tuple[str, str]] = set()
-        active: set[str] = set()
-        for key in self.dkim:
-            if (key.domain, key.selector) in seen:
-                raise ValueError(f"dkim: selector {key.selector!r} of {key.domain} is listed twice")
-            seen.add((key.domain, key.selector))
-            if key.active:
-                if key.domain in active:
-                    raise ValueError(
-                        f"dkim: more than one active key for {key.domain} (mark the old one active: false)"
-                    )
-                active.add(key.domain)
+        problem = dkim_keys_problem([(k.domain, k.selector, k.active) for k in self.dkim])
+        if problem:
+            raise ValueError(problem)
         return self
 
 

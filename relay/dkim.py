@@ -18,10 +18,8 @@ No decisions here (relay.core.dkim) and no network: DNS is for verifiers, not fo
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import dkim
@@ -29,62 +27,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from relay.config import ConfigError, DkimKeyConfig, RelayConfig
-from relay.core.dkim import SigningPlan, record_name, record_value
+from relay.core.dkim import DkimKeyError, LoadedKey, SigningPlan, parse_private_key, public_record
+
+__all__ = [
+    "DkimKeyError",
+    "LoadedKey",
+    "Signer",
+    "check_keys",
+    "generate_key",
+    "parse_private_key",
+    "public_record",
+]
 
 log = logging.getLogger(__name__)
-
-MIN_RSA_BITS = 1024  # RFC 8301 3.2: verifiers must not accept less; 2048 recommended
-
-
-class DkimKeyError(Exception):
-    """A DKIM key that cannot be used; the message names the file and the problem."""
-
-
-@dataclass(frozen=True)
-class LoadedKey:
-    algorithm: str
-    signing_key: bytes  # what dkimpy takes: PEM for RSA, base64 of the raw seed for ed25519
-    public_key_b64: str  # the p= value of the DNS record
-
-
-def parse_private_key(pem: bytes, algorithm: str, *, where: str = "key") -> LoadedKey:
-    """A PEM private key checked against `algorithm`; DkimKeyError names what is wrong."""
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise DkimKeyError(f"{where}: not a PEM private key without a password ({exc})") from exc
-    except Exception as exc:  # cryptography raises UnsupportedAlgorithm for exotic keys
-        raise DkimKeyError(f"{where}: unsupported private key: {exc}") from exc
-    if algorithm == "rsa-sha256":
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise DkimKeyError(f"{where}: rsa-sha256 needs an RSA key, got {type(key).__name__}")
-        if key.key_size < MIN_RSA_BITS:
-            raise DkimKeyError(f"{where}: RSA key of {key.key_size} bits; use at least 2048 (RFC 8301)")
-        signing = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    elif algorithm == "ed25519-sha256":
-        if not isinstance(key, ed25519.Ed25519PrivateKey):
-            raise DkimKeyError(f"{where}: ed25519-sha256 needs an Ed25519 key, got {type(key).__name__}")
-        seed = key.private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-        )
-        signing = base64.b64encode(seed)
-        public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    else:
-        raise DkimKeyError(f"{where}: unknown algorithm {algorithm!r}")
-    return LoadedKey(algorithm, signing, base64.b64encode(public).decode("ascii"))
-
-
-def public_record(pem: bytes, algorithm: str, selector: str, domain: str) -> tuple[str, str]:
-    """(TXT name, TXT value) publishing the public half of `pem`."""
-    loaded = parse_private_key(pem, algorithm)
-    return record_name(selector, domain), record_value(algorithm, loaded.public_key_b64)
 
 
 def generate_key(algorithm: str, bits: int = 2048) -> bytes:

@@ -38,6 +38,7 @@ _RELAY_REASONS = (
     "RoutingLoop",
     "SecretMissing",
     "SecretKeyMissing",
+    "DkimKeyInvalid",
 )
 # The order in which reasons win when several problems make Applied False.
 _APPLY_REASONS = (
@@ -214,9 +215,14 @@ def mailrelay_status(
 
 
 def relayroute_status(
-    plan: RoutePlan, *, previous: Mapping[str, Any] | None, now: datetime
+    plan: RoutePlan,
+    *,
+    previous: Mapping[str, Any] | None,
+    now: datetime,
+    dkim: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The status body of a RelayRoute."""
+    """The status body of a RelayRoute; `dkim` is `topology.dkim_records` (the DNS records to
+    publish for the route's keys), listed as ``status.dkim`` when the route has keys."""
     previous = previous or {}
     conditions: list[dict[str, Any]] = list(previous.get("conditions") or [])
     generation = plan.generation
@@ -251,4 +257,6 @@ def relayroute_status(
     }
     if generation is not None:
         status["observedGeneration"] = generation
+    if dkim:
+        status["dkim"] = [dict(entry) for entry in dkim]
     return status

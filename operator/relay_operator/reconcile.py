@@ -79,6 +79,7 @@ from relay_operator.topology import (
     Problem,
     RelayPlan,
     cluster_resolver,
+    dkim_records,
     plan_namespace,
     secret_problems,
 )
@@ -582,6 +583,10 @@ def _reconcile_routes(api: KubeApi, route_bodies: Sequence[JSON], plan: Namespac
         route_plan = plan.routes.get(body["metadata"]["name"])
         if route_plan is None:
             continue
-        status = conditions.relayroute_status(route_plan, previous=body.get("status") or {}, now=now)
         namespace = body["metadata"].get("namespace", plan.namespace)
+        route = route_plan.route
+        records = dkim_records(route, _secret_keys(api, namespace)) if route and route.spec.dkim else []
+        status = conditions.relayroute_status(
+            route_plan, previous=body.get("status") or {}, now=now, dkim=records
+        )
         _write_status(api, RELAYROUTES, body, namespace, status, _ROUTE_ANNOUNCED)

@@ -23,7 +23,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from relay.config import DURATION_PATTERN, SIZE_PATTERN, normalize_domain_pattern, parse_duration
+from relay.config import (
+    DKIM_SELECTOR_PATTERN,
+    DURATION_PATTERN,
+    SIZE_PATTERN,
+    DkimAlgorithm,
+    dkim_keys_problem,
+    normalize_domain_pattern,
+    parse_duration,
+)
 from relay_operator import naming
 
 # Shared with the CRD schema (tests/relay_operator/test_spec.py checks they are the same); the
@@ -469,11 +477,45 @@ class FailoverHopSpec(HopSpec):
         return self
 
 
+class DkimKeySecretRef(_Spec):
+    """The Secret key holding a PEM private key (``mailrelay dkim keygen`` writes one)."""
+
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(default="private.key", min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
+
+
+class DkimSpec(_Spec):
+    """One DKIM signing key (relay.config.DkimKeyConfig is what it renders to)."""
+
+    domain: str = Field(min_length=1, max_length=253)
+    selector: str = Field(min_length=1, max_length=63, pattern=DKIM_SELECTOR_PATTERN)
+    private_key_secret_ref: DkimKeySecretRef
+    algorithm: DkimAlgorithm = "rsa-sha256"
+    headers: list[str] = Field(default=[], max_length=64)  # empty: relay.config's default set
+    active: bool = True
+
+    @field_validator("domain", mode="before")
+    @classmethod
+    def _dkim_domain(cls, value: Any) -> str:
+        domain = _domain(value)
+        if "*" in domain:
+            raise ValueError(f"a DKIM domain is a name, not a pattern: {value!r}")
+        return domain
+
+
 class RelayRouteSpec(_Spec):
     priority: int = Field(default=0, ge=0, le=1000000)
     match: MatchSpec = MatchSpec()
     next_hop: HopSpec
     failover: list[FailoverHopSpec] = Field(default=[], max_length=8)
+    dkim: list[DkimSpec] = Field(default=[], max_length=16)
+
+    @model_validator(mode="after")
+    def _dkim_keys(self) -> RelayRouteSpec:
+        problem = dkim_keys_problem([(k.domain, k.selector, k.active) for k in self.dkim])
+        if problem:
+            raise ValueError(problem)
+        return self
 
     def hops(self) -> list[HopSpec]:
         return [self.next_hop, *self.failover]

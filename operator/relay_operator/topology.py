@@ -28,6 +28,7 @@ field as it is on disk.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import json
@@ -40,8 +41,10 @@ from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
 from relay.config import (
+    DKIM_DEFAULT_HEADERS,
     AuthConfig,
     ConfigError,
+    DkimKeyConfig,
     DnsConfig,
     GatewayHop,
     LimitsConfig,
@@ -68,10 +71,12 @@ from relay.config import (
 )
 from relay.core.addresses import domain_matches
 from relay.core.cpus import workers_for_cpu
+from relay.core.dkim import DkimKeyError, parse_private_key, public_record
 from relay.core.routing import route_hops, select_route
 from relay_operator import naming
 from relay_operator.spec import (
     CaSecretRef,
+    DkimSpec,
     GatewaySpec,
     HopSpec,
     InvalidSpec,
@@ -206,7 +211,7 @@ class SecretUse:
     """A Secret a relay needs mounted: where, for what, and which keys must be in it."""
 
     secret: str
-    purpose: Literal["tls", "auth", "smarthost", "webhook", "ca"]
+    purpose: Literal["tls", "auth", "smarthost", "webhook", "ca", "dkim"]
     mount_dir: PurePosixPath
     keys: tuple[str, ...]
     used_by: str  # "spec.tls", "spec.auth" or "RelayRoute <name>"
@@ -589,8 +594,21 @@ def _route_config(
         ),
         next_hop=hops[0],
         failover=hops[1:],
+        dkim=[_typed(f"{path}.dkim.{i}", _dkim_key, key, context) for i, key in enumerate(route.spec.dkim)],
     )
     return config, problems
+
+
+def _dkim_key(key: DkimSpec, context: RenderContext) -> DkimKeyConfig:
+    ref = key.private_key_secret_ref
+    return DkimKeyConfig(
+        domain=key.domain,
+        selector=key.selector,
+        key_file=Path(context.secret_dir(ref.name) / ref.key),
+        algorithm=key.algorithm,
+        headers=key.headers or list(DKIM_DEFAULT_HEADERS),
+        active=key.active,
+    )
 
 
 def _secret_uses(relay: MailRelay, routes: Sequence[RelayRoute], context: RenderContext) -> list[SecretUse]:
@@ -622,6 +640,9 @@ def _secret_uses(relay: MailRelay, routes: Sequence[RelayRoute], context: Render
             )
             if ca is not None:
                 uses.append(SecretUse(ca.name, "ca", context.secret_dir(ca.name), (ca.key,), used_by))
+        for key in route.spec.dkim:
+            secret, name = key.private_key_secret_ref.name, key.private_key_secret_ref.key
+            uses.append(SecretUse(secret, "dkim", context.secret_dir(secret), (name,), used_by))
     return uses
 
 
@@ -983,4 +1004,71 @@ def secret_problems(
                     f"Secret {use.secret} (for {use.used_by}) has no key {', '.join(missing)}",
                 )
             )
+            continue
+        if use.purpose == "dkim":
+            found += _dkim_key_problems(plan, use, data, subject)
     return found
+
+
+def secret_bytes(value: Any) -> bytes:
+    """A Secret value as the pod sees it: API `data` is base64 text, local manifests give bytes."""
+    if isinstance(value, bytes):
+        return value
+    try:
+        return base64.b64decode(str(value), validate=True)
+    except ValueError as exc:
+        raise DkimKeyError("the value is not base64") from exc
+
+
+def _dkim_key_problems(
+    plan: RelayPlan, use: SecretUse, data: Mapping[str, Any], subject: ObjectRef
+) -> list[Problem]:
+    found = []
+    for route in plan.routes:
+        for key in route.spec.dkim:
+            ref = key.private_key_secret_ref
+            if ref.name != use.secret or f"RelayRoute {route.key.name}" != use.used_by:
+                continue
+            try:
+                parse_private_key(secret_bytes(data[ref.key]), key.algorithm)
+            except DkimKeyError as exc:
+                found.append(
+                    Problem(
+                        subject,
+                        "DkimKeyInvalid",
+                        f"Secret {ref.name} key {ref.key} (DKIM {key.selector}._domainkey.{key.domain} "
+                        f"of RelayRoute {route.key.name}): {exc}",
+                    )
+                )
+    return found
+
+
+def dkim_records(
+    route: RelayRoute, lookup: Callable[[str], Mapping[str, Any] | None]
+) -> list[dict[str, Any]]:
+    """``status.dkim`` of a RelayRoute: for each key, the TXT record to publish (from the public
+    half of the key in its Secret), or why it cannot be computed."""
+    records = []
+    for key in route.spec.dkim:
+        ref = key.private_key_secret_ref
+        entry: dict[str, Any] = {
+            "domain": key.domain,
+            "selector": key.selector,
+            "algorithm": key.algorithm,
+            "active": key.active,
+        }
+        data = lookup(ref.name)
+        if data is None:
+            entry["error"] = f"Secret {ref.name} does not exist"
+        elif ref.key not in data:
+            entry["error"] = f"Secret {ref.name} has no key {ref.key}"
+        else:
+            try:
+                pem = secret_bytes(data[ref.key])
+                name, value = public_record(pem, key.algorithm, key.selector, key.domain)
+            except DkimKeyError as exc:
+                entry["error"] = f"Secret {ref.name} key {ref.key}: {exc}"
+            else:
+                entry["dnsRecord"] = {"name": name, "type": "TXT", "value": value}
+        records.append(entry)
+    return records

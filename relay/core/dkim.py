@@ -4,7 +4,8 @@ what DNS record publishes a key.
 relay.hops asks `plan_signature` once per SMTP hop with the route's keys and the message
 content; relay.dkim (the adapter around dkimpy) does the signing with the plan after the last
 change to the content (relay.smtp_transaction's 8BITMIME conversion) and before the hop. The
-operator and ``mailrelay dkim keygen`` ask `dns_record` what TXT record to publish.
+operator and ``mailrelay dkim keygen`` ask `record_name` and `record_value` what TXT record to
+publish.
 
 Rules:
 - a message is signed only when it has exactly one From header field with exactly one address
@@ -16,15 +17,23 @@ Rules:
 - the signed header fields are From first (RFC 6376 5.4 requires it), then each configured name
   that the message carries, in the configured order, each once.
 
-Pure: no I/O, no cryptography, no clock.
+`parse_private_key` checks a PEM key against its algorithm and gives the public half (the
+operator checks Secrets with it, relay.dkim loads keys with it): computation with the
+cryptography package, no I/O.
+
+Pure: no I/O, no clock, no randomness.
 """
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from relay.config import DkimKeyConfig
 from relay.core.headers import header_names, header_section
@@ -91,7 +100,56 @@ def plan_signature(keys: Sequence[DkimKeyConfig], content: bytes) -> SigningPlan
     return SigningPlan(key, signed_headers(key.headers, present))
 
 
-# --------------------------------------------------------------------------- DNS records
+# --------------------------------------------------------------------------- keys and DNS records
+
+MIN_RSA_BITS = 1024  # RFC 8301 3.2: verifiers must not accept less; 2048 recommended
+
+
+class DkimKeyError(ValueError):
+    """A DKIM key that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class LoadedKey:
+    algorithm: str
+    signing_key: bytes  # what dkimpy takes: PEM for RSA, base64 of the raw seed for ed25519
+    public_key_b64: str  # the p= value of the DNS record
+
+
+def parse_private_key(pem: bytes, algorithm: str, *, where: str = "") -> LoadedKey:
+    """A PEM private key checked against `algorithm`; DkimKeyError names what is wrong
+    (prefixed with `where`)."""
+    prefix = f"{where}: " if where else ""
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:  # cryptography's text names its FAQ, not the problem
+        raise DkimKeyError(f"{prefix}not a PEM private key without a password") from exc
+    except Exception as exc:  # cryptography raises UnsupportedAlgorithm for exotic keys
+        raise DkimKeyError(f"{prefix}unsupported private key: {exc}") from exc
+    if algorithm == "rsa-sha256":
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise DkimKeyError(f"{prefix}rsa-sha256 needs an RSA key, got {type(key).__name__}")
+        if key.key_size < MIN_RSA_BITS:
+            raise DkimKeyError(f"{prefix}RSA key of {key.key_size} bits; use at least 2048 (RFC 8301)")
+        signing = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    elif algorithm == "ed25519-sha256":
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise DkimKeyError(f"{prefix}ed25519-sha256 needs an Ed25519 key, got {type(key).__name__}")
+        seed = key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        signing = base64.b64encode(seed)
+        public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    else:
+        raise DkimKeyError(f"{prefix}unknown algorithm {algorithm!r}")
+    return LoadedKey(algorithm, signing, base64.b64encode(public).decode("ascii"))
 
 
 def record_name(selector: str, domain: str) -> str:
@@ -104,6 +162,12 @@ def record_value(algorithm: str, public_key_b64: str) -> str:
     the base64 SubjectPublicKeyInfo DER, for ed25519 the base64 raw 32-byte key."""
     kind = "ed25519" if algorithm.startswith("ed25519") else "rsa"
     return f"v=DKIM1; k={kind}; p={public_key_b64}"
+
+
+def public_record(pem: bytes, algorithm: str, selector: str, domain: str) -> tuple[str, str]:
+    """(TXT name, TXT value) publishing the public half of `pem`."""
+    loaded = parse_private_key(pem, algorithm)
+    return record_name(selector, domain), record_value(algorithm, loaded.public_key_b64)
 
 
 def split_txt(value: str, size: int = 255) -> list[str]:

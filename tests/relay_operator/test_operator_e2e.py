@@ -7,6 +7,7 @@ again (its requests for the object are counted in the emulator)."""
 
 from __future__ import annotations
 
+import base64
 import copy
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from relay.core.dkim import public_record
+from relay.dkim import generate_key
 from relay_operator import k8s, naming, reconcile
 from tests.relay_operator.conftest import (
     CRDS,
@@ -1059,3 +1062,64 @@ def test_two_peered_operators_only_the_higher_priority_one_acts(tmp_path: Path) 
                 high.stop()
             assert low.stop() == 0, low.tail()
             admin.close()
+
+
+def test_dkim_keys_are_checked_mounted_and_their_records_published(
+    kube: Any, namespace: str, operator_process: OperatorProcess
+) -> None:
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("edge"))
+    route = relayroute("signed", "edge", {"mx": {}}, domains=["*"])
+    route["spec"]["dkim"] = [
+        {"domain": "example.com", "selector": "s1", "privateKeySecretRef": {"name": "dkim-s1"}},
+    ]
+    kube.create(k8s.RELAYROUTES, namespace, route)
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "dkim-s1"},
+        "data": {"private.key": base64.b64encode(b"-----BEGIN PRIVATE KEY-----\nno\n").decode()},
+    }
+    kube.create(k8s.SECRETS, namespace, secret)
+
+    def valid_is(value: str) -> Any:
+        def check() -> dict[str, Any] | None:
+            found = condition(kube.get(k8s.MAILRELAYS, namespace, "edge"), "ConfigValid")
+            return found if found and found["status"] == value else None
+
+        return check
+
+    invalid = operator_process.until(valid_is("False"), "ConfigValid=False for an invalid DKIM key")
+    assert invalid["reason"] == "DkimKeyInvalid" and "dkim-s1" in invalid["message"]
+    status = operator_process.until(
+        lambda: (kube.get(k8s.RELAYROUTES, namespace, "signed") or {}).get("status", {}).get("dkim"),
+        "status.dkim on the route",
+    )
+    assert "not a PEM private key" in status[0]["error"] and "dnsRecord" not in status[0]
+    assert kube.get(k8s.STATEFULSETS, namespace, "edge") is None
+
+    pem = generate_key("rsa-sha256")
+    live = kube.get(k8s.SECRETS, namespace, "dkim-s1")
+    live["data"] = {"private.key": base64.b64encode(pem).decode()}
+    kube.replace(k8s.SECRETS, namespace, "dkim-s1", live)
+    operator_process.until(valid_is("True"), "ConfigValid=True once the key is valid")
+    name, value = public_record(pem, "rsa-sha256", "s1", "example.com")
+
+    def published() -> list[dict[str, Any]] | None:
+        records = ((kube.get(k8s.RELAYROUTES, namespace, "signed") or {}).get("status") or {}).get("dkim")
+        return records if records and "dnsRecord" in records[0] else None
+
+    records = operator_process.until(published, "the DNS record in status.dkim")
+    assert records == [
+        {
+            "domain": "example.com",
+            "selector": "s1",
+            "algorithm": "rsa-sha256",
+            "active": True,
+            "dnsRecord": {"name": name, "type": "TXT", "value": value},
+        }
+    ]
+    [rendered] = relay_config(kube, namespace, "edge")["routes"][0]["dkim"]
+    assert rendered["keyFile"].endswith("/dkim-s1/private.key") and rendered["active"] is True
+    sts = operator_process.until(lambda: kube.get(k8s.STATEFULSETS, namespace, "edge"), "the StatefulSet")
+    volumes = sts["spec"]["template"]["spec"]["volumes"]
+    assert any((v.get("secret") or {}).get("secretName") == "dkim-s1" for v in volumes)

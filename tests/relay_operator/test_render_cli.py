@@ -76,7 +76,7 @@ def test_check_the_samples_warns_about_secrets_it_was_not_given() -> None:
     code, out, _ = run("check", "-f", str(crd_tools.SAMPLES_DIR))
     assert code == 0
     lines = out.strip().splitlines()
-    assert lines[-1] == "ok: 2 MailRelay(s) and 7 RelayRoute(s) in 1 namespace(s): 0 error(s), 5 warning(s)"
+    assert lines[-1] == "ok: 2 MailRelay(s) and 7 RelayRoute(s) in 1 namespace(s): 0 error(s), 6 warning(s)"
     assert any("Secret edge-tls (for spec.tls) is not among the given manifests" in line for line in lines)
     assert any("Secret internal-ca (for RelayRoute corp-mailstore) is not among" in line for line in lines)
     assert run("check", "--strict", "-f", str(crd_tools.SAMPLES_DIR))[0] == 1
@@ -96,6 +96,7 @@ def test_check_with_secrets(tmp_path: Path) -> None:
             ("edge-users", {"users": "alice:$2b$..."}),
             ("provider-credentials", {"username": "u"}),
             ("internal-ca", {"ca.crt": "-----BEGIN CERTIFICATE-----"}),
+            ("dkim-2026a-example-com", {"private.key": "-----BEGIN PRIVATE KEY-----\nbroken\n"}),
         ]
     ]
     secrets.append(
@@ -110,9 +111,12 @@ def test_check_with_secrets(tmp_path: Path) -> None:
     code, out, _ = run("check", "-f", str(tmp_path / "samples"), "-f", str(tmp_path / "secrets.yaml"))
     assert code == 1
     assert out.splitlines() == [
+        "error: MailRelay mail/edge: Secret dkim-2026a-example-com key private.key (DKIM "
+        "2026a._domainkey.example.com of RelayRoute partners-mx): not a PEM private key without a "
+        "password (DkimKeyInvalid)",
         "error: MailRelay mail/edge: Secret provider-credentials (for RelayRoute outbound-smarthost) "
         "has no key password (SecretKeyMissing)",
-        "failed: 2 MailRelay(s) and 7 RelayRoute(s) in 1 namespace(s): 1 error(s), 0 warning(s)",
+        "failed: 2 MailRelay(s) and 7 RelayRoute(s) in 1 namespace(s): 2 error(s), 0 warning(s)",
     ]
 
 
