@@ -37,13 +37,12 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from relay import metrics
+from relay import logs, metrics
 from relay.config import ConfigError, RelayConfig, load_config
 from relay.config_watch import ConfigWatcher
 from relay.cpus import worker_count
@@ -52,6 +51,7 @@ from relay.doorbell import Doorbell
 from relay.front import Front
 from relay.health import HealthServer, metrics_registry, spool_writable
 from relay.http_api import HttpApi
+from relay.logs import LogFormat
 from relay.message_status import StatusBook
 from relay.scheduler import Scheduler
 from relay.spool import Spool
@@ -75,36 +75,11 @@ def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-class _LogFormatter(logging.Formatter):
-    """The standard line format with the date and time formatted once per second, not once
-    per line (a relay logs two lines per message)."""
-
-    _second = -1
-    _stamp = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
-        return f"{self._stamp},{int(record.msecs):03d}"
-
-
-def configure_logging(config: RelayConfig, worker: int | None = None) -> None:
-    # Fields the relay's log lines never show; skipping them halves the cost of a line
-    # (the logging documentation's "Optimization" section).
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    prefix = f"[w{worker}] " if worker is not None else ""
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig()
-    for handler in root.handlers:
-        handler.setFormatter(_LogFormatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s"))
-    root.setLevel(config.log_level.upper())
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-line chatter
+def configure_logging(
+    config: RelayConfig, worker: int | None = None, log_format: LogFormat | None = None
+) -> None:
+    """The process's log lines: `log_format` (the command line's) wins over the config's."""
+    logs.configure(log_format or config.log_format, config.log_level, relay=config.hostname, worker=worker)
 
 
 def restart_needed(old: RelayConfig, new: RelayConfig) -> list[str]:
@@ -316,6 +291,7 @@ def worker_main(
     ready: multiprocessing.synchronize.Event,
     grace: float,
     doorbells: list[tuple[Connection, Connection]],
+    log_format: LogFormat | None = None,
 ) -> None:
     """Entry point of a spawned worker process."""
     _die_with_parent()
@@ -332,7 +308,7 @@ def worker_main(
         logging.basicConfig()
         logging.getLogger(__name__).error("worker %d: invalid configuration:\n%s", index, exc)
         raise SystemExit(2) from exc
-    configure_logging(config, worker=index)
+    configure_logging(config, worker=index, log_format=log_format)
     process = RelayProcess(
         Path(config_path),
         config,
@@ -351,8 +327,15 @@ class Supervisor:
     """The parent of N worker processes (``workers`` > 1)."""
 
     def __init__(
-        self, config_path: Path, config: RelayConfig, *, workers: int, grace: float = DEFAULT_GRACE
+        self,
+        config_path: Path,
+        config: RelayConfig,
+        *,
+        workers: int,
+        grace: float = DEFAULT_GRACE,
+        log_format: LogFormat | None = None,
     ) -> None:
+        self.log_format = log_format
         self.config_path = Path(config_path)
         self.config = config
         self.workers = workers
@@ -372,7 +355,7 @@ class Supervisor:
         ready = self._context.Event()
         process = self._context.Process(
             target=worker_main,
-            args=(str(self.config_path), index, ready, self.grace, self._doorbells),
+            args=(str(self.config_path), index, ready, self.grace, self._doorbells, self.log_format),
             name=f"mailrelay-worker-{index}",
         )
         process.start()
@@ -463,9 +446,16 @@ class Supervisor:
 # ----------------------------------------------------------------------------- entry point
 
 
-def run_relay(config_path: Path, config: RelayConfig, *, grace: float = DEFAULT_GRACE) -> int:
-    """Run the relay described by `config` (already loaded from `config_path`) until SIGTERM."""
-    configure_logging(config)
+def run_relay(
+    config_path: Path,
+    config: RelayConfig,
+    *,
+    grace: float = DEFAULT_GRACE,
+    log_format: LogFormat | None = None,
+) -> int:
+    """Run the relay described by `config` (already loaded from `config_path`) until SIGTERM;
+    `log_format` (``--log-format``) overrides the config's ``log_format`` in every process."""
+    configure_logging(config, log_format=log_format)
     workers = worker_count(config)
     if config.workers == "auto":
         log.info("workers: auto = %d (the CPUs this process may use)", workers)
@@ -484,7 +474,9 @@ def run_relay(config_path: Path, config: RelayConfig, *, grace: float = DEFAULT_
             log.info("spool %s recovered: %s", config.queue.directory, spool.recover())
         finally:
             spool.close()
-        return run_event_loop(Supervisor(config_path, config, workers=workers, grace=grace).run())
+        return run_event_loop(
+            Supervisor(config_path, config, workers=workers, grace=grace, log_format=log_format).run()
+        )
     finally:
         if made_dir is not None:
             shutil.rmtree(made_dir, ignore_errors=True)

@@ -557,6 +557,9 @@ class RelayConfig(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     handoff: HandoffConfig | None = None
     drain: DrainConfig | None = None
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text lines, or one JSON object per line (relay.logs)"
+    )
 
     @field_validator("trusted_networks", mode="before")
     @classmethod

@@ -230,14 +230,23 @@ class Front:
             return status.SPOOL_ERROR
         self.stats.accepted += 1
         metrics.ACCEPTED.labels(listener).inc()
-        log.info(
-            "%s: accepted size=%d nrcpt=%d from=<%s>%s",
-            queue_id,
-            prepared.size,
-            len(entry.envelope.recipients),
-            entry.envelope.mail_from,
-            " (bare line ends normalised)" if prepared.normalized else "",
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s: accepted size=%d nrcpt=%d from=<%s>%s",
+                queue_id,
+                prepared.size,
+                len(entry.envelope.recipients),
+                entry.envelope.mail_from,
+                " (bare line ends normalised)" if prepared.normalized else "",
+                extra={  # relay.logs: the accepted event
+                    "event": "accepted",
+                    "queue_id": queue_id,
+                    "sender": entry.envelope.mail_from,
+                    "size": prepared.size,
+                    "nrcpt": len(entry.envelope.recipients),
+                    "client": entry.client_address,
+                },
+            )
         if self.on_stored is not None:
             try:
                 self.on_stored(queue_id)

@@ -78,6 +78,23 @@ class FrontSession(SmtpdSession):
         self._rcpts: list[Recipient] = []
         self._rcpt_seen: set[str] = set()
 
+    def _refusal(self, reason: str | None, reply: Reply | str) -> dict[str, object]:
+        """The event fields of a refused RCPT or message (relay.logs)."""
+        fields: dict[str, object] = {
+            "event": "rejected",
+            "queue_id": self._queue_id,
+            "client": self.client_ip,
+        }
+        if reason is not None:
+            fields["reason"] = reason
+        if isinstance(reply, Reply):
+            fields.update(code=reply.code, dsn=reply.status, reply=reply.text)
+        else:
+            fields["reply"] = reply
+        if self._mail is not None:
+            fields["sender"] = self._mail.address
+        return fields
+
     def _set_rset_state(self) -> None:
         super()._set_rset_state()  # type: ignore[no-untyped-call]
         self._reset_transaction()
@@ -323,7 +340,9 @@ class FrontSession(SmtpdSession):
         if decision.reason is not None:
             metrics.REJECTED.labels(decision.reason).inc()
         if decision.log is not None:
-            log.info("%s: %s", self._queue_id, decision.log)
+            log.info(
+                "%s: %s", self._queue_id, decision.log, extra=self._refusal(decision.reason, decision.reply)
+            )
         if decision.recipient is not None:
             self._rcpts.append(decision.recipient)
             self._rcpt_seen.add(decision.recipient.address)
@@ -389,7 +408,9 @@ class FrontSession(SmtpdSession):
         )
         if isinstance(prepared, Refused):
             metrics.REJECTED.labels(prepared.reason).inc()
-            log.info("%s: %s", self._queue_id, prepared.log)
+            log.info(
+                "%s: %s", self._queue_id, prepared.log, extra=self._refusal(prepared.reason, prepared.reply)
+            )
             return prepared.reply
         return await self._store(prepared)
 

@@ -44,7 +44,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
-from relay import metrics
+from relay import logs, metrics
 from relay.config import RelayConfig
 from relay.core import dsn, outcome, policy, routing
 from relay.core.model import Message, QueueEntry
@@ -247,10 +247,16 @@ class Scheduler:
         updated = settlement.deferred
         if updated is None:
             await self._spool.complete(entry.queue_id)
-            log.info("[%s] done: %s", entry.queue_id, summary(settlement.results))
+            if logs.per_recipient():
+                self._log_events(entry, settlement, now)
+            else:
+                log.info("[%s] done: %s", entry.queue_id, summary(settlement.results))
             return
         await self._spool.defer(updated, message.content)
         self._scanner.deferred_here(updated.next_attempt)
+        if logs.per_recipient():
+            self._log_events(entry, settlement, now)
+            return
         log.info(
             "[%s] deferred %d recipients until %s (attempt %d): %s",
             entry.queue_id,
@@ -259,6 +265,38 @@ class Scheduler:
             updated.attempts,
             summary(settlement.results),
         )
+
+    def _log_events(self, entry: QueueEntry, settlement: Settlement, now: float) -> None:
+        """One event line per recipient (relay.logs; the JSON format only)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        duration = round(max(0.0, now - entry.arrival), 3)
+        attempts = entry.attempts + 1
+        for result in settlement.results:
+            result_outcome = result.outcome
+            event = "expired" if result.expired else result_outcome.disposition.value
+            log.info(
+                "[%s] %s <%s> %d %s %s",
+                entry.queue_id,
+                event,
+                result_outcome.recipient.address,
+                result_outcome.code,
+                result_outcome.status,
+                result_outcome.text,
+                extra={
+                    "event": event,
+                    "queue_id": entry.queue_id,
+                    "sender": entry.envelope.mail_from,
+                    "recipient": result_outcome.recipient.address,
+                    "route": result.route,
+                    "next_hop": result_outcome.remote_mta,
+                    "code": result_outcome.code,
+                    "dsn": result_outcome.status,
+                    "reply": result_outcome.text,
+                    "duration": duration,
+                    "attempts": attempts,
+                },
+            )
 
     def _count(self, entry: QueueEntry, result: Attempted, now: float) -> None:
         disposition = result.outcome.disposition.value
@@ -311,6 +349,13 @@ class Scheduler:
             queue_id,
             entry.envelope.mail_from,
             ", ".join(f"{r.outcome.recipient.address} {r.action}" for r in reports),
+            extra={
+                "event": "dsn",
+                "queue_id": entry.queue_id,
+                "dsn_id": queue_id,
+                "recipient": entry.envelope.mail_from,
+                "reply": ", ".join(f"{r.outcome.recipient.address} {r.action}" for r in reports),
+            },
         )
         self._dispatcher.enqueue(queue_id)
 

@@ -439,6 +439,10 @@ class Spool:
         """Make a deferred or held message due now (moves it to incoming/)."""
         return self._admin_move(queue_id, ("deferred", "hold"), "incoming")
 
+    def release(self, queue_id: str) -> bool:
+        """Undo `hold`: a held message goes back to incoming/ (due now); nothing else moves."""
+        return self._admin_move(queue_id, ("hold",), "incoming")
+
     def hold(self, queue_id: str) -> bool:
         """Park a waiting message in hold/ so no scheduler picks it up."""
         return self._admin_move(queue_id, ("incoming", "deferred"), "hold")

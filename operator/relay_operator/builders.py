@@ -241,6 +241,11 @@ def _relay_container(
         "image": spec.image or options.image,
         "command": ["mailrelay"],
         "args": ["relay", "--config", str(context.config_file)],
+        # the identity of every JSON log line (relay.logs)
+        "env": [
+            {"name": "MAILRELAY_RELAY", "value": plan.relay.key.name},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
         "ports": container_ports,
         "readinessProbe": {
             "httpGet": {"path": "/readyz", "port": naming.METRICS_PORT_NAME},

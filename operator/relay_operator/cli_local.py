@@ -17,6 +17,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -137,6 +138,12 @@ def startup_lines(plan: Plan, state: StateDir, bind: str) -> list[str]:
     help="Seconds a relay may take to drain on stop before it is killed.",
 )
 @click.option("--check-only", is_flag=True, help="Validate and show what would run; start nothing.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Every relay's log lines, over its spec's logFormat (default: the spec's, else text).",
+)
 def up_command(
     paths: Sequence[str],
     default_namespace: str,
@@ -145,6 +152,7 @@ def up_command(
     state_dir: Path,
     drain_timeout: float,
     check_only: bool,
+    log_format: Literal["text", "json"] | None,
 ) -> None:
     """Run MailRelays, RelayRoutes and Secrets on this machine, as a cluster would.
 
@@ -157,7 +165,9 @@ def up_command(
     runs reloads the routes; Ctrl-C drains and stops every relay.
     """
     state = StateDir(state_dir)
-    options = LocalOptions(bind=bind, port_offset=port_offset, default_namespace=default_namespace)
+    options = LocalOptions(
+        bind=bind, port_offset=port_offset, default_namespace=default_namespace, log_format=log_format
+    )
     ports = PortBook()
     sources = [Path(p) for p in paths]
 

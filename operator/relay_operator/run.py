@@ -71,6 +71,13 @@ def _seconds(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
     "--kubeconfig", default=None, type=click.Path(dir_okay=False), help="Kubeconfig (not in a pod)."
 )
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text or one JSON object per line (kopf's JSON format).",
+)
 def operator_command(
     namespaces: tuple[str, ...],
     all_namespaces: bool,
@@ -85,6 +92,7 @@ def operator_command(
     image_pull_policy: str | None,
     kubeconfig: str | None,
     verbose: bool,
+    log_format: str,
 ) -> None:
     """Run the MailRelay operator (kopf) against the current cluster.
 
@@ -105,7 +113,12 @@ def operator_command(
 
     from relay_operator import builders, handlers
 
-    kopf.configure(verbose=verbose, debug=verbose)
+    kopf.configure(
+        verbose=verbose,
+        debug=verbose,
+        log_format=kopf.LogFormat.JSON if log_format == "json" else kopf.LogFormat.FULL,
+        log_refkey="object" if log_format == "json" else None,
+    )
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     options = handlers.OperatorOptions(
         resync_interval=resync_interval,

@@ -246,6 +246,7 @@ class MailRelaySpec(_Spec):
     priority_class_name: str | None = None
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] | None = None  # None: the context's (json in pods, text under up)
 
     _domains = field_validator("accept_domains", mode="before")(
         lambda value: [_domain(v) for v in value] if isinstance(value, list) else value

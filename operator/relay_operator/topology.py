@@ -142,6 +142,8 @@ class RenderContext:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9090
     port_offset: int = 0  # a listener binds declared port + offset (`up` shifts ports)
+    log_format: Literal["text", "json"] = "json"  # when the spec names none
+    log_format_override: Literal["text", "json"] | None = None  # `up --log-format`: wins over the spec
 
     @property
     def queue_dir(self) -> PurePosixPath:
@@ -755,6 +757,7 @@ def _config(
         metrics=_typed("metrics", MetricsConfig, host=context.metrics_host, port=context.metrics_port),
         workers=workers,
         log_level=spec.log_level,
+        log_format=context.log_format_override or spec.log_format or context.log_format,
     )
 
 

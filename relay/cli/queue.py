@@ -1,5 +1,9 @@
-"""``mailrelay queue``: list, show, retry, hold and delete a relay's queued mail, safe while the
-relay runs (the spool's own admin operations decide; this module parses and prints).
+"""``mailrelay queue``: list, show, retry, hold, release, delete and flush a relay's queued
+mail, safe while the relay runs (the spool's own admin operations decide; this module parses
+and prints). Admin commands take queue ids or a selection (``--all``, ``--sender``,
+``--recipient``, ``--older-than``: relay.core.queue_select decides what matches). Without
+``--config`` or ``--spool`` the config is ``$MAILRELAY_CONFIG``, else the path a relay pod
+mounts, so ``kubectl exec`` needs no path.
 
 Exit status: 0 done, 1 the message does not exist or the action failed, 2 usage or config error.
 """
@@ -7,6 +11,8 @@ Exit status: 0 done, 1 the message does not exist or the action failed, 2 usage 
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,9 +21,15 @@ from typing import Any, TypeVar
 import click
 
 from relay.cli.run import load_or_exit
+from relay.config import parse_duration
 from relay.core.headers import header_section
+from relay.core.queue_select import Selector
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# The config a relay pod mounts (the operator's ConfigMap; the image sets MAILRELAY_CONFIG to
+# it), so `kubectl exec POD -- mailrelay queue list` needs no path.
+DEFAULT_CONFIG = Path("/etc/mailrelay/config/relay.yaml")
 
 
 # ----------------------------------------------------------------------------- queue
@@ -34,7 +46,8 @@ def _spool_options(func: F) -> F:
         "--config",
         "config_path",
         type=click.Path(path_type=Path, dir_okay=False),
-        help="The relay configuration whose queue.directory to use.",
+        help="The relay configuration whose queue.directory to use "
+        f"(default: $MAILRELAY_CONFIG, else {DEFAULT_CONFIG}, what a relay pod mounts).",
     )(func)
     return func
 
@@ -42,9 +55,18 @@ def _spool_options(func: F) -> F:
 def _open_spool(config_path: Path | None, spool_dir: Path | None) -> Any:
     from relay.spool import Spool
 
-    if (config_path is None) == (spool_dir is None):
-        click.echo("mailrelay queue: give exactly one of --config FILE or --spool DIR", err=True)
+    if config_path is not None and spool_dir is not None:
+        click.echo("mailrelay queue: give one of --config FILE or --spool DIR, not both", err=True)
         raise SystemExit(2)
+    if config_path is None and spool_dir is None:
+        config_path = Path(os.environ.get("MAILRELAY_CONFIG") or DEFAULT_CONFIG)
+        if not config_path.is_file():
+            click.echo(
+                f"mailrelay queue: no relay configuration at {config_path}: "
+                "give --config FILE or --spool DIR",
+                err=True,
+            )
+            raise SystemExit(2)
     directory = spool_dir if spool_dir is not None else load_or_exit(config_path, "queue").queue.directory  # type: ignore[arg-type]
     if not Path(directory).is_dir():
         click.echo(f"mailrelay queue: no queue directory at {directory}", err=True)
@@ -195,52 +217,153 @@ def queue_show(queue_id: str, config_path: Path | None, spool_dir: Path | None, 
     click.echo(content.decode("utf-8", "replace").replace("\r\n", "\n"), nl=False)
 
 
+# Where each action takes messages from (the spool's own admin moves decide; see relay.spool).
+_SOURCES = {
+    "retry": ("deferred", "hold"),
+    "hold": ("incoming", "deferred"),
+    "release": ("hold",),
+    "delete": ("incoming", "deferred", "hold"),
+    "flush": ("deferred",),
+}
+_DONE = {
+    "retry": "queued for delivery now",
+    "hold": "held",
+    "release": "released (queued for delivery now)",
+    "delete": "deleted",
+    "flush": "queued for delivery now",
+}
+
+
+def _move(spool: Any, action: str, queue_id: str) -> bool:
+    if action in ("retry", "flush"):
+        return bool(spool.retry_now(queue_id))
+    return bool(getattr(spool, action)(queue_id))
+
+
+def _explain(action: str, queue_id: str, where: tuple[str, Path] | None) -> str:
+    if where is not None and where[0] == "active":
+        return f"mailrelay queue {action}: {queue_id} is being delivered right now; try again"
+    if where is not None:
+        return f"mailrelay queue {action}: {queue_id} is in {where[0]}/, nothing to do"
+    return f"mailrelay queue {action}: no message {queue_id}"
+
+
 def _admin(action: str, queue_id: str, config_path: Path | None, spool_dir: Path | None) -> None:
     spool = _open_spool(config_path, spool_dir)
     try:
-        if not queue_id.isalnum():
-            ok = False
-        elif action == "retry":
-            ok = spool.retry_now(queue_id)
-        elif action == "hold":
-            ok = spool.hold(queue_id)
-        else:
-            ok = spool.delete(queue_id)
+        ok = queue_id.isalnum() and _move(spool, action, queue_id)
         where = spool.locate(queue_id) if queue_id.isalnum() else None
     finally:
         spool.close()
     if ok:
-        done = {"retry": "queued for delivery now", "hold": "held", "delete": "deleted"}[action]
-        click.echo(f"{queue_id}: {done}")
+        click.echo(f"{queue_id}: {_DONE[action]}")
         return
-    if where is not None and where[0] == "active":
-        click.echo(f"mailrelay queue {action}: {queue_id} is being delivered right now; try again", err=True)
-    elif where is not None:
-        click.echo(f"mailrelay queue {action}: {queue_id} is in {where[0]}/, nothing to do", err=True)
-    else:
-        click.echo(f"mailrelay queue {action}: no message {queue_id}", err=True)
+    click.echo(_explain(action, queue_id, where), err=True)
     raise SystemExit(1)
 
 
-@queue_group.command("retry")
-@click.argument("queue_id")
+def _bulk(action: str, selector: Selector, config_path: Path | None, spool_dir: Path | None) -> None:
+    """Apply `action` to every message in the action's source states that `selector` matches.
+    A message that moved meanwhile (a scheduler claimed it) is counted as skipped."""
+    spool = _open_spool(config_path, spool_dir)
+    now = time.time()
+    done = skipped = 0
+    try:
+        for state in _SOURCES[action]:
+            for entry in list(spool.entries(state)):
+                if not selector.matches(entry, now):
+                    continue
+                if _move(spool, action, entry.queue_id):
+                    done += 1
+                    click.echo(f"{entry.queue_id}: {_DONE[action]}")
+                else:
+                    skipped += 1
+    finally:
+        spool.close()
+    tail = f" ({skipped} skipped: being delivered or gone)" if skipped else ""
+    click.echo(f"{done} message(s) {_DONE[action].split(' (')[0]}{tail}")
+
+
+def _older_than(_ctx: click.Context, _param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _selection_options(func: F) -> F:
+    func = click.option(
+        "--older-than",
+        metavar="DURATION",
+        callback=_older_than,
+        help="Only messages that arrived at least this long ago (30m, 2h, 1d).",
+    )(func)
+    func = click.option(
+        "--recipient", metavar="PATTERN", help="Only messages with a pending recipient matching this glob."
+    )(func)
+    func = click.option(
+        "--sender", metavar="PATTERN", help="Only messages from a sender matching this glob (<> for bounces)."
+    )(func)
+    func = click.option("--all", "select_all", is_flag=True, help="Every message the action applies to.")(
+        func
+    )
+    return func
+
+
+def _admin_command(action: str, doc: str) -> click.Command:
+    @click.argument("queue_ids", nargs=-1, metavar="[QUEUE_ID]...")
+    @_spool_options
+    @_selection_options
+    def command(
+        queue_ids: tuple[str, ...],
+        config_path: Path | None,
+        spool_dir: Path | None,
+        select_all: bool,
+        sender: str | None,
+        recipient: str | None,
+        older_than: float | None,
+    ) -> None:
+        selector = Selector(sender=sender, recipient=recipient, older_than=older_than)
+        if queue_ids and (select_all or not selector.empty):
+            click.echo(f"mailrelay queue {action}: give queue ids or a selection, not both", err=True)
+            raise SystemExit(2)
+        if not queue_ids and not select_all and selector.empty:
+            click.echo(
+                f"mailrelay queue {action}: give QUEUE_ID..., --all, --sender, --recipient or --older-than",
+                err=True,
+            )
+            raise SystemExit(2)
+        if not queue_ids:
+            _bulk(action, selector, config_path, spool_dir)
+            return
+        failed = 0
+        for queue_id in queue_ids:
+            try:
+                _admin(action, queue_id, config_path, spool_dir)
+            except SystemExit as exc:
+                if exc.code == 2:
+                    raise
+                failed += 1
+        if failed:
+            raise SystemExit(1)
+
+    command.__doc__ = doc
+    return queue_group.command(action)(command)
+
+
+_admin_command(
+    "retry",
+    "Make deferred or held messages due now (the relay picks them up on its next scan, within seconds).",
+)
+_admin_command("hold", "Park waiting messages so no delivery is tried (undo with release).")
+_admin_command("release", "Undo hold: held messages become due now.")
+_admin_command("delete", "Remove waiting messages without delivering them and without a bounce.")
+
+
+@queue_group.command("flush")
 @_spool_options
-def queue_retry(queue_id: str, config_path: Path | None, spool_dir: Path | None) -> None:
-    """Make a deferred or held message due now (the relay picks it up on its next scan)."""
-    _admin("retry", queue_id, config_path, spool_dir)
-
-
-@queue_group.command("hold")
-@click.argument("queue_id")
-@_spool_options
-def queue_hold(queue_id: str, config_path: Path | None, spool_dir: Path | None) -> None:
-    """Park a waiting message so no delivery is tried (undo with retry)."""
-    _admin("hold", queue_id, config_path, spool_dir)
-
-
-@queue_group.command("delete")
-@click.argument("queue_id")
-@_spool_options
-def queue_delete(queue_id: str, config_path: Path | None, spool_dir: Path | None) -> None:
-    """Remove a waiting message without delivering it and without a bounce."""
-    _admin("delete", queue_id, config_path, spool_dir)
+def queue_flush(config_path: Path | None, spool_dir: Path | None) -> None:
+    """Retry every deferred message now (held messages stay held: release them)."""
+    _bulk("flush", Selector(), config_path, spool_dir)

@@ -47,7 +47,13 @@ def load_or_exit(path: Path, what: str) -> Any:
     type=click.FloatRange(min=0),
     help="Seconds to finish transactions and deliveries after SIGTERM.",
 )
-def relay_command(config_path: Path, grace: float) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Log lines as text or one JSON object per line (default: the config's logFormat, text).",
+)
+def relay_command(config_path: Path, grace: float, log_format: str | None) -> None:
     """Run one relay process from a config file (what each relay pod runs).
 
     Reloads the file on SIGHUP and when it changes; stops cleanly on SIGTERM.
@@ -65,7 +71,7 @@ def relay_command(config_path: Path, grace: float) -> None:
         raise SystemExit(2) from exc
     from relay.app import run_relay
 
-    raise SystemExit(run_relay(config_path, config, grace=grace))
+    raise SystemExit(run_relay(config_path, config, grace=grace, log_format=log_format))  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- hash-password

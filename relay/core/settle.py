@@ -35,6 +35,7 @@ class Attempted:
     outcome: RecipientOutcome
     route: str  # the route's name (metrics label), or "(none)" for an unrouted recipient
     final_delivery: bool = False  # delivered by a gateway: a DSN "delivered", not "relayed"
+    expired: bool = False  # bounced by settle because the message outlived maxLifetime
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def settle(
     """Expire, pick the reports, and decide done or the deferred entry (see the module doc)."""
     expired = policy.is_expired(now, entry.arrival, retry)
     settled = tuple(
-        Attempted(outcome.expire(r.outcome), r.route, r.final_delivery)
+        Attempted(outcome.expire(r.outcome), r.route, r.final_delivery, expired=True)
         if expired and not outcome.is_final(r.outcome)
         else r
         for r in results

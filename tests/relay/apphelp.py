@@ -137,7 +137,9 @@ class RelayRun:
         grace: float = 10.0,
         cwd: Path | None = None,
         cpus: set[int] | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
+        self.args = args  # more `mailrelay relay` options, e.g. ("--log-format", "json")
         self.config_path = config_path
         self.cpus = cpus  # the affinity mask of the relay process (and of its workers)
         self.grace = grace
@@ -159,6 +161,7 @@ class RelayRun:
                 str(self.config_path),
                 "--grace",
                 str(self.grace),
+                *self.args,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

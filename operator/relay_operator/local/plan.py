@@ -18,7 +18,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from relay.config import RelayConfig, dump_config
 from relay_operator import manifests, topology
@@ -35,6 +35,7 @@ class LocalOptions:
     bind: str = "127.0.0.1"
     port_offset: int = 0
     default_namespace: str = "default"
+    log_format: Literal["text", "json"] | None = None  # --log-format: every relay's, over its spec
 
     @property
     def connect_host(self) -> str:
@@ -144,6 +145,8 @@ def render_context(
         metrics_host="127.0.0.1",
         metrics_port=metrics_port,
         port_offset=options.port_offset,
+        log_format="text",
+        log_format_override=options.log_format,
     )
 
 

@@ -206,7 +206,8 @@ class Replica:
         self._task = asyncio.create_task(self._run(), name=f"replica {self.plan.name}")
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # POD_NAME: the replica's name in JSON log lines, as a pod's name is (relay.logs)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", POD_NAME=self.plan.name)
         return await asyncio.create_subprocess_exec(
             *relay_command(self.plan.config_file),
             stdin=asyncio.subprocess.DEVNULL,

@@ -1,0 +1,139 @@
+"""Structured logs (relay.logs) from a real relay process: with ``logFormat: json`` (or
+``--log-format json``) every line of its output is one JSON object, and each mail event kind
+(accepted, rejected, delivered, deferred, bounced, expired, dsn) carries its fields; text stays
+the default and keeps its one summary line per attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import smtplib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.logs import EVENTS
+from tests.relay.apphelp import RelayRun, free_port, relay_to_sink_config, write_config
+from tests.relay.smtpsink import SmtpSink
+
+COMMON = ("time", "level", "logger", "message", "relay", "pod")
+EVENT_FIELDS: dict[str, tuple[str, ...]] = {
+    "accepted": ("queue_id", "sender", "size", "nrcpt", "client"),
+    "rejected": ("queue_id", "client", "code", "dsn", "reply", "reason"),
+    "delivered": ("queue_id", "recipient", "route", "next_hop", "code", "dsn", "reply", "duration"),
+    "deferred": (
+        *("queue_id", "recipient", "route", "next_hop", "code", "dsn", "reply", "duration", "attempts"),
+    ),
+    "bounced": ("queue_id", "recipient", "route", "next_hop", "code", "dsn", "reply", "duration"),
+    "expired": ("queue_id", "recipient", "route", "code", "dsn", "reply", "duration", "attempts"),
+    "dsn": ("queue_id", "dsn_id", "recipient", "reply"),
+}
+
+
+def _send(port: int, sender: str, recipients: list[str]) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.test")
+        client.sendmail(sender, recipients, b"Subject: log test\r\n\r\nbody\r\n")
+
+
+def _config(tmp_path: Path, sink: SmtpSink, **extra: Any) -> tuple[Path, int]:
+    port = free_port()
+    data = relay_to_sink_config(
+        tmp_path,
+        hostname="logs.test",
+        domains=["d.test", "s.test"],
+        smtp_port=port,
+        metrics_port=free_port(),
+        sink_port=sink.port,
+        workers=1,
+        **extra,
+    )
+    data["queue"]["retry"] = {"minBackoff": "1s", "maxBackoff": "1s", "maxLifetime": "3s"}
+    return write_config(tmp_path, data), port
+
+
+def _parsed(run: RelayRun) -> list[dict[str, Any]]:
+    lines = [line for line in run.lines if line.strip()]
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"not one JSON object per line: {line!r}")
+    return parsed
+
+
+@pytest.mark.parametrize("how", ["config", "flag"])
+async def test_every_event_kind_is_one_json_line_with_its_fields(
+    tmp_path: Path, runs: list[RelayRun], how: str
+) -> None:
+    sink = SmtpSink(
+        rcpt_replies={"later@d.test": "451 4.3.0 try again later", "bad@d.test": "550 5.1.1 no such user"}
+    )
+    await sink.start()
+    try:
+        extra = {"logFormat": "json"} if how == "config" else {}
+        config, port = _config(tmp_path, sink, **extra)
+        run = RelayRun(config, args=("--log-format", "json") if how == "flag" else ())
+        runs.append(run.start())
+        # the sink answers on this event loop: block only in threads
+        await asyncio.to_thread(run.wait_for, '"relay logs.test ready')
+        await asyncio.to_thread(_send, port, "sender@s.test", ["ok@d.test", "later@d.test", "bad@d.test"])
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            await asyncio.to_thread(_send, port, "sender@s.test", ["x@elsewhere.test"])
+        await asyncio.to_thread(run.wait_for, '"event": "expired"', timeout=60)
+        await asyncio.to_thread(run.wait_for, '"event": "dsn"', occurrences=2, timeout=60)
+    finally:
+        await sink.stop()
+    lines = _parsed(run)
+    for line in lines:
+        for field in COMMON:
+            assert line.get(field) not in (None, ""), f"{field} missing in {line}"
+        assert line["relay"] == "logs.test"
+    by_event: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        if "event" in line:
+            assert line["event"] in EVENTS, line
+            by_event.setdefault(line["event"], []).append(line)
+    assert set(by_event) == set(EVENT_FIELDS), f"event kinds seen: {sorted(by_event)}"
+    for event, fields in EVENT_FIELDS.items():
+        for line in by_event[event]:
+            for field in fields:
+                assert line.get(field) not in (None, ""), f"{event}: {field} missing in {line}"
+    [delivered] = [x for x in by_event["delivered"] if x["recipient"] == "ok@d.test"]
+    assert (delivered["code"], delivered["dsn"], delivered["route"]) == (250, "2.0.0", "to-sink")
+    assert delivered["next_hop"].startswith("127.0.0.1")
+    assert isinstance(delivered["duration"], float) and delivered["duration"] >= 0
+    [bounced] = [x for x in by_event["bounced"] if x["recipient"] == "bad@d.test"]
+    assert (bounced["code"], bounced["dsn"]) == (550, "5.1.1") and "no such user" in bounced["reply"]
+    deferred = [x for x in by_event["deferred"] if x["recipient"] == "later@d.test"]
+    assert deferred and deferred[0]["code"] == 451 and deferred[0]["attempts"] == 1
+    [expired] = [x for x in by_event["expired"] if x["recipient"] == "later@d.test"]
+    assert expired["dsn"] == "4.4.7" and "try again later" in expired["reply"]
+    [rejected] = by_event["rejected"]
+    assert rejected["code"] >= 550 and rejected["dsn"].startswith("5.")
+    assert rejected["sender"] == "sender@s.test"
+    accepted = by_event["accepted"]
+    assert any(x["queue_id"] == delivered["queue_id"] and x["nrcpt"] == 3 for x in accepted)
+    assert all(line["level"] in ("debug", "info", "warning", "error") for line in lines)
+    assert all(line["time"].endswith("Z") for line in lines)
+
+
+async def test_text_is_the_default_with_one_summary_line_per_attempt(
+    tmp_path: Path, runs: list[RelayRun]
+) -> None:
+    sink = SmtpSink()
+    await sink.start()
+    try:
+        config, port = _config(tmp_path, sink)
+        run = RelayRun(config)
+        runs.append(run.start())
+        await asyncio.to_thread(run.wait_for, "relay logs.test ready")
+        await asyncio.to_thread(_send, port, "sender@s.test", ["ok@d.test", "two@d.test"])
+        line = await asyncio.to_thread(run.wait_for, r"\] done: ")
+    finally:
+        await sink.stop()
+    assert "ok@d.test=delivered 250" in line and "two@d.test=delivered 250" in line
+    assert not any(text.lstrip().startswith("{") for text in run.lines)
+    assert run.count(r"accepted size=") == 1
