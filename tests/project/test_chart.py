@@ -175,6 +175,7 @@ def test_default_operator_is_cluster_wide_standalone_hardened_and_probed() -> No
         "--image-pull-policy=IfNotPresent",
         "--cluster-domain=cluster.local",
         "--standalone",
+        "--log-format=json",
     ]
     assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -209,6 +210,7 @@ def test_namespaced_operator_watches_each_namespace_with_peering_and_debug_logs(
         "--peering=mail-ops",
         "--priority=10",
         "--verbose",
+        "--log-format=json",
     ]
     assert _one(docs, "Deployment")["spec"]["replicas"] == 1
     peerings = _of_kind(docs, "KopfPeering")
