@@ -231,7 +231,9 @@ def prepare(
         return Verdict(error=error, after="drop")
     except UnsafeCommand as exc:  # the front refuses such addresses; never put them on the wire
         return Verdict(error=TransactionError(553, "5.1.3", f"address cannot be sent: {exc}"), after="drop")
-    return Prepared(mail, rcpts, data_payload(content), dsn)
+    # The front's check of the stored content holds while the content is the stored one.
+    wire_ready = request.message.entry.wire_ready and content is request.message.content
+    return Prepared(mail, rcpts, data_payload(content, wire_ready=wire_ready), dsn)
 
 
 def _rcpt_options(recipient: Recipient, dsn: bool) -> list[bytes]:

@@ -25,6 +25,7 @@ from relay.core.model import Envelope, QueueEntry, Recipient
 from relay.core.received import TraceInfo, build_received, count_received, protocol_name, submission_headers
 from relay.core.senders import foreign_from, not_owned
 from relay.core.smtp_data import DataDecoder
+from relay.core.smtp_payload import clean_payload
 from relay.core.smtp_syntax import MailParams
 from relay.core.status import Reply
 
@@ -126,5 +127,6 @@ def prepare_message(
         pending=recipients,
         client_address=arrival.client_ip,
         helo=arrival.helo,
+        wire_ready=decoder.wire_ready and clean_payload(head) == head + b".\r\n",
     )
     return Prepared(entry, head + content, len(content), decoder.normalized)

@@ -139,9 +139,12 @@ class QueueEntry:
     size: int = 0  # bytes of message content
     dsn_sent: tuple[str, ...] = ()  # recipients already reported in a DSN (delay warnings)
     held: bool = False
+    # The front checked the content on arrival: CRLF lines, none starting with a dot, so it goes
+    # to a next hop as it is (relay.core.smtp_payload.data_payload skips its scan of the body).
+    wire_ready: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "v": 1,
             "id": self.queue_id,
             "env": self.envelope.to_json(),
@@ -156,6 +159,9 @@ class QueueEntry:
             "dsn": list(self.dsn_sent),
             "hold": self.held,
         }
+        if self.wire_ready:
+            data["wr"] = True
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> QueueEntry:
@@ -174,6 +180,7 @@ class QueueEntry:
             size=int(data.get("sz", 0)),
             dsn_sent=tuple(data.get("dsn", ())),
             held=bool(data.get("hold", False)),
+            wire_ready=bool(data.get("wr", False)),
         )
 
     def with_changes(self, **changes: Any) -> QueueEntry:

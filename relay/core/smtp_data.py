@@ -59,6 +59,7 @@ class DataDecoder:
         self.received = 0  # octets read from the client (for logs)
         self.problem: Reply | None = None
         self.normalized = False  # a bare CR or LF was turned into CRLF
+        self.dot_lines = False  # a line started with a dot (it was unstuffed)
         self._parts: list[bytes] = []
         self._partial = b""  # an incomplete last line, starting at a line start if _line_start
         self._line_start = True
@@ -75,19 +76,21 @@ class DataDecoder:
         self.received += len(chunk)
         carried = len(self._partial)
         data = self._partial + chunk if carried else chunk
+        # One search finds both the end marker and the lines that start with a dot (to be
+        # unstuffed): ``<CRLF>.`` is rare in mail but for the end marker itself.
         if self._line_start and data.startswith(b".\r\n"):
-            end = 0
+            end, dot = 0, -1
         else:
-            found = data.find(END)
+            found, dot = _find_end(data)
             end = found + 2 if found >= 0 else -1
         if end >= 0:
-            self._take(data[:end])
+            self._take(data[:end], dot >= 0)
             self._partial = b""
             self.done = True
             return end + 3 - carried
         last = data.rfind(b"\r\n")
         if last >= 0:
-            self._take(data[: last + 2])
+            self._take(data[: last + 2], 0 <= dot < last)
             self._partial = data[last + 2 :]
             self._line_start = True
         else:
@@ -115,9 +118,10 @@ class DataDecoder:
             self.problem = reply
         self._parts.clear()
 
-    def _take(self, region: bytes) -> None:
+    def _take(self, region: bytes, dots: bool) -> None:
         """Process complete lines (`region` ends with CRLF or is empty; it starts at a line
-        start unless a problem already truncated the stream)."""
+        start unless a problem already truncated the stream); `dots`: a line after the first
+        starts with a dot."""
         if not region or self.problem is not None:
             return
         if not self._line_start:  # only after a problem, handled above; defensive
@@ -128,8 +132,10 @@ class DataDecoder:
         # Dot-unstuffing (RFC 5321 4.5.2): a leading dot on any CRLF line is removed.
         if region[:1] == b".":
             region = region[1:]
-        if b"\r\n." in region:
+            self.dot_lines = True
+        if dots:
             region = region.replace(b"\r\n.", b"\r\n")
+            self.dot_lines = True
         crlf = region.count(b"\r\n")
         if region.count(b"\r") != crlf or region.count(b"\n") != crlf:
             region = _ANY_NEWLINE.sub(b"\r\n", region)
@@ -142,3 +148,27 @@ class DataDecoder:
             self._fail(status.SIZE_EXCEEDED)
             return
         self._parts.append(region)
+
+    @property
+    def wire_ready(self) -> bool:
+        """Whether the decoded content can go to a next hop as it is, followed by ``.<CRLF>``:
+        its lines all end with CRLF (always, after decoding) and none starts with a dot (no
+        line was unstuffed, and no bare line end was normalised, which could have made a line
+        start with a dot), and there is some (empty content is sent as an empty line). A
+        conservative answer: False only costs the sender a scan."""
+        clean = not self.dot_lines and not self.normalized
+        return self.done and self.problem is None and self.size > 0 and clean
+
+
+def _find_end(data: bytes) -> tuple[int, int]:
+    """(offset of the CRLF before the end marker ``<CRLF>.<CRLF>``, or -1; offset of the first
+    ``<CRLF>.`` that is not the end marker, or -1)."""
+    dot = -1
+    found = data.find(b"\r\n.")
+    while found >= 0:
+        if data[found + 3 : found + 5] == b"\r\n":
+            return found, dot
+        if dot < 0:
+            dot = found
+        found = data.find(b"\r\n.", found + 3)
+    return -1, dot

@@ -10,7 +10,8 @@ Two paths, one result: content whose line ends are all CRLF and which ends with 
 front stores) is stuffed with bytes operations only (`clean_payload`; a regular expression
 over a 100 KB message per delivery, as aiosmtplib's ``data()`` does, cost a third of the
 relay's CPU for large mail); anything else has its lone CR and LF turned into CRLF first
-(`normalised_payload`, regular expressions). relay.delivery calls `data_payload`.
+(`normalised_payload`, regular expressions); content the front already checked on arrival
+(`wire_ready`) is not scanned at all. relay.delivery calls `data_payload`.
 
 Pure functions over bytes; no I/O.
 """
@@ -23,8 +24,13 @@ _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
-def data_payload(content: bytes) -> bytes:
-    """What follows the 354 reply for `content`: dot-stuffed CRLF lines and the final dot."""
+def data_payload(content: bytes, *, wire_ready: bool = False) -> bytes:
+    """What follows the 354 reply for `content`: dot-stuffed CRLF lines and the final dot.
+    `wire_ready`: the caller knows the content is CRLF lines, none starting with a dot (the
+    front checked it on arrival: relay.core.model.QueueEntry.wire_ready), so the body is not
+    scanned again (for a 100 KB message the scan was a tenth of the relay's CPU)."""
+    if wire_ready:
+        return content + b".\r\n"
     payload = clean_payload(content)
     return payload if payload is not None else normalised_payload(content)
 

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from relay.core.addresses import has_routing_characters, relay_permission
 from relay.core.smtp_data import DataDecoder
+from relay.core.smtp_payload import data_payload
 from relay.core.smtp_syntax import (
     CommandError,
     check_command_line,
@@ -215,6 +216,11 @@ def data_path(case: tuple[bytes, list[int]]) -> None:
         decoded = whole.content()
         assert decoded == chunked.content()
         assert b"\r" not in decoded.replace(b"\r\n", b"") and b"\n" not in decoded.replace(b"\r\n", b"")
+        # wire_ready (the next hop gets the content as it is, then the final dot) is never
+        # claimed for content that needs stuffing, whatever the chunking
+        for decoder in (whole, chunked):
+            if decoder.wire_ready:
+                assert data_payload(decoded) == decoded + b".\r\n"
     # 2) what a correct client sends (line ends normalised, dot-stuffed) comes back unchanged
     if b"\x00" not in content:
         lines = normalise(content)

@@ -4,14 +4,16 @@ trace header and submission headers on top of the content, and the queue entry."
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import UTC, datetime
 
 import pytest
 
 from relay.core import status
 from relay.core.accept import Arrival, Prepared, Refused, prepare_message
-from relay.core.model import Recipient
+from relay.core.model import QueueEntry, Recipient
 from relay.core.smtp_data import DataDecoder
+from relay.core.smtp_payload import data_payload
 from relay.core.smtp_syntax import MailParams
 
 WHEN = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -180,3 +182,22 @@ def test_queue_entry() -> None:
     assert result.normalized is True
     assert result.data.endswith(b"Subject: x\r\nbare\r\nline ends\r\n\r\n")
     assert result.size == len(b"Subject: x\r\nbare\r\nline ends\r\n\r\n")
+    assert entry.wire_ready is False  # normalised: not vouched for, delivery checks it again
+
+
+@pytest.mark.parametrize(
+    ("content", "ready"),
+    [
+        (b"Subject: x\r\n\r\nplain\r\n", True),
+        (b"Subject: x\r\n\r\n..dot\r\n", False),  # unstuffed: delivery stuffs it again
+        (b"Subject: x\r\n\r\nbare\nLF\r\n", False),
+    ],
+)
+def test_queue_entry_says_whether_the_content_goes_out_as_it_is(content: bytes, ready: bool) -> None:
+    result = prepare(content)
+    assert isinstance(result, Prepared)
+    assert result.entry.wire_ready is ready
+    round_trip = QueueEntry.from_json(json.loads(json.dumps(result.entry.to_json())))
+    assert round_trip.wire_ready is ready
+    if ready:  # what the spool stores (trace header and content) needs no stuffing
+        assert data_payload(result.data) == result.data + b".\r\n"

@@ -27,6 +27,7 @@ from relay.core.received import (
     submission_headers,
 )
 from relay.core.smtp_data import DataDecoder, has_line_longer_than
+from relay.core.smtp_payload import data_payload
 from relay.core.smtp_syntax import (
     CommandError,
     check_command_line,
@@ -258,6 +259,29 @@ def test_data_end_and_normalisation(stream: bytes, content: bytes, rest: bytes) 
         assert decoder.content() == content, chunk
         assert left == rest, chunk
         assert b"\r\n.\r\n" not in b"\r\n" + decoder.content() or content.count(b"\r\n.\r\n") <= 1
+
+
+@pytest.mark.parametrize(
+    ("stream", "ready"),
+    [
+        (b".\r\n", False),  # empty: sent as an empty line, as data_payload does
+        (b"a\r\nb\r\n.\r\n", True),
+        (b"a\r\n..b\r\n.\r\n", False),  # unstuffed: the next hop needs it stuffed again
+        (b"..a\r\n.\r\n", False),  # the first line
+        (b"a\r\n.b\r\n.\r\n", False),  # not stuffed by the client, unstuffed all the same
+        (b"a\n.b\r\n.\r\n", False),  # normalised: ".b" now starts a line
+        (b"a\rb\r\n.\r\n", False),
+        (b"x" * 999 + b"\r\n.\r\n", False),  # refused
+    ],
+)
+def test_data_wire_ready(stream: bytes, ready: bool) -> None:
+    """Whether the decoded content may go to the next hop unchanged (then ``.<CRLF>``): the
+    front records it in the queue entry so delivery does not scan the message again."""
+    for chunk in (0, 1, 2, 3, 5, 7):
+        decoder, _ = decode(stream, chunk=chunk)
+        assert decoder.wire_ready is ready, chunk
+        if ready:
+            assert data_payload(decoder.content()) == decoder.content() + b".\r\n"
 
 
 def test_data_refusals() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.message
 import email.policy
@@ -115,6 +116,23 @@ def test_prepare_rcpt_dsn_parameters_only_when_the_server_has_dsn() -> None:
 
 def test_prepare_payload_is_stuffed_with_a_final_crlf_and_dot() -> None:
     assert prepared(request(content=b"a\r\n.b")).payload == b"a\r\n..b\r\n.\r\n"
+
+
+def test_prepare_trusts_the_fronts_check_of_the_stored_content_only() -> None:
+    """An entry marked wire_ready (the front checked the content on arrival) is sent without
+    another scan: here the mark is false on purpose, and the dot line goes out unstuffed,
+    which shows the scan was skipped. A body converted for the server is checked again."""
+
+    def marked(req: DeliveryRequest) -> DeliveryRequest:
+        entry = dataclasses.replace(req.message.entry, wire_ready=True)
+        return dataclasses.replace(req, message=Message(entry, req.message.content))
+
+    assert prepared(marked(request(content=b"a\r\n.b\r\n")), "8BITMIME").payload == b"a\r\n.b\r\n.\r\n"
+    assert prepared(request(content=b"a\r\n.b\r\n"), "8BITMIME").payload == b"a\r\n..b\r\n.\r\n"
+    eight_bit = marked(request(content="Subject: x\r\n\r\ncaf\u00e9\r\n.b\r\n".encode()))
+    converted = prepared(eight_bit).payload  # no 8BITMIME: converted, then stuffed
+    assert converted.isascii() and converted.endswith(b"\r\n.\r\n")
+    assert b"\r\n.b" not in converted
 
 
 @pytest.mark.parametrize(
