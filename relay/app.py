@@ -21,7 +21,20 @@ Signals and reloads:
   queue directory and worker-count changes need a restart (logged).
 - SIGTERM/SIGINT: stop accepting (new sessions get ``421 4.3.2``), let transactions in flight
   finish, stop the scheduler (in-flight deliveries get the rest of the grace period), exit 0.
-  The queue stays on disk; the next start recovers it.
+  The queue stays on disk; the next start recovers it. With several workers the supervisor
+  signals every worker and waits until each has stopped taking new sessions before anything
+  else (and before it logs "shutting down"), so no new session reaches a worker that has not
+  been told yet.
+
+Scale-down drain (issue 14): the process knows its pod name from ``MAILRELAY_POD_NAME`` (the
+operator sets it from the downward API; `mailrelay up` per replica), else the host name. While
+the configuration lists it in ``drain.pods`` (at start or after a reload), it drains: /readyz
+answers 503 "draining", new sessions get ``421 4.3.2`` (listeners stay bound), transactions in
+flight finish, the scheduler keeps delivering, and relay.handoff's `Drainer` hands what is
+deferred or held to ``drain.peers`` (one process does it: the single one, or worker 0). A
+reload that drops the pod from the list makes it take mail again. ``GET /queue`` reports the
+queue and ``drained`` (relay.queue_status); the handoff listener (relay.handoff_server) takes
+hand-offs from draining peers when ``handoff`` is configured.
 
 This module wires adapters together and handles signals; it decides nothing about mail.
 """
@@ -36,30 +49,41 @@ import multiprocessing.synchronize
 import os
 import shutil
 import signal
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from relay import logs, metrics
-from relay.config import ConfigError, RelayConfig, load_config
+from relay.config import ConfigError, HandoffConfig, RelayConfig, load_config
 from relay.config_watch import ConfigWatcher
 from relay.cpus import worker_count
 from relay.dkim import check_keys
 from relay.doorbell import Doorbell
 from relay.front import Front
+from relay.handoff import Drainer, HandoffClient, Timeouts
 from relay.health import HealthServer, metrics_registry, spool_writable
 from relay.http_api import HttpApi
 from relay.logs import LogFormat
 from relay.message_status import StatusBook
+from relay.queue_status import metrics_text, queue_status
 from relay.scheduler import Scheduler
 from relay.spool import Spool
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE = 25.0  # Kubernetes' default terminationGracePeriodSeconds is 30
-_RESTART_FIELDS = ("listeners", "tls", "auth", "workers", "metrics")
+_RESTART_FIELDS = ("listeners", "tls", "auth", "workers", "metrics", "handoff")
+DRAIN_ACK_TIMEOUT = 10.0  # seconds the supervisor waits for every worker to stop taking sessions
+
+
+def pod_name() -> str:
+    """This relay's pod name: ``MAILRELAY_POD_NAME`` (downward API, or `mailrelay up`), else the
+    host name (a StatefulSet pod's host name is its name)."""
+    return os.environ.get("MAILRELAY_POD_NAME") or socket.gethostname()
 
 
 def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -125,6 +149,9 @@ class RelayProcess:
         on_ready: Callable[[], None] | None = None,
         watch_interval: float = 1.0,
         doorbell: Doorbell | None = None,
+        hands_off: bool = True,
+        on_stopping: Callable[[], None] | None = None,
+        pod: str | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self.config = config
@@ -136,6 +163,11 @@ class RelayProcess:
         self.on_ready = on_ready
         self.watch_interval = watch_interval
         self.doorbell = doorbell
+        self.hands_off = hands_off  # this process runs the drainer (one per relay process group)
+        self.on_stopping = on_stopping
+        self.pod = pod or pod_name()
+        self.drainer: Drainer | None = None
+        self._drain_task: asyncio.Task[None] | None = None
         self.front: Front | None = None
         self.scheduler: Scheduler | None = None
         self.spool: Spool | None = None
@@ -156,6 +188,72 @@ class RelayProcess:
             self.scheduler.update_config(new)
         configure_logging_level(new)
         log.info("config reloaded: %d routes", len(new.routes))
+        self._apply_drain()
+
+    # ------------------------------------------------------------------ scale-down drain
+
+    @property
+    def draining(self) -> bool:
+        """Whether the configuration asks this pod to drain."""
+        return self.config.draining(self.pod)
+
+    def _apply_drain(self) -> None:
+        """Start or stop the scale-down drain to match the configuration."""
+        front = self.front
+        if front is None or self._stop is None or self._stop.is_set():
+            return
+        if self.draining:
+            if not front.draining:
+                log.info(
+                    "draining (pod %s is in drain.pods): no new mail, queued mail goes to peers", self.pod
+                )
+                front.begin_drain()
+            if self.hands_off and self._drain_task is None and self.spool is not None:
+                self._start_drainer(self.spool)
+        elif front.draining:
+            log.info("drain ended (pod %s left drain.pods): taking mail again", self.pod)
+            front.end_drain()
+            self._stop_drainer()
+
+    def _start_drainer(self, spool: Spool) -> None:
+        config = self.config
+        credential = (config.handoff or HandoffConfig()).credential_file
+        queue = config.queue
+        client = HandoffClient(
+            config.hostname,
+            credential,
+            Timeouts(queue.connect_timeout, queue.command_timeout, queue.data_timeout),
+        )
+
+        def peers() -> list[Any]:
+            drain = self.config.drain
+            return list(drain.peers) if drain is not None else []
+
+        drainer = self.drainer = Drainer(spool, peers, client)
+        self._drain_task = asyncio.get_running_loop().create_task(drainer.run(), name="handoff")
+
+    def _stop_drainer(self) -> None:
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            self._drain_task = None
+
+    def queue_report(self) -> dict[str, Any]:
+        """The GET /queue document (blocking: lists the spool)."""
+        spool = self.spool
+        assert spool is not None
+        front = self.front
+        return queue_status(
+            spool.snapshot(),
+            pod=self.pod,
+            draining=self.draining,
+            busy=front is not None and front.busy,
+            handed_off=self.drainer.stats.handed_off if self.drainer is not None else 0,
+            now=time.time(),
+        )
+
+    def queue_metrics(self) -> str:
+        assert self.spool is not None
+        return metrics_text(self.spool.snapshot(), time.time())
 
     def stop(self) -> None:
         if self._stop is not None:
@@ -164,6 +262,8 @@ class RelayProcess:
     # ------------------------------------------------------------------ run
 
     def ready(self) -> tuple[bool, str]:
+        if self.front is not None and self.front.draining and self.draining:
+            return False, "draining"
         if self.front is None or self.front.draining:
             return False, "not accepting mail"
         if not all(rt.server is not None and rt.server.is_serving() for rt in self.front.listeners.values()):
@@ -223,7 +323,13 @@ class RelayProcess:
             doorbell.listen(scheduler.notify)
         health: HealthServer | None = None
         if self.serve_health:
-            health = HealthServer(config.metrics.host, config.metrics.port, self.ready)
+            health = HealthServer(
+                config.metrics.host,
+                config.metrics.port,
+                self.ready,
+                queue=self.queue_report,
+                extra_metrics=self.queue_metrics,
+            )
             try:
                 await health.start()
             except OSError as exc:
@@ -240,11 +346,19 @@ class RelayProcess:
             watcher.start()
         addresses = {**front.addresses, **(self.api.addresses if self.api is not None else {})}
         listeners = ", ".join(f"{n} {h}:{p}" for n, (h, p) in addresses.items())
+        if front.handoff is not None:
+            listeners += ", handoff {}:{}".format(*front.handoff.address)
         log.info("relay %s ready (pid %d): %s", config.hostname, os.getpid(), listeners)
+        self._apply_drain()
         if self.on_ready is not None:
             self.on_ready()
         await self._stop.wait()
 
+        # Before anything else: no new session from now on (the supervisor waits for this).
+        front.begin_drain()
+        if self.on_stopping is not None:
+            self.on_stopping()
+        self._stop_drainer()
         deadline = loop.time() + self.grace
         log.info("shutting down: finishing transactions and deliveries (grace %.0fs)", self.grace)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -291,6 +405,7 @@ def worker_main(
     ready: multiprocessing.synchronize.Event,
     grace: float,
     doorbells: list[tuple[Connection, Connection]],
+    stopping: multiprocessing.synchronize.Event,
     log_format: LogFormat | None = None,
 ) -> None:
     """Entry point of a spawned worker process."""
@@ -319,6 +434,8 @@ def worker_main(
         grace=grace,
         on_ready=ready.set,
         doorbell=doorbell,
+        hands_off=index == 0,
+        on_stopping=stopping.set,
     )
     raise SystemExit(run_event_loop(process.run()))
 
@@ -344,6 +461,10 @@ class Supervisor:
         self._workers: list[
             tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]
         ] = []
+        self._stopping_events: list[multiprocessing.synchronize.Event] = []
+        self.pod = pod_name()
+        self._spool = Spool(config.queue.directory)
+        self._registry: Any = None
         self._stopping = False
         self._stop: asyncio.Event | None = None
         # one pipe per worker, kept open here so a restarted worker reads what its predecessor left
@@ -353,18 +474,61 @@ class Supervisor:
         self, index: int
     ) -> tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]:
         ready = self._context.Event()
+        stopping = self._context.Event()
+        if index < len(self._stopping_events):
+            self._stopping_events[index] = stopping
+        else:
+            self._stopping_events.append(stopping)
         process = self._context.Process(
             target=worker_main,
-            args=(str(self.config_path), index, ready, self.grace, self._doorbells, self.log_format),
+            args=(
+                str(self.config_path),
+                index,
+                ready,
+                self.grace,
+                self._doorbells,
+                stopping,
+                self.log_format,
+            ),
             name=f"mailrelay-worker-{index}",
         )
         process.start()
         log.info("worker %d started (pid %s)", index, process.pid)
         return process, ready
 
+    @property
+    def draining(self) -> bool:
+        return self.config.draining(self.pod)
+
+    def _sample_sum(self, name: str, **labels: str) -> float:
+        """The sum of one series over every worker (from the multi-process registry)."""
+        total = 0.0
+        if self._registry is None:
+            return total
+        for family in self._registry.collect():
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
+
+    def queue_report(self) -> dict[str, Any]:
+        return queue_status(
+            self._spool.snapshot(),
+            pod=self.pod,
+            draining=self.draining,
+            busy=self._sample_sum("mailrelay_smtp_sessions") > 0,
+            handed_off=int(self._sample_sum("mailrelay_handoff_messages_total", result="sent")),
+            now=time.time(),
+        )
+
+    def queue_metrics(self) -> str:
+        return metrics_text(self._spool.snapshot(), time.time())
+
     def ready(self) -> tuple[bool, str]:
         if self._stopping:
             return False, "shutting down"
+        if self.draining:
+            return False, "draining"
         for index, (process, ready) in enumerate(self._workers):
             if not process.is_alive() or not ready.is_set():
                 return False, f"worker {index} not ready"
@@ -410,10 +574,17 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._workers = [self._spawn(i) for i in range(self.workers)]
-        registry = metrics_registry()
+        registry = self._registry = metrics_registry()
         # The parent's own counter (reloads) lives in its memory, not in the workers' files.
         registry.register(metrics.CONFIG_RELOADS)
-        health = HealthServer(self.config.metrics.host, self.config.metrics.port, self.ready, registry)
+        health = HealthServer(
+            self.config.metrics.host,
+            self.config.metrics.port,
+            self.ready,
+            registry,
+            queue=self.queue_report,
+            extra_metrics=self.queue_metrics,
+        )
         try:
             await health.start()
         except OSError as exc:
@@ -426,13 +597,16 @@ class Supervisor:
         monitor = asyncio.create_task(self._monitor())
         await self._stop.wait()
         self._stopping = True
-        monitor.cancel()
-        await watcher.stop()
-        log.info("shutting down %d workers", len(self._workers))
+        # Every worker first: each stops taking sessions, and only once all have said so is
+        # anything else done (a new session must not reach a worker not yet signalled).
         for process, _ready in self._workers:
             if process.pid is not None and process.is_alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGTERM)
+        await self._all_stopping(DRAIN_ACK_TIMEOUT)
+        monitor.cancel()
+        await watcher.stop()
+        log.info("shutting down %d workers: none takes new sessions", len(self._workers))
         for process, _ready in self._workers:
             await asyncio.to_thread(process.join, self.grace + 5)
             if process.is_alive():
@@ -440,7 +614,16 @@ class Supervisor:
                 process.kill()
                 await asyncio.to_thread(process.join, 5)
         await health.stop()
+        self._spool.close()
         return 0
+
+    async def _all_stopping(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait until every live worker reported that it takes no new session (or `timeout`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for (process, _ready), stopping in zip(self._workers, self._stopping_events, strict=True):
+            while process.is_alive() and not stopping.is_set() and loop.time() < deadline:
+                await asyncio.to_thread(stopping.wait, 0.2)
 
 
 # ----------------------------------------------------------------------------- entry point

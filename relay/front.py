@@ -55,6 +55,7 @@ from relay.core import status
 from relay.core.accept import Prepared
 from relay.core.status import Reply
 from relay.front_session import FrontSession
+from relay.handoff_server import HandoffSession, handoff_listener
 from relay.smtpd import SmtpdSession
 from relay.spool import Spool, SpoolError, SpoolFullError
 from relay.tls import TlsContexts
@@ -102,6 +103,9 @@ class Front:
         self.tls = TlsContexts(config.tls) if config.tls is not None else None
         # http listeners are the HTTP API's (relay.http_api), bound by relay.app
         self.listeners = {lc.name: _ListenerRuntime(lc) for lc in config.listeners if lc.mode != "http"}
+        self.handoff: _ListenerRuntime | None = None
+        if config.handoff is not None:
+            self.handoff = _ListenerRuntime(handoff_listener(config.handoff.host, config.handoff.port))
         self.sessions: set[SmtpdSession] = set()
         self.stats = FrontStats()
         self.draining = False
@@ -119,18 +123,21 @@ class Front:
         """Bound (host, port) per listener name (useful with port 0)."""
         return {name: rt.address for name, rt in self.listeners.items()}
 
+    def _runtimes(self) -> list[_ListenerRuntime]:
+        return [*self.listeners.values(), *([self.handoff] if self.handoff is not None else [])]
+
     async def start(self) -> None:
-        """Bind every listener (SO_REUSEPORT, so worker processes share the port) and serve."""
+        """Bind every listener (SO_REUSEPORT, so worker processes share the port) and serve;
+        the handoff listener too, when configured."""
         loop = asyncio.get_running_loop()
-        for runtime in self.listeners.values():
+        for runtime in self._runtimes():
             listener = runtime.config
             sock = bind_socket(listener.host, listener.port)
+            session = HandoffSession if runtime is self.handoff else FrontSession
             # No ssl= here, also for implicit TLS: the session layers TLS over the raw
             # connection itself (SmtpdSession._start_tls), so its slot is held from the TCP
             # accept and given back when that connection closes, handshake or not.
-            runtime.server = await loop.create_server(
-                functools.partial(FrontSession, self, listener), sock=sock
-            )
+            runtime.server = await loop.create_server(functools.partial(session, self, listener), sock=sock)
             runtime.address = sock.getsockname()[:2]
             log.info(
                 "listener %s (%s, tls %s, auth %s) on %s:%d",
@@ -153,13 +160,28 @@ class Front:
         self.config = config
         self.routes = config.ordered_routes()
 
-    async def drain(self, grace: float) -> None:
-        """Stop accepting: new sessions get 421 4.3.2, idle sessions are closed with 421 4.3.2,
-        transactions in flight may finish within `grace` seconds; then everything is closed."""
+    def begin_drain(self) -> None:
+        """Stop taking mail, listeners still bound: new sessions (hand-offs too) get
+        ``421 4.3.2``, idle sessions are closed with it, transactions in flight go on (each
+        session closes after its transaction). Used by a scale-down drain and by SIGTERM."""
         self.draining = True
         for session in list(self.sessions):
             if not session.in_transaction:
                 session.close_with(status.SHUTTING_DOWN)
+
+    def end_drain(self) -> None:
+        """Take mail again (the pod left ``drain.pods`` before it was removed)."""
+        self.draining = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether any session is open (a transaction may be in flight)."""
+        return bool(self.sessions)
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting: new sessions get 421 4.3.2, idle sessions are closed with 421 4.3.2,
+        transactions in flight may finish within `grace` seconds; then everything is closed."""
+        self.begin_drain()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout=grace)
         for session in list(self.sessions):
@@ -167,12 +189,12 @@ class Front:
         await self.close()
 
     async def close(self) -> None:
-        for runtime in self.listeners.values():
+        for runtime in self._runtimes():
             if runtime.server is not None:
                 runtime.server.close()
         for session in list(self.sessions):
             session.close_with(status.SHUTTING_DOWN)
-        for runtime in self.listeners.values():
+        for runtime in self._runtimes():
             if runtime.server is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(runtime.server.wait_closed(), timeout=5)

@@ -48,3 +48,20 @@ PROXY_DROPPED = Counter(
     "invalid, version, timeout)",
     ["listener", "reason"],
 )
+# Issue 14 (scale-down hand-off). mailrelay_queue_depth and mailrelay_queue_oldest_age_seconds
+# are computed from the spool when /metrics is scraped (relay.queue_status.metrics_text).
+HANDOFF = Counter(
+    "mailrelay_handoff_messages",
+    "Messages of a draining relay handed to a peer (sent), not handed (failed), or taken from a "
+    "draining peer (received)",
+    ["result"],
+)
+HANDOFF_DUPLICATES = Counter(
+    "mailrelay_handoff_duplicates",
+    "Hand-offs of a message whose queue id this spool already held (kept once, answered 250)",
+)
+HANDOFF_REFUSED = Counter(
+    "mailrelay_handoff_refused",
+    "Hand-off sessions or commands refused (auth: wrong or missing credential, draining)",
+    ["reason"],
+)

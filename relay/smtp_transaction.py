@@ -184,11 +184,13 @@ def prepare(
     label: str,
     remote: str,
     sign: Sign | None = None,
+    extra_mail: Sequence[bytes] = (),
 ) -> Prepared | Verdict:
     """What to send for `request` to a server with these extensions, or the answer when nothing
     may be sent (`label` names the server in diagnostics, `remote` is the Remote-MTA). With a
     DKIM plan in the request, `sign(plan, content)` gives the DKIM-Signature field, computed
-    over the content as it goes on the wire (after any 8BITMIME conversion)."""
+    over the content as it goes on the wire (after any 8BITMIME conversion). `extra_mail`:
+    further MAIL parameters (the hand-off's queue entry)."""
     envelope = request.message.entry.envelope
     recipients = request.recipients
     content = ensure_crlf_end(request.message.content)
@@ -219,6 +221,7 @@ def prepare(
             mail_options.append(f"RET={envelope.ret}".encode())
         if envelope.envid:
             mail_options.append(f"ENVID={as_xtext(envelope.envid)}".encode())
+    mail_options.extend(extra_mail)
     encoding = "utf-8" if utf8 else "ascii"
     try:
         mail = command_line(b"MAIL FROM:<" + envelope.mail_from.encode(encoding) + b">", *mail_options)

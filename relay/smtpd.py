@@ -78,7 +78,7 @@ class SmtpdSession(SMTP):
         self.listener = listener
         limits = front.config.limits
         # aiosmtpd sizes its StreamReader from this attribute in __init__.
-        self.line_length_limit = max(limits.max_command_line, 1024) + 2
+        self.line_length_limit = max(self._max_command_line(), 1024) + 2
         self.client_ip = ""  # the client: the peer, or the one a trusted proxy announced
         self.peer_ip = ""  # the other end of the TCP connection (a proxy, on a PROXY listener)
         self.proxy_unknown = False  # a PROXY header without a client (v2 LOCAL, v1 UNKNOWN)
@@ -109,6 +109,14 @@ class SmtpdSession(SMTP):
     def in_transaction(self) -> bool:
         """Whether a drain should let this session finish first (the subclass knows)."""
         return False
+
+    def _max_command_line(self) -> int:
+        """The longest command line accepted (``limits.maxCommandLine``; the handoff listener's
+        MAIL carries the queue entry)."""
+        return self.front.config.limits.max_command_line
+
+    def _data_decoder(self) -> DataDecoder:
+        return DataDecoder(self.front.config.limits.max_message_size)
 
     @property
     def secure(self) -> bool:
@@ -386,7 +394,7 @@ class SmtpdSession(SMTP):
             return False
         if line is None:
             return await self._check_errors()
-        problem = check_command_line(line, self.front.config.limits.max_command_line + 2)
+        problem = check_command_line(line, self._max_command_line() + 2)
         if problem is None and len(line) == 2:
             problem = status.BAD_SYNTAX
         if problem is not None:
@@ -415,7 +423,7 @@ class SmtpdSession(SMTP):
         """After the 354: read the message in chunks until ``<CRLF>.<CRLF>``; pipelined
         bytes after the end go back to the reader for the command loop. None when the client
         went away."""
-        decoder = DataDecoder(self.front.config.limits.max_message_size)
+        decoder = self._data_decoder()
         reader = self._reader
         while True:
             chunk = await reader.read(READ_CHUNK)

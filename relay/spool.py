@@ -96,6 +96,28 @@ def new_queue_id() -> str:
     return f"{time.time_ns() // 1000:013X}{_ids.getrandbits(24):06X}"
 
 
+def queue_id_time(queue_id: str) -> float | None:
+    """When a queue id was made (epoch seconds), from its first 13 hex digits; None for an id
+    of another form. A handed-off message keeps its id, so this is its first acceptance."""
+    head = queue_id[:13]
+    if len(queue_id) != 19 or not all(c in "0123456789ABCDEF" for c in head):
+        return None
+    return int(head, 16) / 1_000_000
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """Messages per state directory and the first acceptance of the oldest one."""
+
+    counts: dict[str, int]
+    oldest: float | None  # epoch seconds, None when the spool holds no message
+
+    @property
+    def depth(self) -> int:
+        """Every message the spool holds (corrupt ones too: a spool is empty only without them)."""
+        return sum(self.counts.values())
+
+
 def _classify(exc: OSError) -> SpoolError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return SpoolFullError(f"spool full: {exc.strerror}")
@@ -344,6 +366,69 @@ class Spool:
         the id in incoming/ before another worker attempted and deferred it.
         Raises CorruptEntryError for unreadable files."""
         return await self._batcher.run(self._claim, queue_id, ("incoming", "deferred"), due_by)
+
+    async def claim_deferred(self, queue_id: str) -> Message | None:
+        """Claim a deferred message whatever its next attempt (a draining relay hands it off);
+        None if a scheduler claimed it first or it is gone."""
+        return await self._batcher.run(self._claim, queue_id, ("deferred",), None)
+
+    async def read_held(self, queue_id: str) -> Message | None:
+        """A held message, read where it is (hold/ is never claimed); None when it is gone."""
+        try:
+            return await self._run(self._read, self._file("hold", queue_id))
+        except FileNotFoundError:
+            return None
+
+    async def remove(self, state: str, queue_id: str) -> None:
+        """Remove a message from `state` (a hand-off that the peer answered 250)."""
+        await self._batcher.run(self._unlink, state, queue_id)
+
+    async def adopt(self, entry: QueueEntry, content: bytes, *, now: float) -> str | None:
+        """Store a message handed off by a peer with its queue state: held ones in hold/, ones
+        whose next attempt is later in deferred/ (mtime = next attempt), the rest in incoming/.
+        Returns the state it went to, or None when a message with this queue id is already here
+        (a repeated hand-off: kept once). Returns only once the message is durable."""
+        return await self._run(self._adopt, entry.with_changes(size=len(content)), content, now)
+
+    def _adopt(self, entry: QueueEntry, content: bytes, now: float) -> str | None:
+        if self.locate(entry.queue_id) is not None:
+            return None
+        if entry.held:
+            state, mtime = "hold", None
+        elif entry.next_attempt > now:
+            state, mtime = "deferred", entry.next_attempt
+        else:
+            state, mtime = "incoming", None
+        target = self._file(state, entry.queue_id)
+        try:
+            self._commit(entry, content, (target,), mtime)
+        except SpoolError:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+            raise
+        return state
+
+    def snapshot(self) -> QueueSnapshot:
+        """Counts per state and the oldest message's first acceptance, from directory entries
+        (a queue id carries its creation time; the file's header is read only for other ids)."""
+        counts: dict[str, int] = {}
+        oldest: float | None = None
+        for state in STATES:
+            try:
+                names = os.listdir(self.directory / state)
+            except FileNotFoundError:
+                names = []
+            counts[state] = len(names)
+            for name in names:
+                when = queue_id_time(name)
+                if when is None:
+                    try:
+                        when = read_header(self.directory / state / name).arrival
+                    except (OSError, ValueError, KeyError):
+                        continue
+                if oldest is None or when < oldest:
+                    oldest = when
+        return QueueSnapshot(counts, oldest)
 
     async def defer(self, entry: QueueEntry, content: bytes) -> None:
         """Rewrite a claimed message (mtime = next attempt) and move it from active/ to

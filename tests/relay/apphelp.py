@@ -138,9 +138,11 @@ class RelayRun:
         cwd: Path | None = None,
         cpus: set[int] | None = None,
         args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.args = args  # more `mailrelay relay` options, e.g. ("--log-format", "json")
         self.config_path = config_path
+        self.env = env or {}  # added to the environment (MAILRELAY_POD_NAME, say)
         self.cpus = cpus  # the affinity mask of the relay process (and of its workers)
         self.grace = grace
         self.cwd = cwd
@@ -151,6 +153,7 @@ class RelayRun:
     def start(self) -> RelayRun:
         env = dict(os.environ)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        env.update(self.env)
         self.process = subprocess.Popen(
             [
                 sys.executable,

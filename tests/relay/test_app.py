@@ -166,6 +166,39 @@ async def test_relay_process_delivers_reloads_and_drains(tmp_path: Path, runs: l
         await sink.stop()
 
 
+async def test_sigterm_with_several_workers_refuses_every_new_session(
+    tmp_path: Path, runs: list[RelayRun]
+) -> None:
+    """Issue 14: the supervisor has every worker stop taking sessions before it goes on (and
+    logs "shutting down"), so no new session reaches a worker that was not told yet."""
+    sink = await SmtpSink().start()
+    smtp_port, metrics_port = free_port(), free_port()
+    config = relay_config(tmp_path, smtp_port, metrics_port, sink.port, workers=2)
+    run = RelayRun(write_config(tmp_path, config)).start()
+    runs.append(run)
+    try:
+        await asyncio.to_thread(run.wait_for, r"ready \(pid", occurrences=2)
+        await until(lambda: http_get(metrics_port, "/readyz")[0] == 200)
+        busy = await RawClient.connect("127.0.0.1", smtp_port)
+        await busy.reply()
+        await busy.cmd("EHLO client.test")
+        await busy.cmd("MAIL FROM:<a@sender.org>")
+        await busy.cmd("RCPT TO:<late@example.com>")
+        assert (await busy.cmd("DATA"))[0] == 354
+        run.signal(signal.SIGTERM)
+        await asyncio.to_thread(run.wait_for, "shutting down 2 workers: none takes new sessions")
+        for _ in range(12):  # SO_REUSEPORT spreads them over both workers
+            late = await RawClient.connect("127.0.0.1", smtp_port)
+            code, text = await late.reply()
+            assert (code, text.split()[0]) == (421, "4.3.2")
+            await late.close()
+        await busy.send(MESSAGE + b".\r\n")
+        assert (await busy.reply())[0] == 250
+        assert await asyncio.to_thread(run.wait, 60) == 0
+    finally:
+        await sink.stop()
+
+
 async def test_sigkill_after_250_loses_nothing(tmp_path: Path, runs: list[RelayRun]) -> None:
     smtp_port, metrics_port, sink_port = free_port(), free_port(), free_port()
     path = write_config(tmp_path, relay_config(tmp_path, smtp_port, metrics_port, sink_port))
