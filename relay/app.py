@@ -81,9 +81,10 @@ DRAIN_ACK_TIMEOUT = 10.0  # seconds the supervisor waits for every worker to sto
 
 
 def pod_name() -> str:
-    """This relay's pod name: ``MAILRELAY_POD_NAME`` (downward API, or `mailrelay up`), else the
-    host name (a StatefulSet pod's host name is its name)."""
-    return os.environ.get("MAILRELAY_POD_NAME") or socket.gethostname()
+    """This relay's pod name: ``MAILRELAY_POD_NAME`` (downward API, or `mailrelay up`), else
+    ``POD_NAME`` (what relay.logs reads), else the host name (a StatefulSet pod's host name is
+    its name)."""
+    return os.environ.get("MAILRELAY_POD_NAME") or os.environ.get("POD_NAME") or socket.gethostname()
 
 
 def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
