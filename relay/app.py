@@ -76,7 +76,7 @@ from relay.spool import Spool
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE = 25.0  # Kubernetes' default terminationGracePeriodSeconds is 30
-_RESTART_FIELDS = ("listeners", "tls", "auth", "workers", "metrics", "handoff")
+_RESTART_FIELDS = ("listeners", "tls", "auth", "api", "workers", "metrics", "handoff")
 DRAIN_ACK_TIMEOUT = 10.0  # seconds the supervisor waits for every worker to stop taking sessions
 
 

@@ -76,7 +76,7 @@ def _domain(value: Any) -> str:
 
 # --------------------------------------------------------------------------- MailRelay
 
-ListenerMode = Literal["relay", "submission"]
+ListenerMode = Literal["relay", "submission", "http"]
 TlsMode = Literal["none", "starttls", "implicit"]
 AuthMode = Literal["none", "optional", "required"]
 
@@ -92,6 +92,11 @@ class ListenerSpec(_Spec):
     def _submission_needs_auth(self) -> ListenerSpec:
         if self.mode == "submission" and self.auth == "none":
             raise ValueError(f"listener {self.name!r}: a submission listener needs auth optional or required")
+        if self.mode == "http" and (self.tls == "starttls" or self.auth != "none"):
+            raise ValueError(
+                f"listener {self.name!r}: an http listener takes tls none or implicit and auth none "
+                "(its clients use the tokens of spec.api.tokensSecretRef)"
+            )
         if self.name == naming.METRICS_PORT_NAME:
             raise ValueError(f"listener name {self.name!r} is reserved for the metrics port")
         return self
@@ -105,6 +110,17 @@ class AuthSpec(_Spec):
     secret_name: str = Field(min_length=1, max_length=253)
     key: str = Field(default="users", min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
     max_failures: int = Field(default=5, ge=1, le=100)
+
+
+class TokensSecretRef(_Spec):
+    """The HTTP API's clients: a Secret key with one ``NAME TOKEN SENDER-PATTERN[,...]`` line each."""
+
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(default="tokens", min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
+
+
+class ApiSpec(_Spec):
+    tokens_secret_ref: TokensSecretRef
 
 
 class LimitsSpec(_Spec):
@@ -230,6 +246,7 @@ class MailRelaySpec(_Spec):
     listeners: list[ListenerSpec] = Field(min_length=1, max_length=16)
     tls: TlsSpec | None = None
     auth: AuthSpec | None = None
+    api: ApiSpec | None = None
     trusted_networks: list[str] = Field(default=[], max_length=64)
     accept_domains: list[str] = Field(default=[], max_length=256)
     limits: LimitsSpec = LimitsSpec()
@@ -281,6 +298,10 @@ class MailRelaySpec(_Spec):
             if listener.auth != "none" and self.auth is None:
                 raise ValueError(
                     f"listener {listener.name!r} uses auth {listener.auth}: set spec.auth.secretName"
+                )
+            if listener.mode == "http" and self.api is None:
+                raise ValueError(
+                    f"listener {listener.name!r} is an http listener: set spec.api.tokensSecretRef"
                 )
         proxy = self.service.proxy_protocol
         unknown = sorted(set(proxy.listeners) - set(names)) if proxy is not None else []

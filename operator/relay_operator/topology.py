@@ -42,6 +42,7 @@ from pydantic.alias_generators import to_camel
 
 from relay.config import (
     DKIM_DEFAULT_HEADERS,
+    ApiConfig,
     AuthConfig,
     ConfigError,
     DkimKeyConfig,
@@ -213,7 +214,7 @@ class SecretUse:
     """A Secret a relay needs mounted: where, for what, and which keys must be in it."""
 
     secret: str
-    purpose: Literal["tls", "auth", "smarthost", "webhook", "ca", "dkim"]
+    purpose: Literal["tls", "auth", "api", "smarthost", "webhook", "ca", "dkim", "events"]
     mount_dir: PurePosixPath
     keys: tuple[str, ...]
     used_by: str  # "spec.tls", "spec.auth" or "RelayRoute <name>"
@@ -260,6 +261,11 @@ class RelayPlan:
             spec.tls.secret_name if spec.tls else None,
             spec.auth.secret_name if spec.auth else None,
         ]
+        if spec.api is not None:  # only then, so the hashes of relays without an API stay
+            data["api"] = [
+                self.config.model_dump(mode="json", by_alias=True)["api"],
+                spec.api.tokens_secret_ref.name,
+            ]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -622,6 +628,9 @@ def _secret_uses(relay: MailRelay, routes: Sequence[RelayRoute], context: Render
         )
     if spec.auth is not None:
         uses.append(SecretUse(spec.auth.secret_name, "auth", context.auth_dir, (spec.auth.key,), "spec.auth"))
+    if spec.api is not None:
+        tokens = spec.api.tokens_secret_ref
+        uses.append(SecretUse(tokens.name, "api", context.secret_dir(tokens.name), (tokens.key,), "spec.api"))
     for route in routes:
         used_by = f"RelayRoute {route.key.name}"
         for hop in route.spec.hops():
@@ -738,6 +747,10 @@ def _config(
             users_file=Path(context.auth_dir / spec.auth.key),
             max_failures=spec.auth.max_failures,
         )
+    api = None
+    if spec.api is not None:
+        ref = spec.api.tokens_secret_ref
+        api = ApiConfig(tokens_file=Path(context.secret_dir(ref.name) / ref.key))
     return _typed(
         "",
         RelayConfig,
@@ -748,6 +761,7 @@ def _config(
         ],
         tls=tls,
         auth=auth,
+        api=api,
         trusted_networks=[ipaddress.ip_network(network, strict=False) for network in spec.trusted_networks],
         accept_domains=spec.accept_domains,
         limits=_typed("limits", _limits_config, spec.limits),

@@ -213,6 +213,22 @@ INVALID_BODIES: list[tuple[str, dict[str, Any], str, str]] = [
         "submission listener needs auth",
     ),
     (
+        "http-listener-with-starttls",
+        relay_body(
+            listeners=[{"name": "api", "port": 8025, "mode": "http", "tls": "starttls"}],
+            tls={"secretName": "t"},
+            api={"tokensSecretRef": {"name": "clients"}},
+        ),
+        "http listener takes tls none or implicit",
+        "http listener takes tls none or implicit",
+    ),
+    (
+        "http-listener-without-tokens",
+        relay_body(listeners=[{"name": "api", "port": 8025, "mode": "http"}]),
+        "http listener needs spec.api.tokensSecretRef",
+        "set spec.api.tokensSecretRef",
+    ),
+    (
         "selector-in-without-values",
         relay_body(routeSelector={"matchExpressions": [{"key": "relay", "operator": "In"}]}),
         "need values",

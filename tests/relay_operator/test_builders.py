@@ -50,9 +50,11 @@ def full_relay_plan() -> RelayPlan:
         listeners=[
             {"name": "smtp", "port": 2525},
             {"name": "smtps", "port": 4465, "tls": "implicit", "auth": "required", "mode": "submission"},
+            {"name": "api", "port": 8025, "mode": "http", "tls": "implicit"},
         ],
         tls={"secretName": "a-very-long-secret-name-that-goes-on-and-on-and-on-for-ever-and-ever"},
         auth={"secretName": "users"},
+        api={"tokensSecretRef": {"name": "api-clients"}},
         queue={"storage": {"size": "10Gi", "storageClassName": "fast"}},
         service={"type": "LoadBalancer", "annotations": {"lb.example/internal": "true"}},
         image="registry.example/mailrelay:dev",
@@ -170,6 +172,8 @@ def test_mounts_match_the_paths_in_the_config() -> None:
     assert tls_volume["secret"]["secretName"].startswith("a-very-long-secret-name")
     assert len(tls_volume["name"]) <= 63
     assert volumes[mounts[str(config.auth.users_file.parent)]]["secret"]["secretName"] == "users"
+    assert config.api is not None and config.api.tokens_file.name == "tokens"  # the default key
+    assert volumes[mounts[str(config.api.tokens_file.parent)]]["secret"]["secretName"] == "api-clients"
     hop = config.routes[0].next_hop
     assert hop.kind == "smarthost" and hop.credentials_dir is not None
     assert volumes[mounts[str(hop.credentials_dir)]]["secret"]["secretName"] == "creds"
@@ -211,13 +215,17 @@ def test_services_and_disruption_budget() -> None:
     objects = _by_kind(full_relay_plan())
     client = objects["Service"]
     assert client["metadata"]["name"] == "edge"
-    assert [(p["name"], p["port"]) for p in client["spec"]["ports"]] == [("smtp", 2525), ("smtps", 4465)]
+    assert [(p["name"], p["port"]) for p in client["spec"]["ports"]] == [
+        ("smtp", 2525),
+        ("smtps", 4465),
+        ("api", 8025),  # the HTTP API is exposed like every listener
+    ]
     assert client["spec"]["type"] == "LoadBalancer"
     assert client["spec"]["externalTrafficPolicy"] == "Local"
     assert client["metadata"]["annotations"] == {"lb.example/internal": "true"}
     headless = objects["Service/headless"]
     assert headless["spec"]["clusterIP"] == "None"
-    assert [p["name"] for p in headless["spec"]["ports"]] == ["smtp", "smtps", "metrics"]
+    assert [p["name"] for p in headless["spec"]["ports"]] == ["smtp", "smtps", "api", "metrics"]
     assert objects["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
     statefulset = objects["StatefulSet"]["spec"]
     assert statefulset["serviceName"] == "edge-headless"

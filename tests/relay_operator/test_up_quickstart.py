@@ -10,9 +10,11 @@ accept sessions. Ctrl-C drains everything and leaves no process behind.
 
 from __future__ import annotations
 
+import json
 import signal
 import smtplib
 import ssl
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,20 @@ def _submit(port: int, recipient: str, subject: str) -> None:
         client.send_message(message("dev@example.com", recipient, subject))
 
 
+def _post_to_the_api(port: int, recipient: str, subject: str) -> dict[str, Any]:
+    """What README's curl example does: a JSON message to the edge's HTTP API."""
+    body = {"from": "app@example.com", "to": [recipient], "subject": subject, "text": "from an app\n"}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/messages",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": "Bearer quickstart-api-token", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 202
+        answer: dict[str, Any] = json.loads(response.read())
+        return answer
+
+
 def _received_by(mail: Any) -> list[str]:
     return [" ".join(header.split()).split(" by ")[1].split()[0] for header in mail.get_all("Received")]
 
@@ -52,6 +68,8 @@ def test_quickstart_chain_smarthost_replicas_and_clean_stop(tmp_path: Path) -> N
         up.wait_ready()
         _submit(ports[2587], "alice@example.com", "through three relays")
         _submit(ports[2587], "bob@example.net", "via the smarthost")
+        answer = _post_to_the_api(ports[2580], "alice@example.com", "through the API")
+        assert [r["status"] for r in answer["recipients"]] == ["accepted"]
 
         capture = state / "quickstart/capture/maildir/capture/example.com/alice"
         mail = wait_for(
@@ -63,6 +81,11 @@ def test_quickstart_chain_smarthost_replicas_and_clean_stop(tmp_path: Path) -> N
             "edge.quickstart.test",
         ]
         assert mail["Delivered-To"] == "alice@example.com"
+        from_app = wait_for(
+            lambda: find_by_subject(capture, "through the API"), 30, "the API's message", up.output
+        )
+        assert _received_by(from_app)[-1] == "edge.quickstart.test"
+        assert f"with HTTP id {answer['queueId']}" in " ".join(from_app.get_all("Received")[-1].split())
 
         outbox = state / "quickstart/provider/maildir/outbox/example.net/bob"
         outside = wait_for(
