@@ -16,6 +16,7 @@ import click
 
 from relay import __version__
 from relay.cli.dkim import dkim_group
+from relay.cli.drain import drain_command
 from relay.cli.queue import queue_group
 from relay.cli.run import hash_password_command, relay_command
 from relay.cli.send import send_command
@@ -51,6 +52,7 @@ def main() -> None:
     Send a message (the user agent):  mailrelay send --server 127.0.0.1:2587 ...
     Run one relay from a config:      mailrelay relay --config relay.yaml
     Inspect a relay's queue:          mailrelay queue list --config relay.yaml
+    Empty an orphaned spool to a peer: mailrelay drain --spool DIR --to HOST:PORT ...
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -60,3 +62,4 @@ main.add_command(relay_command)
 main.add_command(queue_group)
 main.add_command(hash_password_command)
 main.add_command(dkim_group)
+main.add_command(drain_command)
