@@ -57,7 +57,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from relay import logs, metrics
+from relay import logs, metrics, throttle
 from relay.config import ConfigError, HandoffConfig, RelayConfig, load_config
 from relay.config_watch import ConfigWatcher
 from relay.cpus import worker_count
@@ -652,6 +652,10 @@ def run_relay(
     else:
         for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
             stale.unlink(missing_ok=True)
+    # The rate budgets every worker shares (relay.throttle): a file in a private directory.
+    throttle_dir = tempfile.mkdtemp(prefix="mailrelay-throttle-")
+    os.environ[throttle.ENV_FILE] = str(Path(throttle_dir) / "buckets")
+    os.environ[throttle.ENV_WORKERS] = str(workers)
     try:
         spool = Spool(config.queue.directory)
         try:
@@ -664,3 +668,4 @@ def run_relay(
     finally:
         if made_dir is not None:
             shutil.rmtree(made_dir, ignore_errors=True)
+        shutil.rmtree(throttle_dir, ignore_errors=True)

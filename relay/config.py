@@ -466,6 +466,17 @@ class DkimKeyConfig(_Model):
         return domain
 
 
+class RouteLimits(_Model):
+    """Budgets of one route (relay.core.throttle): messages per second and per hour, and
+    connections (split over the worker processes); with `perDestination` every destination
+    (MX rollup, or the hop's host) has its own budget. Unset means unlimited."""
+
+    messages_per_second: float | None = Field(default=None, gt=0, le=100000)
+    messages_per_hour: int | None = Field(default=None, ge=1)
+    connections: int | None = Field(default=None, ge=1, le=10000)
+    per_destination: bool = False
+
+
 def dkim_keys_problem(keys: list[tuple[str, str, bool]]) -> str | None:
     """What is wrong with a route's (domain, selector, active) DKIM keys: a selector listed
     twice for one domain, or more than one active key for a domain (the operator's spec check
@@ -493,6 +504,7 @@ class RouteConfig(_Model):
     failover: list[NextHop] = []
     events: EventsConfig | None = None  # overrides the relay's `events` for this route's mail
     dkim: list[DkimKeyConfig] = []
+    limits: RouteLimits = RouteLimits()
 
     @model_validator(mode="after")
     def _one_active_key_per_domain(self) -> RouteConfig:

@@ -9,6 +9,11 @@ plan and gets one `Attempted` per recipient of the group back. What happens in b
 - every SMTP hop (relay, smarthost, MX) carries the route's DKIM plan (relay.core.dkim:
   which key, which header fields; relay.delivery signs); gateways and reject hops are not
   signed;
+- every SMTP transaction first takes its place in the route's budget (relay.throttle: rate
+  limits, connections, adaptive backoff per destination; a destination is the MX rollup of an
+  MX hop, relay.core.throttle.rollup, or the host of a relay or smarthost hop) and reports
+  what the destination answered; a place further out than relay.throttle.MAX_WAIT defers the
+  recipients with 451 4.7.0;
 - a relay or smarthost hop is one transaction through the injected SMTP client
   (relay.delivery); a reject hop answers with its configured reply; a gateway hop goes to its
   transport from the `GatewayCache`, at most ``queue.maxPerDestination`` at a time, and a
@@ -34,16 +39,16 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Protocol
 
 from relay.config import (
-    DkimKeyConfig,
     GatewayHop,
     MxHop,
     NextHop,
     RejectHop,
     RelayConfig,
     RelayHop,
+    RouteConfig,
     SmarthostHop,
 )
-from relay.core import dkim, outcome, routing
+from relay.core import dkim, outcome, routing, throttle
 from relay.core import mx as mxplan
 from relay.core.failover import Failover
 from relay.core.model import DeliveryRequest, Disposition, Message, Recipient, RecipientOutcome
@@ -51,6 +56,7 @@ from relay.core.settle import Attempted
 from relay.delivery import SmtpTarget, TargetTls, target_for_hop
 from relay.dns import Resolver
 from relay.gateways.cache import GatewayCache
+from relay.throttle import Limiter
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +95,11 @@ class Hops:
         resolver: Callable[[], Resolver],
         gateways: GatewayCache,
         rng: random.Random,
+        limiter: Limiter | None = None,
     ) -> None:
         self._config = config  # the current one: a reload applies to the next delivery
         self._client = client
+        self._limiter = limiter
         self._resolver = resolver
         self._gateways = gateways
         self._rng = rng
@@ -137,7 +145,7 @@ class Hops:
         if isinstance(hop, RejectHop):
             return [outcome.from_reply(r, hop.code, hop.message) for r in recipients]
         if isinstance(hop, RelayHop | SmarthostHop):
-            return await self._smtp(target_for_hop(hop), message, group.route.dkim, recipients)
+            return await self._smtp(target_for_hop(hop), message, group.route, hop.host, recipients)
         if isinstance(hop, MxHop):
             return await self._deliver_mx(message, hop, group, recipients)
         return await self._deliver_gateway(
@@ -148,12 +156,23 @@ class Hops:
         self,
         target: SmtpTarget,
         message: Message,
-        dkim_keys: Sequence[DkimKeyConfig],
+        route: RouteConfig,
+        destination: str,
         recipients: list[Recipient],
     ) -> list[RecipientOutcome]:
-        plan = dkim.plan_signature(dkim_keys, message.content)
+        plan = dkim.plan_signature(route.dkim, message.content)
         request = DeliveryRequest(message=message, recipients=tuple(recipients), dkim=plan)
-        return outcome.one_each(recipients, await self._client.deliver(target, request))
+        limiter = self._limiter
+        if limiter is None:
+            return outcome.one_each(recipients, await self._client.deliver(target, request))
+        connections = self._config().queue.max_per_destination
+        async with limiter.acquire(route, destination, connections) as refusal:
+            if refusal is not None:
+                log.info("[%s] %s: %s; deferring", message.entry.queue_id, route.name, refusal)
+                return outcome.for_all(recipients, outcome.deferred, "4.7.0", f"rate limited: {refusal}")
+            outcomes = outcome.one_each(recipients, await self._client.deliver(target, request))
+        limiter.record(route, destination, outcomes)
+        return outcomes
 
     async def _deliver_gateway(self, hop: GatewayHop, request: DeliveryRequest) -> list[RecipientOutcome]:
         recipients = list(request.recipients)
@@ -184,6 +203,7 @@ class Hops:
         if isinstance(plan, mxplan.MxFailure):
             return [_failure(r, plan) for r in recipients]
         failures: list[mxplan.MxFailure] = []
+        destination = throttle.rollup(plan.hosts)  # every MX host of a provider: one destination
 
         async def tries() -> AsyncGenerator[Try, None]:
             for host in plan.hosts[:MAX_MX_HOSTS]:
@@ -194,7 +214,7 @@ class Hops:
                 for address in addresses.addresses[:MAX_ADDRESSES_PER_HOST]:
                     tls: TargetTls = "opportunistic" if hop.tls == "opportunistic" else "none"
                     target = SmtpTarget(host=address, port=hop.port, tls=tls, server_name=host, verify=False)
-                    yield functools.partial(self._smtp, target, message, group.route.dkim)
+                    yield functools.partial(self._smtp, target, message, group.route, destination)
 
         failover = await fail_over(recipients, tries())
         if not failover.tries:  # no host had an address

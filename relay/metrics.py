@@ -65,3 +65,28 @@ HANDOFF_REFUSED = Counter(
     "Hand-off sessions or commands refused (auth: wrong or missing credential, draining)",
     ["reason"],
 )
+
+# Per destination (relay.throttle): a destination is the MX rollup of an MX hop (every MX host
+# of a provider is one) or the host of a relay or smarthost hop.
+DESTINATION_ATTEMPTS = Counter(
+    "mailrelay_destination_transactions",
+    "SMTP transactions attempted per destination",
+    ["route", "destination"],
+)
+DESTINATION_THROTTLED = Counter(
+    "mailrelay_destination_throttled",
+    "Deliveries slowed or held back per destination, by reason (messagesPerSecond, messagesPerHour, "
+    "backoff, connections, waiting: our limits; remote: the destination asked us to slow down)",
+    ["route", "destination", "reason"],
+)
+DESTINATION_DEFERRED = Counter(
+    "mailrelay_destination_deferred",
+    "Recipients deferred per destination, by reason (throttled, connection, tls, policy, rate_limit, other)",
+    ["route", "destination", "reason"],
+)
+DESTINATION_FACTOR = Gauge(
+    "mailrelay_destination_rate_factor",
+    "Adaptive backoff per destination: 1 is full rate, lower after throttling replies",
+    ["route", "destination"],
+    multiprocess_mode="livemostrecent",
+)

@@ -56,6 +56,7 @@ from relay.gateways.cache import GatewayCache
 from relay.hops import Hops, SmtpDelivery
 from relay.scan import Scanner
 from relay.spool import CorruptEntryError, Spool, SpoolError, new_queue_id
+from relay.throttle import Limiter
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,14 @@ class Scheduler:
         self._delay_warning_after = delay_warning_after
         self._on_settled = on_settled
         self._gateways = GatewayCache()
+        self._limiter = Limiter(max_concurrency=lambda: self._config.queue.max_concurrency)
         self._hops = Hops(
-            lambda: self._config, client, lambda: self.resolver, self._gateways, rng or random.Random()
+            lambda: self._config,
+            client,
+            lambda: self.resolver,
+            self._gateways,
+            rng or random.Random(),
+            self._limiter,
         )
         self._dispatcher = Dispatcher(self._run, lambda: self._config.queue.max_concurrency)
         self._scanner = Scanner(spool, self._clock, scan_interval)
@@ -183,6 +190,7 @@ class Scheduler:
         if self._own_client is not None:
             await self._own_client.close()
         await self._gateways.close()
+        self._limiter.table.close()
 
     def _prune(self) -> None:
         if self._own_client is not None:

@@ -525,12 +525,22 @@ class DkimSpec(_Spec):
         return domain
 
 
+class RouteLimitsSpec(_Spec):
+    """Budgets of a route (rendered to relay.config.RouteLimits)."""
+
+    messages_per_second: float | None = Field(default=None, gt=0, le=100000)
+    messages_per_hour: int | None = Field(default=None, ge=1)
+    connections: int | None = Field(default=None, ge=1, le=10000)
+    per_destination: bool = False
+
+
 class RelayRouteSpec(_Spec):
     priority: int = Field(default=0, ge=0, le=1000000)
     match: MatchSpec = MatchSpec()
     next_hop: HopSpec
     failover: list[FailoverHopSpec] = Field(default=[], max_length=8)
     dkim: list[DkimSpec] = Field(default=[], max_length=16)
+    limits: RouteLimitsSpec = RouteLimitsSpec()
 
     @model_validator(mode="after")
     def _dkim_keys(self) -> RelayRouteSpec:

@@ -62,6 +62,7 @@ from relay.config import (
     RelayHop,
     RetryPolicyConfig,
     RouteConfig,
+    RouteLimits,
     SmarthostHop,
     TlsConfig,
     WebhookGateway,
@@ -603,6 +604,7 @@ def _route_config(
         next_hop=hops[0],
         failover=hops[1:],
         dkim=[_typed(f"{path}.dkim.{i}", _dkim_key, key, context) for i, key in enumerate(route.spec.dkim)],
+        limits=_typed(f"{path}.limits", RouteLimits, **route.spec.limits.model_dump()),
     )
     return config, problems
 

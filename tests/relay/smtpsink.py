@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ class Received:
     dsn_rcpt: dict[str, dict[str, str]] = field(default_factory=dict)
     tls: bool = False
     login: str | None = None
+    arrived_at: float = field(default_factory=time.monotonic)  # when the final dot was answered
 
 
 class _Handler:

@@ -1,0 +1,278 @@
+"""Rate limits and adaptive backoff per destination, shared by the workers of one relay.
+
+relay.hops asks `Limiter.acquire(route, destination, connections)` before each SMTP transaction
+and tells `Limiter.record(...)` what came of it. The arithmetic is relay.core.throttle's; this
+module keeps the state and waits.
+
+Where the state lives (the budgets must hold for the relay, not per worker process): a table of
+fixed-size slots in a file mapped into every worker (`SharedTable`), one slot per bucket key,
+read and written under an exclusive ``flock`` on the file (a critical section is a few
+microseconds of arithmetic; no I/O happens under the lock). The supervisor creates the file in
+a private temporary directory and names it in ``MAILRELAY_THROTTLE_FILE`` for its workers
+(relay.app); a relay with one process, and a scheduler built by a test, use an anonymous
+mapping. The clock is ``time.monotonic`` (CLOCK_MONOTONIC: one clock for every process of the
+machine). A table that is full evicts the slot idle for the longest time.
+
+What stays per process: the number of deliveries waiting for one bucket (at most half of
+``queue.maxConcurrency``, so one slow destination cannot take every delivery slot) and the
+connections in use per destination: a route's ``connections`` is split over the workers
+(`relay.core.throttle.per_worker`; the number of workers comes from ``MAILRELAY_WORKERS``),
+and backoff scales it down. A delivery that would wait longer than `MAX_WAIT` seconds is not
+held: its recipients are deferred with 451 4.7.0 and retried with the queue's backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import astuple, replace
+from pathlib import Path
+from typing import TypeVar
+
+from relay import metrics
+from relay.config import RouteConfig
+from relay.core import throttle
+from relay.core.model import Disposition, RecipientOutcome
+from relay.core.throttle import Bucket
+
+log = logging.getLogger(__name__)
+
+ENV_FILE = "MAILRELAY_THROTTLE_FILE"
+ENV_WORKERS = "MAILRELAY_WORKERS"
+MAX_WAIT = 10.0  # seconds a delivery may wait for its budget while holding a delivery slot
+SLOTS = 4096
+PROBES = 32
+_SLOT = struct.Struct("<Q6d")
+_T = TypeVar("_T")
+
+
+def _hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") or 1
+
+
+class SharedTable:
+    """Buckets by key in a shared (file) or private (anonymous) memory mapping."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        size = SLOTS * _SLOT.size
+        self.path = path
+        self._fd: int | None = None
+        if path is None:
+            self._map = mmap.mmap(-1, size)
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    @classmethod
+    def from_environment(cls) -> SharedTable:
+        name = os.environ.get(ENV_FILE)
+        return cls(Path(name) if name else None)
+
+    def close(self) -> None:
+        self._map.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _slot(self, key: int) -> int:
+        start = key % SLOTS
+        oldest, oldest_at = start, float("inf")
+        for probe in range(PROBES):
+            index = (start + probe) % SLOTS
+            found, *fields = _SLOT.unpack_from(self._map, index * _SLOT.size)
+            if found in (key, 0):
+                if found == 0:
+                    _SLOT.pack_into(self._map, index * _SLOT.size, key, *astuple(Bucket()))
+                return index
+            last = max(fields)
+            if last < oldest_at:
+                oldest, oldest_at = index, last
+        _SLOT.pack_into(self._map, oldest * _SLOT.size, key, *astuple(Bucket()))
+        return oldest
+
+    def transact(self, keys: Sequence[str], change: Callable[[list[Bucket]], tuple[list[Bucket], _T]]) -> _T:
+        """Read the buckets of `keys`, let `change` compute new ones, write them: atomically."""
+        with self._locked():
+            slots = [self._slot(_hash(key)) for key in keys]
+            buckets = [Bucket(*_SLOT.unpack_from(self._map, s * _SLOT.size)[1:]) for s in slots]
+            updated, result = change(buckets)
+            for slot, key, bucket in zip(slots, keys, updated, strict=True):
+                _SLOT.pack_into(self._map, slot * _SLOT.size, _hash(key), *astuple(bucket))
+        return result
+
+    def get(self, key: str) -> Bucket:
+        return self.transact([key], lambda buckets: (buckets, buckets[0]))
+
+
+class Limiter:
+    """Budgets and backoff of every SMTP destination of one scheduler."""
+
+    def __init__(
+        self,
+        table: SharedTable | None = None,
+        *,
+        workers: int | None = None,
+        max_concurrency: Callable[[], int] = lambda: 100,
+        clock: Callable[[], float] = time.monotonic,
+        max_wait: float = MAX_WAIT,
+    ) -> None:
+        self.table = table or SharedTable.from_environment()
+        self.workers = workers or int(os.environ.get(ENV_WORKERS, "1") or 1)
+        self._max_concurrency = max_concurrency
+        self._clock = clock
+        self.max_wait = max_wait
+        self._waiting: dict[str, int] = {}
+        self._inflight: dict[str, int] = {}
+        self._released = asyncio.Condition()
+
+    @staticmethod
+    def keys(route: RouteConfig, destination: str) -> tuple[str, str]:
+        """(budget key, backoff key): the budget is the route's unless perDestination."""
+        backoff = f"{route.name}|{destination}"
+        return (backoff if route.limits.per_destination else f"{route.name}|*"), backoff
+
+    def _admit(self, route: RouteConfig, budget: str, backoff: str) -> throttle.Admission:
+        now, limits, max_wait = self._clock(), route.limits, self.max_wait
+        if budget == backoff:
+
+            def one(buckets: list[Bucket]) -> tuple[list[Bucket], throttle.Admission]:
+                after, admission = throttle.admit(buckets[0], limits, now, max_wait)
+                return [after], admission
+
+            return self.table.transact([budget], one)
+
+        def two(buckets: list[Bucket]) -> tuple[list[Bucket], throttle.Admission]:
+            rate, adaptive = buckets  # the route's budget, this destination's backoff
+            view = replace(rate, factor=adaptive.factor, paused_until=adaptive.paused_until)
+            after, admission = throttle.admit(view, limits, now, max_wait)
+            return [replace(rate, second_tat=after.second_tat, hour_tat=after.hour_tat), adaptive], admission
+
+        return self.table.transact([budget, backoff], two)
+
+    def _adapt(self, key: str, change: Callable[[Bucket, float], Bucket]) -> Bucket:
+        now = self._clock()
+
+        def apply(buckets: list[Bucket]) -> tuple[list[Bucket], Bucket]:
+            after = change(buckets[0], now)
+            return [after], after
+
+        return self.table.transact([key], apply)
+
+    @contextlib.asynccontextmanager
+    async def acquire(
+        self, route: RouteConfig, destination: str, connections: int
+    ) -> AsyncIterator[str | None]:
+        """Wait for the budget and a connection; yields None when the delivery may go ahead,
+        or the reason it may not (the caller defers with 451 4.7.0)."""
+        budget, backoff = self.keys(route, destination)
+        labels = {"route": route.name, "destination": destination}
+        if self._waiting.get(budget, 0) >= max(1, self._max_concurrency() // 2):
+            metrics.DESTINATION_THROTTLED.labels(**labels, reason="waiting").inc()
+            yield f"too many deliveries wait for the budget of route {route.name}"
+            return
+        admission = self._admit(route, budget, backoff)
+        if admission.wait is None:
+            metrics.DESTINATION_THROTTLED.labels(**labels, reason=admission.reason).inc()
+            yield f"{admission.reason} of route {route.name} for {destination} reached"
+            return
+        if admission.wait > 0:
+            metrics.DESTINATION_THROTTLED.labels(**labels, reason=admission.reason).inc()
+            self._waiting[budget] = self._waiting.get(budget, 0) + 1
+            try:
+                await asyncio.sleep(admission.wait)
+            finally:
+                self._waiting[budget] -= 1
+                if not self._waiting[budget]:
+                    del self._waiting[budget]
+        limit = connections
+        if route.limits.connections:
+            limit = min(limit, throttle.per_worker(route.limits.connections, self.workers))
+        cap = throttle.connection_cap(limit, self.table.get(backoff).factor)
+        refusal: str | None = None
+        if self._inflight.get(backoff, 0) >= cap:
+            async with self._released:
+                try:
+                    await asyncio.wait_for(
+                        self._released.wait_for(lambda: self._inflight.get(backoff, 0) < cap), self.max_wait
+                    )
+                except TimeoutError:
+                    metrics.DESTINATION_THROTTLED.labels(**labels, reason="connections").inc()
+                    refusal = f"connections of route {route.name} for {destination} in use"
+        if refusal is not None:
+            yield refusal
+            return
+        self._inflight[backoff] = self._inflight.get(backoff, 0) + 1
+        try:
+            yield None
+        finally:
+            async with self._released:
+                self._inflight[backoff] -= 1
+                if not self._inflight[backoff]:
+                    del self._inflight[backoff]
+                self._released.notify_all()
+
+    def record(self, route: RouteConfig, destination: str, outcomes: Sequence[RecipientOutcome]) -> None:
+        """Adapt to what the destination answered: slow down after a throttling reply, recover
+        step by step after deliveries."""
+        _budget, backoff = self.keys(route, destination)
+        labels = {"route": route.name, "destination": destination}
+        metrics.DESTINATION_ATTEMPTS.labels(**labels).inc()
+        asked = [
+            o
+            for o in outcomes
+            if o.disposition is Disposition.DEFERRED and throttle.is_throttle_reply(o.code, o.status, o.text)
+        ]
+        for o in outcomes:
+            if o.disposition is Disposition.DEFERRED:
+                reason = "throttled" if o in asked else _defer_reason(o.status)
+                metrics.DESTINATION_DEFERRED.labels(**labels, reason=reason).inc()
+        if asked:
+            metrics.DESTINATION_THROTTLED.labels(**labels, reason="remote").inc()
+            bucket = self._adapt(backoff, throttle.throttled)
+            log.warning(
+                "%s: %s asked to slow down (%d %s); rate factor %.3g, paused %.0fs",
+                route.name,
+                destination,
+                asked[0].code,
+                asked[0].status,
+                bucket.factor,
+                bucket.penalty,
+            )
+        elif any(o.disposition is Disposition.DELIVERED for o in outcomes):
+            bucket = self._adapt(backoff, throttle.succeeded)
+        else:
+            return
+        metrics.DESTINATION_FACTOR.labels(**labels).set(bucket.factor)
+
+
+def _defer_reason(status: str) -> str:
+    if status.startswith("4.4."):
+        return "connection"
+    if status.startswith("4.7."):
+        return "tls" if status in ("4.7.5", "4.7.10") else "policy"
+    return "other"
