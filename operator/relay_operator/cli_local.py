@@ -137,6 +137,14 @@ def startup_lines(plan: Plan, state: StateDir, bind: str) -> list[str]:
     show_default=True,
     help="Seconds a relay may take to drain on stop before it is killed.",
 )
+@click.option(
+    "--scale-down-timeout",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    help="Seconds a replica removed by lowering replicas may take to hand its queue to the others "
+    "before it is stopped anyway (its queue then stays in its spool).",
+)
 @click.option("--check-only", is_flag=True, help="Validate and show what would run; start nothing.")
 @click.option(
     "--log-format",
@@ -151,6 +159,7 @@ def up_command(
     port_offset: int,
     state_dir: Path,
     drain_timeout: float,
+    scale_down_timeout: float,
     check_only: bool,
     log_format: Literal["text", "json"] | None,
 ) -> None:
@@ -162,7 +171,8 @@ def up_command(
 
     Each MailRelay runs as `replicas` relay processes sharing each listener port (SO_REUSEPORT),
     each with its own spool under --state-dir (kept across runs). Editing a RelayRoute while it
-    runs reloads the routes; Ctrl-C drains and stops every relay.
+    runs reloads the routes; lowering replicas first hands the removed processes' queues to the
+    remaining ones; Ctrl-C drains and stops every relay.
     """
     state = StateDir(state_dir)
     options = LocalOptions(
@@ -187,10 +197,20 @@ def up_command(
             click.echo(line)
         click.echo(f"ok: {len(first.relays)} MailRelay(s) would run")
         return
-    sys.exit(_run(planner, first, state, bind, drain_timeout))
+    sys.exit(
+        _run(
+            planner,
+            first,
+            state,
+            bind,
+            UpOptions(state, drain_timeout, scale_down_timeout=scale_down_timeout),
+        )
+    )
 
 
-def _run(planner: Callable[[], Plan | Refused], first: Plan, state: StateDir, bind: str, drain: float) -> int:
+def _run(
+    planner: Callable[[], Plan | Refused], first: Plan, state: StateDir, bind: str, options: UpOptions
+) -> int:
     """Hold the state directory, refuse taken ports, then run the plan until stopped."""
     console = Console(sys.stdout)
     try:
@@ -207,7 +227,7 @@ def _run(planner: Callable[[], Plan | Refused], first: Plan, state: StateDir, bi
             for line in startup_lines(first, state, bind):
                 console.line(f"[up] {line}")
             console.line("[up] Ctrl-C stops every relay (queued mail stays for the next run)")
-            controller = LocalController(planner, first, UpOptions(state=state, drain_timeout=drain), console)
+            controller = LocalController(planner, first, options, console)
             return asyncio.run(controller.run())
     except StateDirBusyError as exc:
         click.echo(f"error: {exc}", err=True)

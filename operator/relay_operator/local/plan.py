@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from relay.config import RelayConfig, dump_config
+from relay.config import HandoffConfig, RelayConfig, dump_config
 from relay_operator import manifests, topology
 from relay_operator.local.layout import StateDir
 from relay_operator.local.table import ListenerView
@@ -52,6 +52,7 @@ class ReplicaPlan:
     spool_dir: Path
     config_yaml: str
     metrics_port: int
+    handoff_port: int = 0  # the replica's handoff listener (scale-down: peers hand it their queue)
 
 
 @dataclass(frozen=True)
@@ -188,15 +189,30 @@ def plan_namespaces(
     return plans
 
 
+def handoff_credential(state: StateDir, key: ObjectKey) -> Path:
+    """The relay's hand-off secret, where a pod mounts the operator's ``<relay>-handoff`` Secret
+    (`LocalController` writes a random one there if it is missing)."""
+    return (state.secret_dir(key.namespace, key.name, f"{key.name}-handoff") / "credential").resolve()
+
+
 def _replica(
-    state: StateDir, key: ObjectKey, index: int, config: RelayConfig, metrics_port: int
+    state: StateDir,
+    key: ObjectKey,
+    index: int,
+    config: RelayConfig,
+    metrics_port: int,
+    handoff_port: int,
+    host: str,
 ) -> ReplicaPlan:
-    """Replica `index`: the rendered config with this process's spool and metrics port."""
+    """Replica `index`: the rendered config with this process's spool, metrics port and handoff
+    listener (on `host`, its own port: a scaled-down replica hands its queue to a given one)."""
     spool = state.spool_dir(key.namespace, key.name, index).resolve()
+    handoff = HandoffConfig(host=host, port=handoff_port, credential_file=handoff_credential(state, key))
     local = config.model_copy(
         update={
             "queue": config.queue.model_copy(update={"directory": spool}),
             "metrics": config.metrics.model_copy(update={"port": metrics_port}),
+            "handoff": handoff,
         }
     )
     return ReplicaPlan(
@@ -205,6 +221,7 @@ def _replica(
         spool_dir=spool,
         config_yaml=dump_config(local),
         metrics_port=metrics_port,
+        handoff_port=handoff_port,
     )
 
 
@@ -258,6 +275,8 @@ def build_plan(
                     index,
                     config,
                     ports.port(f"{key.namespace}/{key.name}-{index}", avoid),
+                    ports.port(f"{key.namespace}/{key.name}-{index}/handoff", avoid),
+                    options.connect_host,
                 )
                 for index in range(relay_plan.relay.spec.replicas)
             )

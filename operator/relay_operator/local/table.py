@@ -74,6 +74,7 @@ class ProcessView:
     metrics_port: int
     sample: MetricsSample | None = None
     restarts: int = 0
+    draining: bool = False  # scaled away: handing its queue to the others before it stops
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,11 @@ def build_rows(relays: Iterable[RelayView]) -> list[Row]:
     rows: list[Row] = []
     for relay in relays:
         samples = [p.sample for p in relay.processes if p.sample is not None]
-        ready = sum(1 for p in relay.processes if p.ready)
-        wanted = relay.replicas or len(relay.processes)
+        ready = sum(1 for p in relay.processes if p.ready and not p.draining)
+        draining = sum(1 for p in relay.processes if p.draining)
+        wanted = relay.replicas or len(relay.processes) - draining
         counts = [
-            f"{ready}/{wanted}",
+            f"{ready}/{wanted}" + (f" +{draining} draining" if draining else ""),
             str(_sum(samples, "queued")) if samples else "-",
             str(_sum(samples, "delivered")) if samples else "-",
             str(_sum(samples, "deferred")) if samples else "-",

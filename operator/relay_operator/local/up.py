@@ -12,6 +12,15 @@ watches its file, reloads them without a restart; listener changes: that relay's
 restart one at a time) and, on SIGINT or SIGTERM, sends SIGTERM to every relay, waits for the drain and kills
 stragglers after a timeout. It never exits leaving a child running.
 
+Lowering ``replicas`` drains the removed processes first, as the operator does with pods (issue
+14): each gets ``MAILRELAY_POD_NAME`` and a handoff listener of its own, and the removed ones'
+configs gain ``drain`` (their names, the remaining processes' handoff ports); the relay then
+takes no new mail and hands its queue to the others, `up` polls its GET /queue until it says
+``drained`` (or ``scale_down_timeout`` passes), and only then stops it, with an empty spool.
+The table shows them as ``+N draining``. Scaling to 0 has no one to hand to: those processes
+stop with their queue on disk (and the warning says so). The shared hand-off secret is written
+once where a pod mounts it (``secrets/<relay>-handoff/credential``).
+
 It decides nothing about mail: what each relay does comes from the rendered configs; what a
 process is comes from the plan. It must not import the relay runtime.
 """
@@ -23,6 +32,7 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -34,9 +44,11 @@ from pathlib import Path
 from typing import TextIO
 
 import aiohttp
+import yaml
 
+from relay.config import DrainConfig, HandoffPeer, dump_config, parse_config
 from relay_operator.local.layout import StateDir, count_queued, write_atomically, write_secret
-from relay_operator.local.plan import LocalRelay, Plan, Refused, ReplicaPlan
+from relay_operator.local.plan import LocalRelay, Plan, Refused, ReplicaPlan, handoff_credential
 from relay_operator.local.table import (
     MetricsSample,
     ProcessView,
@@ -45,6 +57,7 @@ from relay_operator.local.table import (
     parse_metrics,
     render_table,
 )
+from relay_operator.spec import ObjectKey
 
 _PR_SET_PDEATHSIG = 1
 FAST_POLL = 0.25  # seconds between readiness polls while a process is not ready yet
@@ -53,6 +66,7 @@ WATCH_INTERVAL = 0.5  # seconds between manifest file checks
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 10.0  # a process that ran this long resets its restart backoff
+SCALE_DOWN_TIMEOUT = 600.0  # seconds a scaled-away replica may take to hand its queue off
 
 
 def relay_command(config_file: Path) -> list[str]:
@@ -194,6 +208,8 @@ class Replica:
         self.restarts = 0
         self.ready = False
         self.sample: MetricsSample | None = None
+        self.draining = False  # scaled away: handing its queue to the remaining replicas
+        self.queue: dict[str, object] | None = None  # its last GET /queue answer
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -207,7 +223,8 @@ class Replica:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         # POD_NAME: the replica's name in JSON log lines, as a pod's name is (relay.logs)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", POD_NAME=self.plan.name)
+        name = self.plan.name
+        env = dict(os.environ, PYTHONUNBUFFERED="1", POD_NAME=name, MAILRELAY_POD_NAME=name)
         return await asyncio.create_subprocess_exec(
             *relay_command(self.plan.config_file),
             stdin=asyncio.subprocess.DEVNULL,
@@ -295,6 +312,7 @@ class Replica:
             metrics_port=self.plan.metrics_port,
             sample=self.sample,
             restarts=self.restarts,
+            draining=self.draining,
         )
 
 
@@ -304,12 +322,13 @@ class RelayGroup:
     def __init__(self, plan: LocalRelay, console: Console) -> None:
         self.plan = plan
         self.replicas: list[Replica] = [Replica(replica, console) for replica in plan.replicas]
+        self.draining: dict[Replica, asyncio.Task[None]] = {}  # scaled away, handing off
 
     def view(self) -> RelayView:
         return RelayView(
             relay=self.plan.relay_id,
             listeners=self.plan.listeners,
-            processes=[replica.view() for replica in self.replicas],
+            processes=[replica.view() for replica in [*self.replicas, *self.draining]],
             replicas=len(self.plan.replicas),
         )
 
@@ -319,6 +338,7 @@ class UpOptions:
     state: StateDir
     drain_timeout: float = 30.0
     status_interval: float = TABLE_INTERVAL
+    scale_down_timeout: float = SCALE_DOWN_TIMEOUT
 
 
 Planner = Callable[[], "Plan | Refused"]
@@ -348,6 +368,7 @@ class LocalController:
         for relay in plan.relays:
             for directory, data in relay.secrets.items():
                 write_secret(directory, data)
+            self._handoff_secret(relay)
             wrote = False
             for replica in relay.replicas:
                 replica.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -356,12 +377,22 @@ class LocalController:
             self._warn_orphans(relay)
         return changed
 
+    def _handoff_secret(self, relay: LocalRelay) -> None:
+        """The relay's shared hand-off secret, made once (what the operator's Secret holds)."""
+        path = handoff_credential(self._options.state, _key(relay))
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(path.parent, 0o700)
+            write_atomically(path, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o600)
+
     def _warn_orphans(self, relay: LocalRelay) -> None:
         state = self._options.state
+        group = self._groups.get(relay.relay_id)
+        draining = {r.plan.name for r in group.draining} if group is not None else set()
         index = len(relay.replicas)
         while state.replica_dir(relay.namespace, relay.name, index).exists():
             waiting = count_queued(state.spool_dir(relay.namespace, relay.name, index))
-            if waiting:
+            if waiting and f"{relay.name}-{index}" not in draining:
                 self._console.line(
                     f"[up] {relay.name}-{index} is beyond replicas={len(relay.replicas)} and its spool "
                     f"still holds {waiting} message(s): raise replicas to deliver them"
@@ -405,15 +436,79 @@ class LocalController:
     async def _scale(self, group: RelayGroup, relay: LocalRelay) -> None:
         for replica, plan in zip(group.replicas, relay.replicas, strict=False):
             replica.plan = plan
+        removed: list[Replica] = []
         while len(group.replicas) > len(relay.replicas):
-            extra = group.replicas.pop()
-            self._console.line(f"[up] {relay.relay_id}: scaling down, stopping {extra.plan.name}")
-            await self._retire(extra)
+            removed.append(group.replicas.pop())
+        if removed and not group.replicas:
+            for extra in removed:
+                self._console.line(
+                    f"[up] {relay.relay_id}: scaling to 0, no replica to hand {extra.plan.name}'s queue "
+                    "to: stopping it (its queue stays in its spool)"
+                )
+                await self._retire(extra)
+            removed = []
+        for extra in removed:
+            extra.draining = True
+            extra.ready = False
+            group.draining[extra] = asyncio.create_task(
+                self._drain_then_stop(group, extra), name=f"drain {extra.plan.name}"
+            )
+        changed = bool(removed)
         for plan in relay.replicas[len(group.replicas) :]:
+            back = next((r for r in group.draining if r.plan.name == plan.name), None)
+            if back is not None:
+                # wanted again before it finished draining: its config (rewritten from the plan,
+                # without drain) makes it take mail again; it keeps running
+                self._console.line(f"[up] {relay.relay_id}: scaling up, {plan.name} stops draining")
+                group.draining.pop(back).cancel()
+                back.draining = False
+                back.plan = plan
+                group.replicas.append(back)
+                continue
             self._console.line(f"[up] {relay.relay_id}: scaling up, starting {plan.name}")
             replica = Replica(plan, self._console)
             group.replicas.append(replica)
             replica.start()
+            changed = True
+        if group.draining and changed:
+            self._write_drain_configs(group)
+
+    def _write_drain_configs(self, group: RelayGroup) -> None:
+        """Each draining replica's config with ``drain``: the draining names, the remaining
+        replicas' handoff listeners (what the operator renders into the ConfigMap)."""
+        peers = [_handoff_peer(replica.plan) for replica in group.replicas]
+        names = sorted(replica.plan.name for replica in group.draining)
+        for replica in group.draining:
+            config = parse_config(yaml.safe_load(replica.plan.config_yaml))
+            draining = config.model_copy(update={"drain": DrainConfig(pods=names, peers=peers)})
+            write_atomically(replica.plan.config_file, dump_config(draining).encode())
+
+    async def _drain_then_stop(self, group: RelayGroup, replica: Replica) -> None:
+        """Wait until `replica` says it is drained (GET /queue), then stop it."""
+        name = replica.plan.name
+        remaining = ", ".join(r.plan.name for r in group.replicas)
+        self._console.line(f"[up] {group.plan.relay_id}: scaling down, draining {name} to {remaining}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._options.scale_down_timeout
+        report: dict[str, object] | None = None
+        while loop.time() < deadline:
+            await self._probe_queue(replica)
+            report = replica.queue
+            if report is not None and report.get("drained") is True:
+                break
+            await asyncio.sleep(FAST_POLL)
+        handed = report.get("handedOff", 0) if report is not None else 0
+        if report is not None and report.get("drained") is True:
+            self._console.line(f"[up] {name} drained ({handed} message(s) handed off): stopping it")
+        else:
+            left = report.get("depth", "?") if report is not None else "?"
+            self._console.line(
+                f"[up] {name} did not drain within {self._options.scale_down_timeout:g}s "
+                f"({left} message(s) left): stopping it; its queue stays in its spool"
+            )
+        self._retiring.add(replica)
+        group.draining.pop(replica, None)
+        await self._retire(replica)
 
     async def _roll(self, group: RelayGroup, relay: LocalRelay) -> None:
         """Listener (or other restart-only) changes: replace processes one at a time."""
@@ -436,7 +531,12 @@ class LocalController:
         self._retiring.discard(replica)  # not on cancellation: then shutdown stops it
 
     def _replicas(self) -> list[Replica]:
+        """The processes the plan wants (not the ones draining away)."""
         return [replica for group in self._groups.values() for replica in group.replicas]
+
+    def _processes(self) -> list[Replica]:
+        """Every running process: the plan's and those draining away."""
+        return [r for group in self._groups.values() for r in [*group.replicas, *group.draining]]
 
     # ------------------------------------------------------------------ polling
 
@@ -455,6 +555,21 @@ class LocalController:
                     replica.sample = parse_metrics(await answer.text())
         except (TimeoutError, aiohttp.ClientError, ValueError):
             replica.ready = False
+        if replica.draining:
+            await self._probe_queue(replica)
+
+    async def _probe_queue(self, replica: Replica) -> None:
+        """The replica's GET /queue answer (None while it does not answer)."""
+        assert self._http is not None
+        if replica.pid is None:
+            replica.queue = None
+            return
+        url = f"http://127.0.0.1:{replica.plan.metrics_port}/queue"
+        try:
+            async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=1.5)) as answer:
+                replica.queue = await answer.json() if answer.status == 200 else None
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            replica.queue = None
 
     def _views(self) -> list[RelayView]:
         return [group.view() for group in self._groups.values()]
@@ -476,6 +591,7 @@ class LocalController:
                             "ready": p.ready,
                             "metricsPort": p.metrics_port,
                             "restarts": p.restarts,
+                            "draining": p.draining,
                             "metrics": asdict(p.sample) if p.sample else None,
                         }
                         for p in view.processes
@@ -491,7 +607,7 @@ class LocalController:
         last_table = 0.0
         while not self._stop.is_set():
             replicas = self._replicas()
-            await asyncio.gather(*(self._probe(replica) for replica in replicas))
+            await asyncio.gather(*(self._probe(replica) for replica in self._processes()))
             ready = bool(replicas) and all(replica.ready for replica in replicas)
             views = self._views()
             if ready and not self._all_ready:
@@ -545,7 +661,7 @@ class LocalController:
         if self._stop.is_set():
             self._console.line("[up] second interrupt: killing every relay process now")
             self._kill.set()
-            for replica in self._replicas():
+            for replica in self._processes():
                 replica.kill_now()
         self._stop.set()
 
@@ -580,7 +696,10 @@ class LocalController:
 
     async def _shutdown(self) -> None:
         async with self._changing:
-            replicas = [*self._replicas(), *self._retiring]
+            for group in self._groups.values():
+                for task in group.draining.values():
+                    task.cancel()
+            replicas = list({*self._processes(), *self._retiring})
             if not replicas:
                 return
             self._console.line(
@@ -602,3 +721,14 @@ class LocalController:
                 + (f", {killed} killed after the timeout" if killed else "")
                 + "; queued mail stays in the spools for the next `mailrelay up`"
             )
+
+
+def _key(relay: LocalRelay) -> ObjectKey:
+    return ObjectKey(relay.namespace, relay.name)
+
+
+def _handoff_peer(plan: ReplicaPlan) -> HandoffPeer:
+    """Where a replica's handoff listener is (from its rendered config)."""
+    handoff = parse_config(yaml.safe_load(plan.config_yaml)).handoff
+    host = handoff.host if handoff is not None else "127.0.0.1"
+    return HandoffPeer(host="127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port=plan.handoff_port)
