@@ -34,8 +34,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # The wheels are bind-mounted from the builder for this one step, so they never become a layer.
+# /usr/sbin/sendmail is mailrelay under the name sendmail (`mailrelay sendmail`, for cron and
+# programs that call sendmail; MAILRELAY_SERVER names the relay).
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels "mailrelay==${VERSION}" \
+ && ln -s /usr/local/bin/mailrelay /usr/sbin/sendmail \
  && groupadd --system --gid 10001 mailrelay \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/mailrelay --create-home --shell /usr/sbin/nologin mailrelay
 # The relay's spool (a volume in Kubernetes) and its configuration directory.

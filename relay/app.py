@@ -310,7 +310,7 @@ class RelayProcess:
             spool.close()
             return 1
         if book is not None:
-            self.api = HttpApi(front, http_listeners, book)
+            self.api = HttpApi(front, http_listeners, book, pod=self.pod)
             try:
                 await self.api.start()
             except OSError as exc:

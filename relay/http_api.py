@@ -15,7 +15,9 @@ SMTP. The contract is ``relay/openapi.json`` (served at ``/v1/openapi.json``).
   stored), ``503`` (draining, or the spool could not store).
 - ``GET /v1/messages/{queueId}``: per recipient queued / deferred (last reply, next attempt) /
   delivered (next hop and its reply) / bounced, from the queue file while the message is in the
-  spool, then from relay.message_status; only the client that submitted it may ask.
+  spool, then from relay.message_status; only the client that submitted it may ask. Each
+  replica (pod) has its own spool, so only the one that accepted a message knows it: the 202
+  names it in ``acceptedBy`` (the pod name), and another replica answers 404 saying so.
 
 Sockets are bound like the front's (SO_REUSEPORT, so worker processes share the port);
 ``tls: implicit`` uses the front's certificate (relay.tls). Who calls it: relay.app, one per
@@ -104,8 +106,11 @@ def _error(code: int, field: str | None, message: str, **headers: str) -> web.Re
 class HttpApi:
     """The HTTP listeners of one relay process."""
 
-    def __init__(self, front: Front, listeners: Sequence[ListenerConfig], book: StatusBook) -> None:
+    def __init__(
+        self, front: Front, listeners: Sequence[ListenerConfig], book: StatusBook, *, pod: str = ""
+    ) -> None:
         self.front = front
+        self.pod = pod  # named in every answer: only this replica's spool knows the message
         self.listeners = list(listeners)
         self.book = book
         api = front.config.api
@@ -332,7 +337,7 @@ class HttpApi:
             if answer["status"] == "accepted":
                 answer.update(recipient_answer(answer["address"], reply))
         return web.json_response(
-            {"queueId": queue_id, "recipients": answers},
+            {"queueId": queue_id, "acceptedBy": self.pod, "recipients": answers},
             status=202,
             headers={"Location": f"/v1/messages/{queue_id}"},
         )
@@ -346,8 +351,14 @@ class HttpApi:
             return _error(400, "queueId", "not a queue id")
         view = await asyncio.to_thread(self._state, queue_id)
         if view is None or view.get("client", client.name) != client.name:
-            return _error(404, "queueId", f"no message {queue_id} submitted by {client.name!r}")
+            return _error(
+                404,
+                "queueId",
+                f"{self.pod}: no message {queue_id} submitted by {client.name!r} (with several replicas, "
+                "ask the one the 202 named in acceptedBy)",
+            )
         view.pop("client", None)
+        view["acceptedBy"] = self.pod
         return web.json_response(view)
 
     def _state(self, queue_id: str) -> dict[str, Any] | None:

@@ -36,7 +36,15 @@ PROGRESS_INTERVAL = 0.25  # seconds between progress reports while DATA is being
 
 
 class SubmitError(Exception):
-    """The message could not be submitted at all; the text says why and what to do."""
+    """The message could not be submitted at all; the text says why and what to do. `kind` says
+    at which step (``connect``, ``greeting``, ``tls``, ``auth``, ``extension``, ``sender``,
+    ``session``) and `code` is the server's reply code when it gave one (`mailrelay sendmail`
+    maps both to its exit status)."""
+
+    def __init__(self, message: str, *, kind: str = "session", code: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class RecipientResult:
     accepted: bool
     code: int
     text: str
+    stage: str = "rcpt"  # which reply this is: to RCPT, or to DATA for a recipient RCPT accepted
 
 
 @dataclass(frozen=True)
@@ -101,28 +110,31 @@ async def _connect(client: aiosmtplib.SMTP, options: ServerOptions, context: ssl
         await client.connect(timeout=min(options.timeout, CONNECT_TIMEOUT))
         await client.ehlo()
     except ssl.SSLError as exc:
-        raise SubmitError(f"TLS with {where} failed: {exc.reason or exc}") from exc
+        raise SubmitError(f"TLS with {where} failed: {exc.reason or exc}", kind="tls") from exc
     except aiosmtplib.SMTPResponseException as exc:
-        raise SubmitError(f"{where} refused the session: {_reply(exc)}") from exc
+        raise SubmitError(
+            f"{where} refused the session: {_reply(exc)}", kind="greeting", code=exc.code
+        ) from exc
     except (aiosmtplib.SMTPException, OSError) as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
-        raise SubmitError(f"cannot connect to {where}: {cause}") from exc
+        raise SubmitError(f"cannot connect to {where}: {cause}", kind="connect") from exc
     if options.tls != "starttls":
         return
     if not client.supports_extension("starttls"):
         raise SubmitError(
-            f"{where} does not offer STARTTLS; use --tls implicit, or --tls none on a trusted network"
+            f"{where} does not offer STARTTLS; use --tls implicit, or --tls none on a trusted network",
+            kind="extension",
         )
     try:
         await client.starttls(tls_context=context)
         await client.ehlo()
     except ssl.SSLError as exc:
-        raise SubmitError(f"STARTTLS with {where} failed: {exc.reason or exc}") from exc
+        raise SubmitError(f"STARTTLS with {where} failed: {exc.reason or exc}", kind="tls") from exc
     except aiosmtplib.SMTPResponseException as exc:
-        raise SubmitError(f"STARTTLS with {where} refused: {_reply(exc)}") from exc
+        raise SubmitError(f"STARTTLS with {where} refused: {_reply(exc)}", kind="tls", code=exc.code) from exc
     except (aiosmtplib.SMTPException, OSError) as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
-        raise SubmitError(f"STARTTLS with {where} failed: {cause}") from exc
+        raise SubmitError(f"STARTTLS with {where} failed: {cause}", kind="tls") from exc
 
 
 async def _login(client: aiosmtplib.SMTP, options: ServerOptions) -> None:
@@ -130,13 +142,17 @@ async def _login(client: aiosmtplib.SMTP, options: ServerOptions) -> None:
         return
     where = f"{options.host}:{options.port}"
     if not client.supports_extension("auth"):
-        raise SubmitError(f"{where} does not offer AUTH; drop --user or use its submission port")
+        raise SubmitError(
+            f"{where} does not offer AUTH; drop --user or use its submission port", kind="extension"
+        )
     try:
         await client.login(options.user, options.password or "")
     except aiosmtplib.SMTPResponseException as exc:
-        raise SubmitError(f"authentication as {options.user!r} failed: {_reply(exc)}") from exc
+        raise SubmitError(
+            f"authentication as {options.user!r} failed: {_reply(exc)}", kind="auth", code=exc.code
+        ) from exc
     except aiosmtplib.SMTPException as exc:
-        raise SubmitError(f"authentication as {options.user!r} failed: {exc}") from exc
+        raise SubmitError(f"authentication as {options.user!r} failed: {exc}", kind="auth") from exc
 
 
 def _mail_options(client: aiosmtplib.SMTP, submission: Submission, where: str) -> list[str]:
@@ -145,7 +161,8 @@ def _mail_options(client: aiosmtplib.SMTP, submission: Submission, where: str) -
         if not client.supports_extension("smtputf8"):
             raise SubmitError(
                 f"the envelope has non-ASCII addresses, which need SMTPUTF8 (RFC 6531), and {where} "
-                "does not offer it; use ASCII addresses or another server"
+                "does not offer it; use ASCII addresses or another server",
+                kind="extension",
             )
         options.append("SMTPUTF8")
     if submission.eight_bit:
@@ -154,13 +171,16 @@ def _mail_options(client: aiosmtplib.SMTP, submission: Submission, where: str) -
         elif not submission.smtputf8:
             raise SubmitError(
                 f"the message has 8-bit content and {where} does not offer 8BITMIME; "
-                "re-encode it (quoted-printable or base64)"
+                "re-encode it (quoted-printable or base64)",
+                kind="extension",
             )
     if client.supports_extension("size"):
         limit = client.esmtp_extensions.get("size", "")
         if limit.isdigit() and int(limit) and len(submission.content) > int(limit):
             raise SubmitError(
-                f"the message is {len(submission.content)} bytes; {where} accepts at most {limit}"
+                f"the message is {len(submission.content)} bytes; {where} accepts at most {limit}",
+                kind="extension",
+                code=552,
             )
         options.append(f"SIZE={len(submission.content)}")
     return options
@@ -223,7 +243,11 @@ async def submit(
         try:
             await client.mail(submission.mail_from, options=mail_options, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
-            raise SubmitError(f"{where} refused the sender <{submission.mail_from}>: {_reply(exc)}") from exc
+            raise SubmitError(
+                f"{where} refused the sender <{submission.mail_from}>: {_reply(exc)}",
+                kind="sender",
+                code=exc.code,
+            ) from exc
         results: list[RecipientResult] = []
         for address in submission.recipients:
             try:
@@ -240,11 +264,12 @@ async def submit(
             reply = await _send_data(client, submission.content, progress)
         except aiosmtplib.SMTPResponseException as exc:
             results = [
-                RecipientResult(r.address, False, exc.code, exc.message) if r.accepted else r for r in results
+                RecipientResult(r.address, False, exc.code, exc.message, "data") if r.accepted else r
+                for r in results
             ]
         else:
             results = [
-                RecipientResult(r.address, True, reply.code, reply.message) if r.accepted else r
+                RecipientResult(r.address, True, reply.code, reply.message, "data") if r.accepted else r
                 for r in results
             ]
         with contextlib.suppress(aiosmtplib.SMTPException):

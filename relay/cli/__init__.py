@@ -10,7 +10,10 @@ beyond parsing arguments and printing results.
 from __future__ import annotations
 
 import logging
+import sys
 from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -20,6 +23,8 @@ from relay.cli.drain import drain_command
 from relay.cli.queue import queue_group
 from relay.cli.run import hash_password_command, relay_command
 from relay.cli.send import send_command
+from relay.cli.sendmail import run as run_sendmail
+from relay.cli.sendmail import sendmail_command
 
 
 class _Group(click.Group):
@@ -30,6 +35,12 @@ class _Group(click.Group):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(self._contributed()))
+
+    def main(self, args: Any = None, prog_name: str | None = None, *rest: Any, **kwargs: Any) -> Any:
+        """Called as ``sendmail`` (a symlink to this program): be sendmail."""
+        if args is None and Path(sys.argv[0]).name == "sendmail":
+            raise SystemExit(run_sendmail(sys.argv[1:]))
+        return super().main(args, prog_name, *rest, **kwargs)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
@@ -50,6 +61,7 @@ def main() -> None:
     \b
     Run a topology on this machine:   mailrelay up -f examples/quickstart
     Send a message (the user agent):  mailrelay send --server 127.0.0.1:2587 ...
+    As sendmail (cron, PHP mail()):   mailrelay sendmail -t < message.eml
     Run one relay from a config:      mailrelay relay --config relay.yaml
     Inspect a relay's queue:          mailrelay queue list --config relay.yaml
     Empty an orphaned spool to a peer: mailrelay drain --spool DIR --to HOST:PORT ...
@@ -58,6 +70,7 @@ def main() -> None:
 
 
 main.add_command(send_command)
+main.add_command(sendmail_command)
 main.add_command(relay_command)
 main.add_command(queue_group)
 main.add_command(hash_password_command)

@@ -208,3 +208,13 @@ def test_the_image_matches_the_pods_the_operator_builds() -> None:
     for directory in (context.data_dir, context.config_dir.parent):
         assert re.search(rf"mkdir -p [^&]*{re.escape(str(directory))}(\s|$)", runs), directory
     assert f"chown 10001:10001 {context.data_dir}" in runs
+
+
+def test_the_image_ships_sendmail_as_a_symlink_to_mailrelay() -> None:
+    """`mailrelay sendmail` answers to the name sendmail (relay.cli checks argv[0])."""
+    parser = DockerfileParser(path=str(DOCKERFILE))
+    runs = [i["value"] for i in parser.structure if i["instruction"] == "RUN"]
+    assert any("ln -s /usr/local/bin/mailrelay /usr/sbin/sendmail" in run for run in runs)
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["mailrelay"] == "relay.cli:main"
+    assert scripts["mailrelay-sendmail"] == "relay.cli.sendmail:main"

@@ -160,6 +160,7 @@ async def test_raw_and_json_messages_arrive_byte_exact_with_their_envelope(tmp_p
         )
         assert status == 202, body
         first = body["queueId"]
+        assert body["acceptedBy"]  # the replica whose spool holds it (the pod name)
         assert headers["Location"] == f"/v1/messages/{first}"
         assert [(r["address"], r["status"], r["code"]) for r in body["recipients"]] == [
             ("carol@example.com", "accepted", 250),
