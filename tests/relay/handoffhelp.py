@@ -25,7 +25,13 @@ STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 
 class Pod:
     def __init__(
-        self, base: Path, name: str, sink_port: int, credential: Path, retry: dict[str, str] | None = None
+        self,
+        base: Path,
+        name: str,
+        sink_port: int,
+        credential: Path,
+        retry: dict[str, str] | None = None,
+        workers: int = 1,
     ) -> None:
         self.name = name
         self.dir = base / name
@@ -42,7 +48,7 @@ class Pod:
             smtp_port=self.smtp_port,
             metrics_port=self.metrics_port,
             sink_port=sink_port,
-            workers=1,
+            workers=workers,
             handoff={"host": "127.0.0.1", "port": self.handoff_port, "credentialFile": str(credential)},
         )
         if retry is not None:
@@ -111,11 +117,19 @@ class Pod:
 
 class Peers:
     def __init__(
-        self, tmp_path: Path, sink_port: int, names: list[str], retry: dict[str, str] | None = None
+        self,
+        tmp_path: Path,
+        sink_port: int,
+        names: list[str],
+        retry: dict[str, str] | None = None,
+        workers: dict[str, int] | None = None,
     ) -> None:
         self.credential = tmp_path / "handoff-credential"
         self.credential.write_text(SECRET + "\n")
-        self.pods = {name: Pod(tmp_path, name, sink_port, self.credential, retry) for name in names}
+        self.pods = {
+            name: Pod(tmp_path, name, sink_port, self.credential, retry, (workers or {}).get(name, 1))
+            for name in names
+        }
 
     def __getitem__(self, name: str) -> Pod:
         return self.pods[name]

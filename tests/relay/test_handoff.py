@@ -187,3 +187,28 @@ async def test_handoff_listener_refuses_strangers_and_keeps_a_repeated_handoff_o
     await raw.close()
     assert pod.queued() == 2
     assert SECRET not in pod.run.log
+
+
+async def test_a_pod_with_several_workers_drains_and_says_so(tmp_path: Path, runs: list[RelayRun]) -> None:
+    """With workers the supervisor answers /readyz and /queue (from the spool and the workers'
+    metric files) and one worker hands off."""
+    retry = {"minBackoff": "1h", "maxBackoff": "2h", "maxLifetime": "5d"}
+    peers = Peers(tmp_path, free_port(), ["edge-0", "edge-1"], retry=retry, workers={"edge-1": 2})
+    peers.start(runs)
+    keep, going = peers["edge-0"], peers["edge-1"]
+    await asyncio.to_thread(going.run.wait_for, r"ready \(pid", occurrences=2)
+    for i in range(8):
+        await send_dsn_message(going.smtp_port, f"w{i}")
+    await until(lambda: going.counts()["deferred"] == 8, timeout=60)
+    assert (await asyncio.to_thread(going.queue))["drained"] is False
+    peers.drain(["edge-1"])
+    await until(lambda: http_get(going.metrics_port, "/readyz") == (503, "not ready: draining\n"), timeout=30)
+    await until(lambda: going.queue()["drained"] is True, timeout=60)
+    report = await asyncio.to_thread(going.queue)
+    assert (report["depth"], report["handedOff"], report["pod"]) == (0, 8, "edge-1")
+    assert keep.counts()["deferred"] == 8
+    for _ in range(6):  # every worker refuses new sessions while draining
+        client = await RawClient.connect("127.0.0.1", going.smtp_port)
+        code, _text = await client.reply()
+        assert code == 421
+        await client.close()
