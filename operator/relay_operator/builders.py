@@ -2,9 +2,13 @@
 
 `build_objects` returns, in apply order: ServiceAccount, ConfigMap (``relay.yaml``), headless
 Service, client Service, StatefulSet (a volume claim template for the spool per pod) and
-PodDisruptionBudget. Each `build_<kind>()` is a pure function of the plan and `BuildOptions`;
-the caller (the reconcile path, `mailrelay render`) applies or prints them. Owner references are
-passed in (the reconcile path has the MailRelay's uid; `render` has none and omits them).
+PodDisruptionBudget. Each `build_<kind>()` is a pure function of the plan, `BuildOptions` and,
+during a scale-down, the `Drain` the reconcile path decided (which pods drain to which peers,
+and the size the StatefulSet keeps meanwhile); the caller (the reconcile path, `mailrelay
+render`) applies or prints them. Owner references are passed in (the reconcile path has the
+MailRelay's uid; `render` has none and omits them). Two more kinds are built for the reconcile
+path only: the hand-off Secret (`build_handoff_secret`, its random credential is the caller's)
+and the Job that empties the spool claim of a removed pod (`build_drain_job`).
 
 Rules that shape the pods:
 - routes live only in the ConfigMap, mounted as a directory (not subPath) so the kubelet
@@ -16,18 +20,29 @@ Rules that shape the pods:
 - a termination grace period long enough for a DATA transfer to finish (RFC 5321 4.5.3.2.6
   allows a client 10 minutes after the final dot; the relay stops accepting at SIGTERM and
   finishes what is in flight);
-- the spool volume claims are retained when the relay is scaled down or deleted: queued mail
-  is never deleted by the operator (``persistentVolumeClaimRetentionPolicy`` says so where the
-  server serves it, from 1.27; older servers always retain them, see `for_server`).
+- the spool volume claims are retained by the StatefulSet controller when the relay is scaled
+  down or deleted (``persistentVolumeClaimRetentionPolicy`` says so where the server serves it,
+  from 1.27; older servers always retain them, see `for_server`): the reconcile path deletes a
+  removed pod's claim itself, and only once its queue was verified empty;
+- every relay pod knows its own name (``MAILRELAY_POD_NAME`` from the downward API), mounts the
+  hand-off Secret and renders ``handoff`` (its peers may hand it their queues on
+  `naming.HANDOFF_PORT`); ``drain`` is rendered only while pods are draining;
+- a stopping pod (rolling restart, node drain) waits ``shutdown.endpointRemovalDelay`` in its
+  preStop hook, then the relay's SIGTERM handling refuses new sessions and finishes the
+  transactions in flight; the grace period covers both.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from relay import __version__
+from relay.config import DrainConfig, HandoffConfig, HandoffPeer, RelayConfig, dump_config, parse_duration
 from relay_operator import naming
 from relay_operator.topology import RelayPlan
 
@@ -37,6 +52,19 @@ DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = {
     "limits": {"memory": "512Mi"},
 }
 RELAY_UID = 10001  # the image's mailrelay user (Dockerfile)
+HANDOFF_DIR = "/etc/mailrelay/handoff"
+HANDOFF_CREDENTIAL_FILE = f"{HANDOFF_DIR}/{naming.HANDOFF_SECRET_KEY}"
+DRAIN_JOB_TTL_SECONDS = 3600  # a finished drain Job stays this long for `kubectl describe`
+
+
+@dataclass(frozen=True)
+class Drain:
+    """A scale-down in progress, as the reconcile path decided it: the StatefulSet keeps
+    `replicas` pods while the pods named in `pods` hand their queues to `peers` (host, port)."""
+
+    replicas: int
+    pods: tuple[str, ...] = ()
+    peers: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,8 +131,24 @@ def build_serviceaccount(plan: RelayPlan, owners: Sequence[Mapping[str, Any]] = 
     }
 
 
-def build_configmap(plan: RelayPlan, owners: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
-    """The rendered relay configuration (routes included)."""
+def relay_config(plan: RelayPlan, drain: Drain | None = None) -> RelayConfig:
+    """The pod's relay config: the plan's, plus ``handoff`` (always: any pod may become a peer)
+    and ``drain`` (while pods drain)."""
+    assert plan.config is not None, "no config rendered; see problems"
+    handoff = HandoffConfig(port=naming.HANDOFF_PORT, credential_file=Path(HANDOFF_CREDENTIAL_FILE))
+    update: dict[str, Any] = {"handoff": handoff}
+    if drain is not None and drain.pods:
+        update["drain"] = DrainConfig(
+            pods=list(drain.pods), peers=[HandoffPeer(host=host, port=port) for host, port in drain.peers]
+        )
+    return plan.config.model_copy(update=update)
+
+
+def build_configmap(
+    plan: RelayPlan, owners: Sequence[Mapping[str, Any]] = (), drain: Drain | None = None
+) -> dict[str, Any]:
+    """The rendered relay configuration (routes, hand-off and drain included)."""
+    text = dump_config(relay_config(plan, drain))
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -112,9 +156,22 @@ def build_configmap(plan: RelayPlan, owners: Sequence[Mapping[str, Any]] = ()) -
             plan,
             naming.configmap_name(plan.relay.key.name),
             owners,
-            {naming.CONFIG_HASH_ANNOTATION: plan.config_hash},
+            {naming.CONFIG_HASH_ANNOTATION: hashlib.sha256(text.encode()).hexdigest()[:16]},
         ),
-        "data": {naming.CONFIG_KEY: plan.config_yaml},
+        "data": {naming.CONFIG_KEY: text},
+    }
+
+
+def build_handoff_secret(
+    plan: RelayPlan, credential: str, owners: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    """The per-relay hand-off credential (only pods of this MailRelay mount it)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(plan, naming.handoff_secret_name(plan.relay.key.name), owners),
+        "type": "Opaque",
+        "stringData": {naming.HANDOFF_SECRET_KEY: credential},
     }
 
 
@@ -138,6 +195,14 @@ def build_headless_service(plan: RelayPlan, owners: Sequence[Mapping[str, Any]] 
             "name": naming.METRICS_PORT_NAME,
             "port": plan.context.metrics_port,
             "targetPort": naming.METRICS_PORT_NAME,
+            "protocol": "TCP",
+        }
+    )
+    ports.append(
+        {
+            "name": naming.HANDOFF_PORT_NAME,
+            "port": naming.HANDOFF_PORT,
+            "targetPort": naming.HANDOFF_PORT_NAME,
             "protocol": "TCP",
         }
     )
@@ -236,6 +301,9 @@ def _relay_container(
     container_ports.append(
         {"name": naming.METRICS_PORT_NAME, "containerPort": context.metrics_port, "protocol": "TCP"}
     )
+    container_ports.append(
+        {"name": naming.HANDOFF_PORT_NAME, "containerPort": naming.HANDOFF_PORT, "protocol": "TCP"}
+    )
     container: dict[str, Any] = {
         "name": naming.CONTAINER_NAME,
         "image": spec.image or options.image,
@@ -245,6 +313,8 @@ def _relay_container(
         "env": [
             {"name": "MAILRELAY_RELAY", "value": plan.relay.key.name},
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            # the relay's own pod name: whether the ConfigMap's drain.pods names it (issue 14)
+            {"name": naming.POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         ],
         "ports": container_ports,
         "readinessProbe": {
@@ -260,6 +330,7 @@ def _relay_container(
             "timeoutSeconds": 5,
             "failureThreshold": 6,
         },
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(_endpoint_delay(plan))]}}},
         "resources": _resources(plan),
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -271,6 +342,7 @@ def _relay_container(
             {"name": "config", "mountPath": str(context.config_dir), "readOnly": True},
             {"name": naming.SPOOL_VOLUME, "mountPath": str(context.data_dir)},
             {"name": "tmp", "mountPath": "/tmp"},
+            {"name": naming.HANDOFF_VOLUME, "mountPath": HANDOFF_DIR, "readOnly": True},
             *secret_mounts,
         ],
     }
@@ -278,6 +350,16 @@ def _relay_container(
     if pull_policy:
         container["imagePullPolicy"] = pull_policy
     return container
+
+
+def _endpoint_delay(plan: RelayPlan) -> int:
+    """Whole seconds the preStop hook waits (``sleep`` takes whole seconds; rounded up)."""
+    return math.ceil(parse_duration(plan.relay.spec.shutdown.endpoint_removal_delay))
+
+
+def _handoff_volume(plan: RelayPlan) -> dict[str, Any]:
+    secret = naming.handoff_secret_name(plan.relay.key.name)
+    return {"name": naming.HANDOFF_VOLUME, "secret": {"secretName": secret, "defaultMode": 0o440}}
 
 
 def _pod_security_context(plan: RelayPlan) -> dict[str, Any]:
@@ -304,12 +386,15 @@ def _pod_spec(plan: RelayPlan, options: BuildOptions) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "serviceAccountName": naming.serviceaccount_name(name),
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": options.termination_grace_period_seconds,
+        # The preStop wait comes out of the grace period: add it, so that a DATA transfer in
+        # flight still gets the whole allowance after SIGTERM.
+        "terminationGracePeriodSeconds": options.termination_grace_period_seconds + _endpoint_delay(plan),
         "securityContext": _pod_security_context(plan),
         "containers": [_relay_container(plan, options, secret_mounts)],
         "volumes": [
             {"name": "config", "configMap": {"name": naming.configmap_name(name)}},
             {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+            _handoff_volume(plan),
             *secret_volumes,
         ],
         "affinity": {
@@ -353,14 +438,18 @@ def spool_claim_template(plan: RelayPlan) -> dict[str, Any]:
 
 
 def build_statefulset(
-    plan: RelayPlan, options: BuildOptions = BuildOptions(), owners: Sequence[Mapping[str, Any]] = ()
+    plan: RelayPlan,
+    options: BuildOptions = BuildOptions(),
+    owners: Sequence[Mapping[str, Any]] = (),
+    drain: Drain | None = None,
 ) -> dict[str, Any]:
-    """The relay pods: one spool volume claim per pod, config and Secrets mounted as files."""
+    """The relay pods: one spool volume claim per pod, config and Secrets mounted as files.
+    While pods drain (`drain`), it keeps `drain.replicas` pods instead of ``spec.replicas``."""
     spec = plan.relay.spec
     name = plan.relay.key.name
     sts_spec: dict[str, Any] = {
         "serviceName": naming.headless_service_name(name),
-        "replicas": spec.replicas,
+        "replicas": spec.replicas if drain is None else drain.replicas,
         "podManagementPolicy": "Parallel",
         "selector": {"matchLabels": naming.selector_labels(name)},
         "updateStrategy": {"type": "RollingUpdate"},
@@ -384,17 +473,95 @@ def build_statefulset(
     }
 
 
+def build_drain_job(
+    plan: RelayPlan,
+    options: BuildOptions,
+    ordinal: int,
+    claim: Mapping[str, Any],
+    target: tuple[str, int],
+    owners: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """A short-lived Job that mounts the spool claim of a removed pod and hands every message
+    in it to `target` (a remaining pod's hand-off port) with ``mailrelay drain``; it exits 0
+    only when the spool is empty, so its success is what allows the claim to be deleted."""
+    assert plan.config is not None, "no config rendered; see problems"
+    spec = plan.relay.spec
+    name = plan.relay.key.name
+    claim_meta = claim["metadata"]
+    job_name = naming.drain_job_name(name, ordinal, str(claim_meta["uid"]))
+    metadata = _metadata(plan, job_name, owners, {naming.CLAIM_UID_ANNOTATION: str(claim_meta["uid"])})
+    container: dict[str, Any] = {
+        "name": "drain",
+        "image": spec.image or options.image,
+        "command": ["mailrelay"],
+        "args": [
+            "drain",
+            "--spool",
+            str(plan.config.queue.directory),
+            "--to",
+            f"{target[0]}:{target[1]}",
+            "--credential-file",
+            HANDOFF_CREDENTIAL_FILE,
+        ],
+        "resources": _resources(plan),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": naming.SPOOL_VOLUME, "mountPath": str(plan.context.data_dir)},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": naming.HANDOFF_VOLUME, "mountPath": HANDOFF_DIR, "readOnly": True},
+        ],
+    }
+    pull_policy = spec.image_pull_policy or options.image_pull_policy
+    if pull_policy:
+        container["imagePullPolicy"] = pull_policy
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": naming.serviceaccount_name(name),
+        "automountServiceAccountToken": False,
+        "restartPolicy": "Never",
+        "securityContext": {k: v for k, v in _pod_security_context(plan).items() if k != "sysctls"},
+        "containers": [container],
+        "volumes": [
+            {"name": naming.SPOOL_VOLUME, "persistentVolumeClaim": {"claimName": claim_meta["name"]}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+            _handoff_volume(plan),
+        ],
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": ref.name} for ref in spec.image_pull_secrets]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "backoffLimit": 3,
+            "ttlSecondsAfterFinished": DRAIN_JOB_TTL_SECONDS,
+            "template": {"metadata": {"labels": naming.labels(name)}, "spec": pod_spec},
+        },
+    }
+
+
 def build_objects(
-    plan: RelayPlan, options: BuildOptions = BuildOptions(), owners: Sequence[Mapping[str, Any]] = ()
+    plan: RelayPlan,
+    options: BuildOptions = BuildOptions(),
+    owners: Sequence[Mapping[str, Any]] = (),
+    drain: Drain | None = None,
 ) -> list[dict[str, Any]]:
-    """Every object for one valid MailRelay, in the order to apply them."""
+    """Every object for one valid MailRelay, in the order to apply them (the hand-off Secret,
+    whose credential is random, is the caller's: `build_handoff_secret`)."""
     if plan.config is None:
         raise ValueError(f"MailRelay {plan.relay.key} has no rendered config: {plan.problems}")
     return [
         build_serviceaccount(plan, owners),
-        build_configmap(plan, owners),
+        build_configmap(plan, owners, drain),
         build_headless_service(plan, owners),
         build_client_service(plan, owners),
-        build_statefulset(plan, options, owners),
+        build_statefulset(plan, options, owners, drain),
         build_poddisruptionbudget(plan, owners),
     ]

@@ -12,6 +12,9 @@ ObjectConflict, StorageShrink / StorageClassChange / StorageNotExpandable / Immu
 the live and the wanted value, or Recreating while a step is in progress) and `Ready`
 (ConfigValid, Applied, and the StatefulSet rolled out: its controller has seen the current
 generation, every pod runs the current revision and every desired replica is ready).
+`Draining` (a scale-down in progress: True with reason Draining, NoPeer, Drained, DrainTimedOut,
+Removing or DrainingClaims; False with NoScaleDown, or MailKept when a removed pod's claim keeps
+mail nobody can take; see `scaledown`).
 RelayRoute: `Accepted` (valid and selected by a MailRelay), `Resolved` (every `relay` next hop
 names a usable MailRelay), `Conflicted` (same priority and overlapping match as another route
 on one relay).
@@ -27,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from relay_operator import naming
+from relay_operator.queues import QueueReport
 from relay_operator.spec import InvalidSpec
 from relay_operator.topology import Problem, RelayPlan, RoutePlan
 
@@ -141,6 +145,9 @@ def mailrelay_status(
     now: datetime,
     extra_problems: Sequence[Problem] = (),
     apply_problems: Sequence[Problem] = (),
+    draining: tuple[bool, str, str] | None = None,
+    queue: Mapping[str, Any] | None = None,
+    scale_down: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The status body of a MailRelay.
 
@@ -149,7 +156,9 @@ def mailrelay_status(
     unusable that only the caller can know (a Secret that does not exist, see
     `topology.secret_problems`); `apply_problems` what kept the children from matching the spec
     (an API refusal, an object of the same name owned by someone else, a volume that cannot
-    grow): errors, or warnings for work still in progress.
+    grow): errors, or warnings for work still in progress. `draining` is the `Draining`
+    condition (status, reason, message) from `scaledown.decide`, `queue` the pods' queues
+    (`queue_status`) and `scale_down` the scale-down bookkeeping; each is left out when None.
     """
     previous = previous or {}
     conditions = previous.get("conditions") or []
@@ -194,6 +203,8 @@ def mailrelay_status(
     else:
         ready_condition = statefulset_rollout(statefulset, desired)
     conditions = set_condition(conditions, "Ready", *ready_condition, observed_generation=generation, now=now)
+    if draining is not None:
+        conditions = set_condition(conditions, "Draining", *draining, observed_generation=generation, now=now)
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "replicas": int(sts.get("replicas") or 0),
@@ -211,7 +222,42 @@ def mailrelay_status(
         ]
         if plan.config is not None:
             status["configHash"] = plan.config_hash
+    if queue is not None:
+        status["queue"] = dict(queue)
+    if scale_down is not None:
+        status["scaleDown"] = dict(scale_down)
     return status
+
+
+def queue_status(reports: Sequence[QueueReport]) -> dict[str, Any]:
+    """``status.queue``: every pod's report, and the sums over the pods that answered (the
+    oldest age is the largest). Ages are whole seconds, so a status does not change on every
+    pass for a fraction of a second."""
+    answered = [r for r in reports if r.ok]
+    pods: list[dict[str, Any]] = []
+    for report in sorted(reports, key=lambda r: r.pod):
+        entry: dict[str, Any] = {"name": report.pod}
+        if report.ok:
+            entry.update(
+                depth=report.depth,
+                oldestAgeSeconds=int(report.oldest_age_seconds),
+                deferred=report.deferred,
+                held=report.held,
+                draining=report.draining,
+                drained=report.drained,
+                handedOff=report.handed_off,
+            )
+        else:
+            entry["error"] = str(report.error)
+        pods.append(entry)
+    return {
+        "depth": sum(r.depth for r in answered),
+        "oldestAgeSeconds": int(max((r.oldest_age_seconds for r in answered), default=0)),
+        "deferred": sum(r.deferred for r in answered),
+        "held": sum(r.held for r in answered),
+        "reporting": len(answered),
+        "pods": pods,
+    }
 
 
 def relayroute_status(

@@ -18,7 +18,10 @@ so any trigger converges everything that is out of date):
 - any RelayRoute event, and a MailRelay deletion: every relay of that namespace, since routes
   resolve across relays (loops, `relay` next hops);
 - an event of a StatefulSet the operator manages: its owner's status (Ready follows the
-  rollout) and drift of the StatefulSet itself.
+  rollout) and drift of the StatefulSet itself;
+- a scale-down under way (`reconcile.NamespaceOutcome.busy`: pods draining, drain Jobs running,
+  claims to delete): the resync loop passes over that namespace again after `drain_poll`
+  seconds instead of the whole resync interval, until it is done.
 
 No handler needs a finalizer, so kopf adds none (and removes the one an older operator version
 added). Handlers are synchronous: kopf runs them in its thread pool, and a per-namespace lock
@@ -36,6 +39,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -54,6 +58,7 @@ from relay_operator.k8s import (
     KubeError,
     Unavailable,
 )
+from relay_operator.queues import HttpQueueProbe
 
 MAILRELAYS = (naming.GROUP, naming.VERSION, naming.MAILRELAY_PLURAL)
 RELAYROUTES = (naming.GROUP, naming.VERSION, naming.RELAYROUTE_PLURAL)
@@ -80,6 +85,7 @@ class OperatorOptions:
     priority: int = 0  # this replica's peering priority
     clusterwide: bool = True  # ClusterKopfPeering (True) or a KopfPeering per namespace
     identity: str = field(default_factory=own_identity)  # given to kopf as its peering identity
+    drain_poll: float = 5.0  # seconds between passes while a scale-down is under way
 
     def backoff(self, retry: int) -> float:
         """The delay before retry number `retry` (0-based): doubling, capped."""
@@ -123,6 +129,8 @@ class Runtime:
     _stop: threading.Event = field(default_factory=threading.Event)
     _loop: threading.Thread | None = None
     _was_acting: bool = True
+    _soon: dict[str, float] = field(default_factory=dict)  # namespace -> monotonic time of a quick pass
+    _wake: threading.Event = field(default_factory=threading.Event)
 
     def lock(self, namespace: str) -> threading.Lock:
         with self._guard:
@@ -154,12 +162,16 @@ class Runtime:
                     relays=relays,
                     cluster_domain=self.options.cluster_domain,
                     options=self.build,
+                    probe=HttpQueueProbe(),
                 )
                 with self._guard:
                     if outcome.relay_count:
                         self.namespaces.add(namespace)
                     else:
                         self.namespaces.discard(namespace)
+                    if outcome.busy:
+                        self._soon.setdefault(namespace, time.monotonic() + self.options.drain_poll)
+                        self._wake.set()
                 return outcome
         except Unavailable as exc:
             raise kopf.TemporaryError(
@@ -215,11 +227,38 @@ class Runtime:
             except kopf.TemporaryError as exc:
                 LOG.warning(f"resync of namespace {namespace}: {exc}")
 
+    def quick_passes(self) -> None:
+        """The passes over namespaces with a scale-down under way whose time has come."""
+        now = time.monotonic()
+        with self._guard:
+            due = sorted(ns for ns, at in self._soon.items() if at <= now)
+            for namespace in due:
+                del self._soon[namespace]
+        if not due or not self.acting():
+            return
+        for namespace in due:
+            if self._stop.is_set():
+                return
+            try:
+                self.converge(namespace, LOG)
+            except kopf.TemporaryError as exc:
+                LOG.warning(f"scale-down pass of namespace {namespace}: {exc}")
+
     def start_resync(self) -> None:
         def loop() -> None:
-            while not self._stop.wait(self.options.resync_interval):
+            next_resync = time.monotonic() + self.options.resync_interval
+            while not self._stop.is_set():
+                with self._guard:
+                    soonest = min([next_resync, *self._soon.values()])
+                    self._wake.clear()
+                self._wake.wait(max(0.0, soonest - time.monotonic()))
+                if self._stop.is_set():
+                    return
                 try:
-                    self.resync()
+                    if time.monotonic() >= next_resync:
+                        self.resync()
+                        next_resync = time.monotonic() + self.options.resync_interval
+                    self.quick_passes()
                 except Exception:  # the loop must outlive any one pass
                     LOG.exception("resync pass failed")
 
@@ -229,6 +268,7 @@ class Runtime:
 
     def stop_resync(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._loop is not None:
             self._loop.join(30)
             self._loop = None

@@ -4,9 +4,10 @@ Everything the reconcile path reads or writes goes through `KubeApi`: get, list 
 selector, in pages of `page_size` items that follow the server's ``continue`` token and start
 over when the token has expired), create, replace (PUT with optimistic concurrency), JSON merge
 patch (RFC 7386) of an object or its ``/status`` subresource, delete (with a propagation policy
-and uid/resourceVersion preconditions: the reconcile path deletes nothing but a StatefulSet it
-recreates with ``Orphan``, keeping its pods, to grow its volume claims; the garbage collector
-removes a MailRelay's children), the server's version, and posting a core/v1 Event. It speaks the REST
+and uid/resourceVersion preconditions: the reconcile path deletes a StatefulSet it recreates
+with ``Orphan``, keeping its pods, to grow its volume claims, and the spool claim of a removed
+pod once it was verified empty, by uid; the garbage collector removes a MailRelay's children),
+the server's version, and posting a core/v1 Event. It speaks the REST
 paths directly over the `kubernetes` package's `ApiClient`, which brings configuration
 (in-cluster service account or kubeconfig), authentication and TLS, and nothing else: no typed
 models, no strategic merge patch, no server-side apply, so the write path is the same on every
@@ -81,6 +82,8 @@ KOPFPEERINGS = Resource("kopf.dev/v1", "kopfpeerings", "KopfPeering")
 EVENTS = Resource("v1", "events", "Event")
 STATEFULSETS = Resource("apps/v1", "statefulsets", "StatefulSet")
 PODDISRUPTIONBUDGETS = Resource("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget")
+PODS = Resource("v1", "pods", "Pod")
+JOBS = Resource("batch/v1", "jobs", "Job")
 
 KNOWN_RESOURCES = (
     MAILRELAYS,
@@ -96,6 +99,8 @@ KNOWN_RESOURCES = (
     EVENTS,
     STATEFULSETS,
     PODDISRUPTIONBUDGETS,
+    PODS,
+    JOBS,
 )
 
 

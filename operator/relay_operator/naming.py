@@ -36,6 +36,16 @@ CONFIG_KEY = "relay.yaml"
 CONTAINER_NAME = "relay"
 SPOOL_VOLUME = "spool"
 METRICS_PORT_NAME = "metrics"
+# Hand-offs between the pods of one MailRelay (issue 14): a draining pod gives its queue to a
+# remaining peer on this port, with the per-relay credential mounted from the hand-off Secret.
+HANDOFF_PORT = 9025
+HANDOFF_PORT_NAME = "handoff"
+HANDOFF_SECRET_KEY = "credential"
+HANDOFF_VOLUME = "handoff"
+# The env var a relay reads its own pod name from (the downward API's metadata.name).
+POD_NAME_ENV = "MAILRELAY_POD_NAME"
+# On a drain Job: the uid of the spool claim it empties (a Job is trusted only for that claim).
+CLAIM_UID_ANNOTATION = f"{GROUP}/claim-uid"
 
 MAX_RELAY_NAME = 40  # "<name>-headless" and StatefulSet pod names stay within 63 characters
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -62,6 +72,46 @@ def client_service_name(relay: str) -> str:
 def headless_service_name(relay: str) -> str:
     """The StatefulSet's governing Service (stable pod DNS names)."""
     return f"{relay}-headless"
+
+
+def handoff_secret_name(relay: str) -> str:
+    """The Secret with the credential the pods of one MailRelay use for hand-offs."""
+    return f"{relay}-handoff"
+
+
+def pod_name(relay: str, ordinal: int) -> str:
+    """A StatefulSet pod's name: ``<relay>-<ordinal>``."""
+    return f"{statefulset_name(relay)}-{ordinal}"
+
+
+def pod_ordinal(relay: str, name: str) -> int | None:
+    """The ordinal of a pod (or, with the prefix, a spool claim) name of this relay; None if not one."""
+    prefix = f"{statefulset_name(relay)}-"
+    rest = name.removeprefix(prefix)
+    if rest == name or not rest.isdigit() or (len(rest) > 1 and rest.startswith("0")):
+        return None
+    return int(rest)
+
+
+def spool_claim_name(relay: str, ordinal: int) -> str:
+    """The claim the StatefulSet controller makes for a pod: ``spool-<relay>-<ordinal>``."""
+    return f"{SPOOL_VOLUME}-{pod_name(relay, ordinal)}"
+
+
+def claim_ordinal(relay: str, claim: str) -> int | None:
+    """The ordinal of a spool claim name of this relay; None if it is not one."""
+    prefix = f"{SPOOL_VOLUME}-"
+    return pod_ordinal(relay, claim.removeprefix(prefix)) if claim.startswith(prefix) else None
+
+
+def pod_dns_name(relay: str, ordinal: int, namespace: str, cluster_domain: str = "cluster.local") -> str:
+    """A StatefulSet pod's own DNS name through the headless Service (stable across restarts)."""
+    return f"{pod_name(relay, ordinal)}.{headless_service_name(relay)}.{namespace}.svc.{cluster_domain}"
+
+
+def drain_job_name(relay: str, ordinal: int, claim_uid: str) -> str:
+    """The Job that empties the spool claim of a removed ordinal (one per claim: its uid)."""
+    return f"{relay}-drain-{ordinal}-{claim_uid.replace('-', '')[:8]}"
 
 
 def pdb_name(relay: str) -> str:

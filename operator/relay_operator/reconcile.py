@@ -41,8 +41,18 @@ reported back as a retry. Status bodies come from `conditions`; `_write_status` 
 that writes them (merge patch of ``/status``, only when they change) and posts the Events of
 conditions that turned bad (Warning, once per new reason or message) or recovered.
 
+A lower ``spec.replicas`` is carried out by the same pass (`scaledown` decides, see there): the
+pods' queues are read (`queues.QueueProbe`, GET /queue on each pod's IP) into ``status.queue``;
+while the highest ordinals drain, the ConfigMap names them in ``drain`` and the StatefulSet keeps
+its size; it is lowered once they report empty (or the drain timeout gave up); spool claims of
+removed pods are deleted once verified empty, or emptied by a drain Job first. Each relay's
+hand-off Secret is created once with a random credential and never rewritten (the running pods
+hold it). `RelayOutcome.busy` asks the caller for another pass soon while that goes on.
+
 Called by `handlers` (kopf and the operator's resync loop) with a `k8s.KubeApi`. Holds no state
-between passes. Deletes nothing but a StatefulSet it recreates (with Orphan propagation).
+between passes (the scale-down's start and the claims verified empty are in the MailRelay's
+status). Deletes a StatefulSet it recreates (with Orphan propagation) and spool claims verified
+empty (by uid); nothing else.
 """
 
 from __future__ import annotations
@@ -51,27 +61,33 @@ import copy
 import hashlib
 import json
 import re
+import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from relay_operator import builders, conditions, naming
+from relay_operator import builders, conditions, naming, scaledown
 from relay_operator.k8s import (
+    JOBS,
     MAILRELAYS,
     PERSISTENTVOLUMECLAIMS,
+    PODS,
     RELAYROUTES,
     SECRETS,
     STATEFULSETS,
     STORAGECLASSES,
+    AlreadyExists,
     Conflict,
     Forbidden,
     Invalid,
     KubeApi,
+    NotFound,
     Resource,
     resource_for,
 )
+from relay_operator.queues import QueueProbe, QueueReport
 from relay_operator.spec import InvalidSpec
 from relay_operator.topology import (
     NamespacePlan,
@@ -103,6 +119,7 @@ class RelayOutcome:
     changes: tuple[str, ...] = ()  # "created ConfigMap edge-config", "updated StatefulSet edge"
     retry: str | None = None  # set when the pass should be repeated soon (a Secret is missing)
     problems: tuple[Problem, ...] = ()
+    busy: bool = False  # a scale-down is under way: poll again soon (not an error)
 
 
 @dataclass(frozen=True)
@@ -114,6 +131,10 @@ class NamespaceOutcome:
     @property
     def retry_reasons(self) -> dict[str, str]:
         return {name: outcome.retry for name, outcome in self.relays.items() if outcome.retry}
+
+    @property
+    def busy(self) -> bool:
+        return any(outcome.busy for outcome in self.relays.values())
 
 
 def _utcnow() -> datetime:
@@ -128,9 +149,11 @@ def reconcile_namespace(
     cluster_domain: str = "cluster.local",
     options: builders.BuildOptions | None = None,
     now: Callable[[], datetime] = _utcnow,
+    probe: QueueProbe | None = None,
 ) -> NamespaceOutcome:
     """Converge the MailRelays named in `relays` (all when None) and every RelayRoute status of
-    `namespace`. Raises `k8s.KubeError` when the API fails (the caller retries)."""
+    `namespace`. `probe` reads each pod's queue (None: no pod is asked, every report says so).
+    Raises `k8s.KubeError` when the API fails (the caller retries)."""
     relay_bodies = [b for b in api.list(MAILRELAYS, namespace) if not _deleting(b)]
     route_bodies = [b for b in api.list(RELAYROUTES, namespace) if not _deleting(b)]
     plan = plan_namespace(namespace, relay_bodies, route_bodies, resolver=cluster_resolver(cluster_domain))
@@ -138,7 +161,8 @@ def reconcile_namespace(
     for body in relay_bodies:
         name = body["metadata"]["name"]
         if relays is None or name in relays:
-            outcomes[name] = _reconcile_relay(api, body, plan, options or builders.BuildOptions(), now())
+            context = _Pass(options or builders.BuildOptions(), now(), cluster_domain, probe)
+            outcomes[name] = _reconcile_relay(api, body, plan, context)
     _reconcile_routes(api, route_bodies, plan, now())
     return NamespaceOutcome(namespace, outcomes, len(relay_bodies))
 
@@ -154,6 +178,16 @@ class _Announced:
     bad: str
     recovery: bool = False  # also a Normal Event when it stops being bad
     quiet: frozenset[str] = frozenset()  # reasons that are progress, not problems
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What every relay of one pass shares."""
+
+    options: builders.BuildOptions
+    now: datetime
+    cluster_domain: str = "cluster.local"
+    probe: QueueProbe | None = None
 
 
 _RELAY_ANNOUNCED = (
@@ -232,37 +266,196 @@ class _Applied:
     retry: list[str] = field(default_factory=list)
 
 
-def _reconcile_relay(
-    api: KubeApi, body: JSON, plan: NamespacePlan, options: builders.BuildOptions, now: datetime
-) -> RelayOutcome:
+def _reconcile_relay(api: KubeApi, body: JSON, plan: NamespacePlan, context: _Pass) -> RelayOutcome:
     namespace, name = body["metadata"].get("namespace", plan.namespace), body["metadata"]["name"]
     relay_plan = plan.relays.get(name)
     target: RelayPlan | InvalidSpec = relay_plan if relay_plan is not None else plan.invalid_relays[name]
     extra: list[Problem] = []
     applied = _Applied()
     retry: list[str] = []
+    decision: scaledown.Decision | None = None
+    reports: list[QueueReport] = []
+    statefulset = api.get(STATEFULSETS, namespace, naming.statefulset_name(name))
+    if statefulset is not None and not _controlled_by(statefulset, body):
+        statefulset = None
     if relay_plan is not None:
         extra += secret_problems(relay_plan, _secret_keys(api, namespace))
         retry += [p.message for p in extra if p.reason == "SecretMissing"]
         if relay_plan.valid and not any(p.severity == "error" for p in extra):
-            applied = _apply_children(api, body, relay_plan, options)
+            decision, reports = _scale_down(api, body, relay_plan, statefulset, context)
+            _ensure_handoff_secret(api, body, relay_plan, applied)
+            applied = _apply_children(api, body, relay_plan, context.options, decision.drain, applied)
+            _apply_scale_down(api, body, relay_plan, context.options, decision, applied)
             retry += applied.retry
-    statefulset = api.get(STATEFULSETS, namespace, naming.statefulset_name(name))
-    if statefulset is not None and not _controlled_by(statefulset, body):
-        statefulset = None
+            statefulset = api.get(STATEFULSETS, namespace, naming.statefulset_name(name))
+            if statefulset is not None and not _controlled_by(statefulset, body):
+                statefulset = None
     status = conditions.mailrelay_status(
         target,
         previous=body.get("status") or {},
         statefulset=statefulset,
-        now=now,
+        now=context.now,
         extra_problems=extra,
         apply_problems=applied.problems,
+        draining=decision.condition if decision is not None else None,
+        queue=conditions.queue_status(reports) if decision is not None else None,
+        scale_down=decision.status if decision is not None else None,
     )
+    if decision is None:  # an unusable spec keeps the last queue and scale-down bookkeeping
+        previous = body.get("status") or {}
+        for key in ("queue", "scaleDown"):
+            if key in previous:
+                status[key] = previous[key]
+        previous_draining = conditions.find_condition(previous.get("conditions"), "Draining")
+        if previous_draining is not None:
+            status["conditions"].append(dict(previous_draining))
     _write_status(api, MAILRELAYS, body, namespace, status, _RELAY_ANNOUNCED)
     if applied.changes:
         api.post_event(body, type_="Normal", reason="Applied", message="; ".join(applied.changes))
+    for event in decision.events if decision is not None else ():
+        api.post_event(body, type_=event.type, reason=event.reason, message=event.message)
     problems = (*(relay_plan.problems if relay_plan else ()), *extra, *applied.problems)
-    return RelayOutcome(name, tuple(applied.changes), "; ".join(retry) or None, problems)
+    busy = decision is not None and decision.busy
+    return RelayOutcome(name, tuple(applied.changes), "; ".join(retry) or None, problems, busy)
+
+
+# --------------------------------------------------------------------------- scale-down
+
+
+def _scale_down(
+    api: KubeApi, owner: JSON, plan: RelayPlan, statefulset: Mapping[str, Any] | None, context: _Pass
+) -> tuple[scaledown.Decision, list[QueueReport]]:
+    """Read what `scaledown.decide` needs (pods and their queues, spool claims, drain Jobs)."""
+    namespace, name = plan.relay.key.namespace, plan.relay.key.name
+    selector = naming.selector_string(name)
+    pods: dict[int, JSON] = {}
+    for pod in api.list(PODS, namespace, selector):
+        ordinal = naming.pod_ordinal(name, pod["metadata"]["name"])
+        if ordinal is not None and not _deleting(pod):
+            pods[ordinal] = pod
+    reports: list[QueueReport] = []
+    for _ordinal, pod in sorted(pods.items()):
+        pod_name = pod["metadata"]["name"]
+        ip = (pod.get("status") or {}).get("podIP")
+        if context.probe is None:
+            reports.append(QueueReport.failed(pod_name, "the operator does not read pod queues"))
+        elif not ip:
+            reports.append(QueueReport.failed(pod_name, "the pod has no IP yet"))
+        else:
+            reports.append(context.probe(pod_name, str(ip), plan.context.metrics_port))
+    claims = []
+    for claim in api.list(PERSISTENTVOLUMECLAIMS, namespace, selector):
+        ordinal = naming.claim_ordinal(name, claim["metadata"]["name"])
+        if ordinal is not None:
+            claims.append(
+                scaledown.Claim(
+                    claim["metadata"]["name"], claim["metadata"]["uid"], ordinal, _deleting(claim)
+                )
+            )
+    jobs: dict[str, scaledown.JobState] = {}
+    if any(c.ordinal >= plan.relay.spec.replicas for c in claims):
+        for job in api.list(JOBS, namespace, selector):
+            uid = (job["metadata"].get("annotations") or {}).get(naming.CLAIM_UID_ANNOTATION)
+            if uid and _controlled_by(job, owner):
+                jobs[uid] = _job_state(job)
+    spec = plan.relay.spec
+    live = (statefulset or {}).get("spec", {}).get("replicas") if statefulset is not None else None
+    decision = scaledown.decide(
+        scaledown.Inputs(
+            relay=name,
+            namespace=namespace,
+            desired=spec.replicas,
+            live_replicas=int(live) if live is not None else None,
+            pods=frozenset(pods),
+            reports={r.pod: r for r in reports},
+            claims=claims,
+            jobs=jobs,
+            previous=(owner.get("status") or {}).get("scaleDown"),
+            drain_timeout=spec.scale_down.drain_timeout,
+            removed_claims=spec.scale_down.removed_claims,
+            now=context.now,
+            cluster_domain=context.cluster_domain,
+        )
+    )
+    return decision, reports
+
+
+def _job_state(job: Mapping[str, Any]) -> scaledown.JobState:
+    status = job.get("status") or {}
+    for entry in status.get("conditions") or []:
+        if entry.get("status") == "True" and entry.get("type") in ("Complete", "SuccessCriteriaMet"):
+            return "succeeded"
+        if entry.get("status") == "True" and entry.get("type") in ("Failed", "FailureTarget"):
+            return "failed"
+    return "succeeded" if int(status.get("succeeded") or 0) > 0 else "running"
+
+
+def _ensure_handoff_secret(api: KubeApi, owner: JSON, plan: RelayPlan, applied: _Applied) -> None:
+    """Create the relay's hand-off Secret once; an existing one is kept as it is (its
+    credential is what the running pods hold), one owned by someone else is a conflict."""
+    namespace = plan.relay.key.namespace
+    name = naming.handoff_secret_name(plan.relay.key.name)
+    subject = ObjectRef(naming.MAILRELAY_KIND, namespace, plan.relay.key.name)
+    live = api.get(SECRETS, namespace, name)
+    if live is not None:
+        if not _controlled_by(live, owner):
+            applied.problems.append(
+                Problem(subject, "ObjectConflict", _conflict_message(f"Secret {name}", live))
+            )
+        return
+    manifest = builders.build_handoff_secret(
+        plan, secrets.token_urlsafe(32), owners=[builders.owner_reference(owner)]
+    )
+    try:
+        api.create(SECRETS, namespace, manifest)
+    except AlreadyExists:
+        return
+    except (Forbidden, Invalid) as exc:
+        message = f"Secret {name}: the API server refused the write: {exc}"
+        applied.problems.append(Problem(subject, "ApiRejected", message))
+        applied.retry.append(message)
+        return
+    applied.changes.append(f"created Secret {name}")
+
+
+def _apply_scale_down(
+    api: KubeApi,
+    owner: JSON,
+    plan: RelayPlan,
+    options: builders.BuildOptions,
+    decision: scaledown.Decision,
+    applied: _Applied,
+) -> None:
+    """Delete the claims verified empty (by uid) and start the drain Jobs the decision asks for."""
+    namespace = plan.relay.key.namespace
+    subject = ObjectRef(naming.MAILRELAY_KIND, namespace, plan.relay.key.name)
+    for claim in decision.delete_claims:
+        try:
+            api.delete(PERSISTENTVOLUMECLAIMS, namespace, claim.name, preconditions={"uid": claim.uid})
+        except Conflict:
+            continue  # another claim of that name now: it was not verified
+        except Forbidden as exc:
+            applied.problems.append(Problem(subject, "ApiRejected", f"deleting {claim.name}: {exc}"))
+            continue
+        applied.changes.append(f"deleted PersistentVolumeClaim {claim.name} (verified empty)")
+    if decision.job_target is None:
+        return
+    owners = [builders.owner_reference(owner)]
+    for claim in decision.start_jobs:
+        live = api.get(PERSISTENTVOLUMECLAIMS, namespace, claim.name)
+        if live is None or live["metadata"].get("uid") != claim.uid:
+            continue
+        job = builders.build_drain_job(plan, options, claim.ordinal, live, decision.job_target, owners)
+        try:
+            api.create(JOBS, namespace, job)
+        except AlreadyExists:
+            continue
+        except (Forbidden, Invalid, NotFound) as exc:
+            message = f"Job {job['metadata']['name']}: the API server refused the write: {exc}"
+            applied.problems.append(Problem(subject, "ApiRejected", message))
+            applied.retry.append(message)
+            continue
+        applied.changes.append(f"created Job {job['metadata']['name']} to drain {claim.name}")
 
 
 # --------------------------------------------------------------------------- children
@@ -394,11 +587,19 @@ def _merge_live(desired: JSON, live: Mapping[str, Any]) -> tuple[JSON, list[str]
     return body, blocked
 
 
-def _apply_children(api: KubeApi, owner: JSON, plan: RelayPlan, options: builders.BuildOptions) -> _Applied:
+def _apply_children(
+    api: KubeApi,
+    owner: JSON,
+    plan: RelayPlan,
+    options: builders.BuildOptions,
+    drain: builders.Drain | None = None,
+    applied: _Applied | None = None,
+) -> _Applied:
     """Create or replace every child; a write the server refuses is recorded, not raised."""
-    applied = _Applied()
+    applied = applied if applied is not None else _Applied()
     subject = ObjectRef(naming.MAILRELAY_KIND, plan.relay.key.namespace, plan.relay.key.name)
-    for manifest in builders.build_objects(plan, options, owners=[builders.owner_reference(owner)]):
+    owners = [builders.owner_reference(owner)]
+    for manifest in builders.build_objects(plan, options, owners=owners, drain=drain):
         label = f"{manifest['kind']} {manifest['metadata']['name']}"
         try:
             _apply(api, owner, manifest, subject, applied)

@@ -59,6 +59,13 @@ def _seconds(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
     callback=_seconds,
     help="First retry delay after a temporary failure (a Secret that does not exist yet); doubles.",
 )
+@click.option(
+    "--drain-poll",
+    default="5s",
+    show_default=True,
+    callback=_seconds,
+    help="How often a namespace is reconciled while a scale-down drains pods (their GET /queue).",
+)
 @click.option("--cluster-domain", default="cluster.local", show_default=True, help="DNS suffix of Services.")
 @click.option("--image", default=None, help="Relay image for the pods (default: this version's image).")
 @click.option(
@@ -87,6 +94,7 @@ def operator_command(
     priority: int,
     resync_interval: float,
     retry_delay: float,
+    drain_poll: float,
     cluster_domain: str,
     image: str | None,
     image_pull_policy: str | None,
@@ -123,6 +131,7 @@ def operator_command(
     options = handlers.OperatorOptions(
         resync_interval=resync_interval,
         retry_delay=retry_delay,
+        drain_poll=drain_poll,
         kubeconfig=kubeconfig,
         cluster_domain=cluster_domain,
         build=builders.BuildOptions(

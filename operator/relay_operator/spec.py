@@ -240,6 +240,35 @@ class ResourcesSpec(_Spec):
     limits: dict[str, str | int] = {}
 
 
+class ScaleDownSpec(_Spec):
+    """How a lower `replicas` is carried out (issue 14): the pods that go first drain their
+    queue to the pods that stay; `drainTimeout` is how long the operator waits for that before
+    it removes them anyway and keeps their spool claims; `removedClaims` says what happens to
+    the spool claim of a removed ordinal once it is verified empty."""
+
+    drain_timeout: str = "1h"
+    removed_claims: Literal["Delete", "Retain"] = "Delete"
+
+    _timeout = field_validator("drain_timeout", mode="before")(_duration)
+
+
+class ShutdownSpec(_Spec):
+    """A pod that stops (rolling restart, node drain): its preStop waits `endpointRemovalDelay`
+    for the endpoint controllers and load balancers to stop sending it connections, then the
+    relay gets SIGTERM, stops accepting and finishes what is in flight within the grace period."""
+
+    endpoint_removal_delay: str = "5s"
+
+    _delay = field_validator("endpoint_removal_delay", mode="before")(_duration)
+
+    @field_validator("endpoint_removal_delay")
+    @classmethod
+    def _bounded(cls, value: str) -> str:
+        if parse_duration(value) > 300:
+            raise ValueError(f"endpointRemovalDelay {value} is longer than 5m")
+        return value
+
+
 class MailRelaySpec(_Spec):
     replicas: int = Field(default=1, ge=0, le=100)
     hostname: str = Field(min_length=1, max_length=253, pattern=HOSTNAME_PATTERN)
@@ -264,6 +293,8 @@ class MailRelaySpec(_Spec):
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] | None = None  # None: the context's (json in pods, text under up)
+    scale_down: ScaleDownSpec = ScaleDownSpec()
+    shutdown: ShutdownSpec = ShutdownSpec()
 
     _domains = field_validator("accept_domains", mode="before")(
         lambda value: [_domain(v) for v in value] if isinstance(value, list) else value
@@ -290,6 +321,11 @@ class MailRelaySpec(_Spec):
         clashes = sorted({p for p in ports if ports.count(p) > 1})
         if clashes:
             raise ValueError(f"two listeners use the same port {', '.join(map(str, clashes))}")
+        if naming.HANDOFF_PORT in ports:
+            raise ValueError(
+                f"port {naming.HANDOFF_PORT} is where the relay pods hand their queues to each other; "
+                "use another listener port"
+            )
         for listener in self.listeners:
             if listener.tls != "none" and self.tls is None:
                 raise ValueError(

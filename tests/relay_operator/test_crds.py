@@ -47,7 +47,7 @@ def test_crd_names_and_subresources(kind: str) -> None:
             "statusReplicasPath": ".status.replicas",
             "labelSelectorPath": ".status.selector",
         }
-        assert columns == ["Ready", "Replicas", "Routes", "Age"]
+        assert columns == ["Ready", "Replicas", "Routes", "Queued", "Oldest", "Draining", "Age"]
     else:
         assert "scale" not in version["subresources"]
         assert columns == ["Priority", "Next hop", "Accepted", "Age"]
