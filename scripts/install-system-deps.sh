@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that provide the capabilities the tests and benchmarks use
 # (tests/doctor.py is the one list: swaks with Perl's Net::SSLeay for --tls, postfix with
-# smtp-source/smtp-sink, graphviz). It asks the doctor which capabilities are missing, so a
-# machine that has a binary without what it needs (swaks without TLS) gets the package too.
-# Today that can be: swaks libnet-ssleay-perl postfix graphviz (the table in tests/doctor.py
-# decides; this line only names them). Idempotent; the helm binary is scripts/install-helm.sh's.
+# smtp-source/smtp-sink, graphviz, prometheus for promtool). It asks the doctor which
+# capabilities are missing, so a machine that has a binary without what it needs (swaks without
+# TLS) gets the package too. Today that can be: swaks libnet-ssleay-perl postfix graphviz
+# prometheus (the table in tests/doctor.py decides; this line only names them). Idempotent; the helm binary is scripts/install-helm.sh's.
 set -euo pipefail
 python=${1:-.venv/bin/python}
 mapfile -t need < <("$python" -m tests.doctor --debian-packages)

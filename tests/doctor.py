@@ -152,6 +152,13 @@ CAPABILITIES: tuple[Capability, ...] = (
         ),
     ),
     Capability(
+        "promtool",
+        "tests/relay_operator/test_autoscaling_examples.py (the examples' PromQL parses)",
+        "Debian package prometheus (it ships /usr/bin/promtool)",
+        ("prometheus",),
+        lambda: _run(["promtool", "--version"], expect=lambda out: b"promtool, version" in out),
+    ),
+    Capability(
         "helm",
         "tests/project/test_chart.py (helm lint and template)",
         "scripts/install-helm.sh (make system-deps)",

@@ -477,19 +477,21 @@ def build_drain_job(
     plan: RelayPlan,
     options: BuildOptions,
     ordinal: int,
-    claim: Mapping[str, Any],
+    claim: tuple[str, str],
     target: tuple[str, int],
     owners: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """A short-lived Job that mounts the spool claim of a removed pod and hands every message
     in it to `target` (a remaining pod's hand-off port) with ``mailrelay drain``; it exits 0
-    only when the spool is empty, so its success is what allows the claim to be deleted."""
+    only when the spool is empty, so its success is what allows the claim to be deleted.
+    `claim` is the claim's (name, uid): the Job carries the uid, a claim recreated under the
+    same name is not the one it emptied."""
     assert plan.config is not None, "no config rendered; see problems"
     spec = plan.relay.spec
     name = plan.relay.key.name
-    claim_meta = claim["metadata"]
-    job_name = naming.drain_job_name(name, ordinal, str(claim_meta["uid"]))
-    metadata = _metadata(plan, job_name, owners, {naming.CLAIM_UID_ANNOTATION: str(claim_meta["uid"])})
+    claim_name, claim_uid = claim
+    job_name = naming.drain_job_name(name, ordinal, claim_uid)
+    metadata = _metadata(plan, job_name, owners, {naming.CLAIM_UID_ANNOTATION: claim_uid})
     container: dict[str, Any] = {
         "name": "drain",
         "image": spec.image or options.image,
@@ -526,7 +528,7 @@ def build_drain_job(
         "securityContext": {k: v for k, v in _pod_security_context(plan).items() if k != "sysctls"},
         "containers": [container],
         "volumes": [
-            {"name": naming.SPOOL_VOLUME, "persistentVolumeClaim": {"claimName": claim_meta["name"]}},
+            {"name": naming.SPOOL_VOLUME, "persistentVolumeClaim": {"claimName": claim_name}},
             {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
             _handoff_volume(plan),
         ],

@@ -442,10 +442,9 @@ def _apply_scale_down(
         return
     owners = [builders.owner_reference(owner)]
     for claim in decision.start_jobs:
-        live = api.get(PERSISTENTVOLUMECLAIMS, namespace, claim.name)
-        if live is None or live["metadata"].get("uid") != claim.uid:
-            continue
-        job = builders.build_drain_job(plan, options, claim.ordinal, live, decision.job_target, owners)
+        job = builders.build_drain_job(
+            plan, options, claim.ordinal, (claim.name, claim.uid), decision.job_target, owners
+        )
         try:
             api.create(JOBS, namespace, job)
         except AlreadyExists:

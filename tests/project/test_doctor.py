@@ -60,7 +60,7 @@ def test_the_installer_is_asked_for_the_packages_of_missing_capabilities(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(doctor, "status", lambda name: Result(name in {"swaks", "postfix", "smtp-sink"}, ""))
-    assert doctor.missing_debian_packages() == ["libnet-ssleay-perl", "postfix", "graphviz"]
+    assert doctor.missing_debian_packages() == ["libnet-ssleay-perl", "postfix", "graphviz", "prometheus"]
 
 
 def test_every_required_capability_is_here() -> None:

@@ -149,6 +149,8 @@ class OperatorProcess:
             "3s",
             "--retry-delay",
             "1s",
+            "--drain-poll",
+            "1s",
             "--image",
             OPERATOR_IMAGE,
             "--image-pull-policy",

@@ -17,13 +17,15 @@ event loop); every step writes only what differs, so rounds stop when the world 
   counts only when non-zero (the API omits zeros), ``currentRevision`` (moved to
   ``updateRevision`` once every pod is updated and ready), ``updateRevision``,
   ``collisionCount: 0``.
-- kubelet: a new pod (no status yet) becomes Running and Ready at once, except in the
-  emulator's ``unready_namespaces``, where it stays Pending until a test writes its status.
+- kubelet: a new pod (no status yet) becomes Running and Ready at once with an IP of its own in
+  127.244.0.0/16 (loopback: nothing reaches another machine), except in the emulator's
+  ``unready_namespaces``, where it stays Pending until a test writes its status.
 - provisioner and resizer: a new claim whose StorageClass exists is Bound with the capacity it
   asks for; a Bound claim asking for more than its capacity gets it once its class allows
   expansion (as if the CSI driver had grown the volume online).
 
-Not modelled: ControllerRevision objects (the revision is a hash of the template), pod
+Not modelled: Jobs (no Job controller: a test that needs one run plays it and writes the Job's
+status), ControllerRevision objects (the revision is a hash of the template), pod
 deletion grace periods (a pod goes at once), ``minReadySeconds``, ``maxUnavailable`` other than
 one, ``OnDelete`` beyond doing nothing, scheduling and nodes, conditions on the StatefulSet.
 """
@@ -246,13 +248,29 @@ def _kubelet(emulator: KubernetesApiEmulator, key: ObjKey, pod: JSON) -> None:
     else:
         new["status"] = {
             "phase": "Running",
-            "podIP": "10.244.0.10",
+            "podIP": pod_ip(emulator, pod),
             "conditions": [
                 {"type": kind, "status": "True"}
                 for kind in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
             ],
         }
     emulator._replace(_rt(emulator, "", "pods"), key, new)
+
+
+def pod_ip(emulator: KubernetesApiEmulator, pod: JSON) -> str:
+    """An address of its own for a new pod, in 127.244.0.0/16: on loopback, so that an operator
+    that asks a pod something (GET /queue) never sends a packet off this machine; nothing
+    listens there unless a test starts a server standing in for the pod."""
+    taken = {
+        (other.get("status") or {}).get("podIP")
+        for key, other in emulator.objects.items()
+        if key[:2] == ("", "pods") and other is not pod
+    }
+    for index in range(1, 65535):
+        address = f"127.244.{index // 256}.{index % 256}"
+        if index % 256 and address not in taken:
+            return address
+    raise RuntimeError("no pod address left in 127.244.0.0/16")
 
 
 def _provision(emulator: KubernetesApiEmulator, key: ObjKey, claim: JSON) -> None:

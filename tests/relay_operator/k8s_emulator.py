@@ -61,7 +61,9 @@ What it emulates (each is checked in test_emulator.py):
 - controllers (k8s_controllers, on unless `controllers=False`): a StatefulSet controller that
   makes pods and claims from the template, rolls revisions and writes status as the real one
   does (zero counts omitted), a kubelet that makes new pods Ready (not in
-  `unready_namespaces`), a provisioner and resizer for claims; `unmanaged_namespaces` opts a
+  `unready_namespaces`; each pod gets an IP of its own in 127.244.0.0/16, on loopback, so that
+  anything reading a pod's endpoints never leaves this machine), a provisioner and resizer for
+  claims; no Job controller (a test that needs a Job run plays it); `unmanaged_namespaces` opts a
   namespace out, for tests that write StatefulSet status themselves.
 
 What it does not model. Refused with an error: server-side apply and strategic merge patch (415).
@@ -184,6 +186,7 @@ BUILTIN_TYPES = [
         "apps", "v1", "deployments", "Deployment", status=True, scale=ScalePaths(label_selector=None)
     ),
     ResourceType("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", status=True),
+    ResourceType("batch", "v1", "jobs", "Job", status=True),
     ResourceType(
         "storage.k8s.io", "v1", "storageclasses", "StorageClass", namespaced=False, short_names=("sc",)
     ),
@@ -616,6 +619,15 @@ class KubernetesApiEmulator:
         if rt.key == NAMESPACE_KEY:
             obj.setdefault("spec", {})["finalizers"] = ["kubernetes"]
             obj["status"] = {"phase": "Active"}
+        if rt.key == ("batch", "jobs"):  # the generated selector (no manualSelector)
+            generated = {
+                "batch.kubernetes.io/controller-uid": meta["uid"],
+                "batch.kubernetes.io/job-name": meta["name"],
+            }
+            spec = obj.setdefault("spec", {})
+            spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": meta["uid"]}}
+            template_meta = spec.setdefault("template", {}).setdefault("metadata", {})
+            template_meta["labels"] = {**(template_meta.get("labels") or {}), **generated}
         key = (rt.group, rt.plural, meta.get("namespace", "") if rt.namespaced else "", meta["name"])
         self.objects[key] = obj
         self._notify(rt, "ADDED", obj, None)
@@ -979,6 +991,8 @@ class KubernetesApiEmulator:
                             + " are forbidden"
                         ],
                     )
+        elif rt.key == ("batch", "jobs"):
+            self._job_rules(rt, obj, old)
         elif rt.key == ("", "services"):
             self._service_allocations(rt, obj, old)
         elif rt.key == ("", "persistentvolumeclaims"):
@@ -1042,6 +1056,22 @@ class KubernetesApiEmulator:
     def _node_port(self) -> int:
         self._ips += 1
         return 30000 + self._ips % 2768
+
+    def _job_rules(self, rt: ResourceType, obj: JSON, old: JSON | None) -> None:
+        """What the Job API does to a Job: on create, the generated selector on the object's uid
+        and its labels on the pod template (``manualSelector`` is not emulated); afterwards the
+        template and the selector are immutable."""
+        name = obj["metadata"]["name"]
+        spec = obj.setdefault("spec", {})
+        if old is None:  # the selector on the uid is added when the uid exists (_store)
+            spec.setdefault("backoffLimit", 6)
+            spec.setdefault("completions", 1)
+            spec.setdefault("parallelism", 1)
+            return
+        old_spec = old.get("spec") or {}
+        for key in ("template", "selector", "completions"):
+            if key in old_spec and spec.get(key, old_spec[key]) != old_spec[key]:
+                raise _invalid(rt, name, [f"spec.{key}: Invalid value: field is immutable"])
 
     def _claim_rules(self, rt: ResourceType, obj: JSON, old: JSON | None) -> None:
         """PersistentVolumeClaims: the DefaultStorageClass admission plugin on create; on update

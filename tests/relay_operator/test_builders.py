@@ -225,7 +225,7 @@ def test_services_and_disruption_budget() -> None:
     assert client["metadata"]["annotations"] == {"lb.example/internal": "true"}
     headless = objects["Service/headless"]
     assert headless["spec"]["clusterIP"] == "None"
-    assert [p["name"] for p in headless["spec"]["ports"]] == ["smtp", "smtps", "api", "metrics"]
+    assert [p["name"] for p in headless["spec"]["ports"]] == ["smtp", "smtps", "api", "metrics", "handoff"]
     assert objects["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
     statefulset = objects["StatefulSet"]["spec"]
     assert statefulset["serviceName"] == "edge-headless"

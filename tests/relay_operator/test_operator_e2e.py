@@ -30,6 +30,7 @@ from tests.relay_operator.conftest import (
 )
 from tests.relay_operator.crd_tools import operator_rules
 from tests.relay_operator.k8s_emulator import EmulatorThread, KubernetesApiEmulator
+from tests.relay_operator.test_operator_drain import force_claim_drain
 
 MERGE = "application/merge-patch+json"
 PODS = k8s.Resource("v1", "pods", "Pod")
@@ -712,8 +713,9 @@ def test_the_operator_needs_exactly_its_rbac_rules(
     the emulator answers 403 to anything else, and enforces OwnerReferencesPermissionEnforcement
     (blockOwnerDeletion needs `update` on mailrelays/finalizers). Here it also repairs drift of
     every kind of child (a PUT each) and grows the spool volumes (claims listed and patched, the
-    StorageClass read, the StatefulSet deleted and created again), so afterwards every granted
-    verb has been used: no rule is superfluous."""
+    StorageClass read, the StatefulSet deleted and created again), creates a hand-off Secret and
+    scales down through a drain Job (pods and Jobs listed, a Job created, a claim deleted), so
+    afterwards every granted verb has been used: no rule is superfluous."""
     secret = {"metadata": {"name": "edge-tls"}, "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5"}}
     kube.create(k8s.SECRETS, namespace, {"apiVersion": "v1", "kind": "Secret", **secret})
     listeners = [{"name": "smtp", "port": 2525, "mode": "relay", "tls": "starttls"}]
@@ -746,6 +748,11 @@ def test_the_operator_needs_exactly_its_rbac_rules(
     operator_process.until(repaired, "the resync to restore every child")
     kube.merge_patch(k8s.MAILRELAYS, namespace, "edge", {"spec": {"queue": {"storage": {"size": "2Gi"}}}})
     operator_process.until(lambda: template_size(kube, namespace) == "2Gi", "the spool volumes to grow")
+    # A scale-down whose drain times out: pods listed (their queues), a drain Job listed and
+    # created for the removed pod's claim, the claim deleted once the Job succeeded.
+    other = f"{namespace}-drain"
+    assert http("POST", "/api/v1/namespaces", {"metadata": {"name": other}})[0] == 201
+    force_claim_drain(kube, other, operator_process)
     assert emulator.call(lambda: [d for d in emulator.emulator.denied if d[0] == OPERATOR_TOKEN]) == []
     granted = _granted(operator_rules(all_namespaces=True, peering=False)[0])
     assert _used(emulator) == granted

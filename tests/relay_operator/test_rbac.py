@@ -38,7 +38,7 @@ def test_rules_are_valid_policy_rules(version: str) -> None:
         kubernetes_validate.validate(role, version, strict=True)
 
 
-def test_no_wildcards_one_delete_and_no_secret_reading_beyond_get() -> None:
+def test_no_wildcards_two_deletes_and_no_secret_reading_beyond_get() -> None:
     deletable = set()
     for scope in RBAC:
         for rule in RBAC[scope]:
@@ -48,10 +48,14 @@ def test_no_wildcards_one_delete_and_no_secret_reading_beyond_get() -> None:
                 deletable |= {
                     (group, resource) for group in rule["apiGroups"] for resource in rule["resources"]
                 }
-    # Only StatefulSets, recreated with Orphan propagation to grow their spool claims.
-    assert deletable == {("apps", "statefulsets")}
-    assert allowed("", "secrets") == {"get"}
-    assert allowed("", "persistentvolumeclaims") == {"list", "patch"}
+    # StatefulSets, recreated with Orphan propagation to grow their spool claims, and the spool
+    # claims of removed pods once verified empty (issue 14). Secrets: read by name, and the
+    # hand-off Secret created (never listed, watched or updated).
+    assert deletable == {("apps", "statefulsets"), ("", "persistentvolumeclaims")}
+    assert allowed("", "secrets") == {"get", "create"}
+    assert allowed("", "persistentvolumeclaims") == {"list", "patch", "delete"}
+    assert allowed("", "pods") == {"list"}
+    assert allowed("batch", "jobs") == {"list", "create"}
     assert allowed("storage.k8s.io", "storageclasses", "cluster") == {"get"}
     assert "scale" not in str(RBAC)
 
