@@ -171,6 +171,15 @@ class ProxyProtocolConfig(_Model):
     _networks = field_validator("trusted_from", mode="before")(_parse_networks)
 
 
+class SenderLimits(_Model):
+    """Abuse caps per sender on one listener (relay.core.throttle.sender_cap): messages each
+    authenticated user (else each MAIL FROM domain) may start per minute and per hour, held
+    across the worker processes; over the cap MAIL is answered 450 4.7.0."""
+
+    messages_per_minute: int | None = Field(default=None, ge=1)
+    messages_per_hour: int | None = Field(default=None, ge=1)
+
+
 class ListenerConfig(_Model):
     """One listener. `mode` relay is an MTA (port 25); submission is an MSA (RFC 6409); http is
     the HTTP submission API (relay.http_api: bearer tokens from `api.tokensFile`, tls none or
@@ -183,6 +192,7 @@ class ListenerConfig(_Model):
     tls: TlsMode = "none"
     auth: AuthMode = "none"
     proxy_protocol: ProxyProtocolConfig | None = None
+    sender_limits: SenderLimits | None = None
 
     @model_validator(mode="after")
     def _submission_needs_auth(self) -> ListenerConfig:

@@ -58,6 +58,7 @@ from relay.front_session import FrontSession
 from relay.handoff_server import HandoffSession, handoff_listener
 from relay.smtpd import SmtpdSession
 from relay.spool import Spool, SpoolError, SpoolFullError
+from relay.throttle import SenderCaps
 from relay.tls import TlsContexts
 from relay.users import UserDatabase
 
@@ -109,6 +110,7 @@ class Front:
         self.sessions: set[SmtpdSession] = set()
         self.stats = FrontStats()
         self.draining = False
+        self._sender_caps: SenderCaps | None = None
         self.auth_failure_delay = 0.5  # seconds, times the session's failure count (capped)
         self.tls_handshake_timeout = 30.0  # seconds, STARTTLS and implicit TLS alike
         self._idle = asyncio.Event()
@@ -117,6 +119,13 @@ class Front:
             log.warning("acceptDomains contains '*': ignored, it would make an open relay")
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def sender_caps(self) -> SenderCaps:
+        """The listeners' per-sender caps, in the table the workers share (made on first use)."""
+        if self._sender_caps is None:
+            self._sender_caps = SenderCaps()
+        return self._sender_caps
 
     @property
     def addresses(self) -> dict[str, tuple[str, int]]:

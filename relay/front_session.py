@@ -49,6 +49,7 @@ from relay.core.smtp_syntax import (
     valid_helo,
 )
 from relay.core.status import Reply
+from relay.core.throttle import sender_key
 from relay.smtpd import SmtpdSession
 from relay.spool import new_queue_id
 from relay.tls import describe
@@ -303,6 +304,14 @@ class FrontSession(SmtpdSession):
             log.info("session %s: MAIL refused: <%s> not owned by %s", self.client_ip, path.address, login)
             await self.reply(not_owned(path.address, login))
             return
+        caps = self.listener.sender_limits
+        if caps is not None:
+            key = sender_key(login, path.address)
+            if not self.front.sender_caps.allow(self.listener.name, caps, key):
+                metrics.REJECTED.labels("sender_rate").inc()
+                log.info("session %s: MAIL refused: sender cap of %s reached", self.client_ip, key)
+                await self.reply(status.SENDER_RATE_LIMITED)
+                return
         self._mail = path
         self._mail_params = params
         self._queue_id = new_queue_id()

@@ -19,6 +19,9 @@ connections in use per destination: a route's ``connections`` is split over the 
 (`relay.core.throttle.per_worker`; the number of workers comes from ``MAILRELAY_WORKERS``),
 and backoff scales it down. A delivery that would wait longer than `MAX_WAIT` seconds is not
 held: its recipients are deferred with 451 4.7.0 and retried with the queue's backoff.
+
+`SenderCaps` keeps the per-sender caps of the listeners (``senderLimits``) in the same table:
+the front asks it before it accepts MAIL FROM and answers 450 4.7.0 over the cap.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from relay import metrics
-from relay.config import RouteConfig
+from relay.config import RouteConfig, SenderLimits
 from relay.core import throttle
 from relay.core.model import Disposition, RecipientOutcome
 from relay.core.throttle import Bucket
@@ -276,3 +279,22 @@ def _defer_reason(status: str) -> str:
     if status.startswith("4.7."):
         return "tls" if status in ("4.7.5", "4.7.10") else "policy"
     return "other"
+
+
+class SenderCaps:
+    """Per-sender abuse caps of the listeners (the front asks before it answers MAIL)."""
+
+    def __init__(self, table: SharedTable | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.table = table or SharedTable.from_environment()
+        self._clock = clock
+
+    def allow(self, listener: str, limits: SenderLimits, key: str) -> bool:
+        now = self._clock()
+
+        def count(buckets: list[Bucket]) -> tuple[list[Bucket], bool]:
+            after, allowed = throttle.sender_cap(
+                buckets[0], limits.messages_per_minute, limits.messages_per_hour, now
+            )
+            return [after], allowed
+
+        return self.table.transact([f"sender|{listener}|{key}"], count)

@@ -81,12 +81,20 @@ TlsMode = Literal["none", "starttls", "implicit"]
 AuthMode = Literal["none", "optional", "required"]
 
 
+class SenderLimitsSpec(_Spec):
+    """Per-sender abuse caps of a listener (rendered to relay.config.SenderLimits)."""
+
+    messages_per_minute: int | None = Field(default=None, ge=1)
+    messages_per_hour: int | None = Field(default=None, ge=1)
+
+
 class ListenerSpec(_Spec):
     name: str = Field(min_length=1, max_length=15, pattern=LISTENER_NAME_PATTERN)
     port: int = Field(ge=1, le=65535)
     mode: ListenerMode = "relay"
     tls: TlsMode = "none"
     auth: AuthMode = "none"
+    sender_limits: SenderLimitsSpec | None = None
 
     @model_validator(mode="after")
     def _submission_needs_auth(self) -> ListenerSpec:

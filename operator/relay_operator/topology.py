@@ -63,6 +63,7 @@ from relay.config import (
     RetryPolicyConfig,
     RouteConfig,
     RouteLimits,
+    SenderLimits,
     SmarthostHop,
     TlsConfig,
     WebhookGateway,
@@ -668,6 +669,9 @@ def _listener_config(listener: ListenerSpec, context: RenderContext, spec: MailR
         mode=listener.mode,
         tls=listener.tls,
         auth=listener.auth,
+        sender_limits=(
+            None if listener.sender_limits is None else SenderLimits(**listener.sender_limits.model_dump())
+        ),
         proxy_protocol=(
             ProxyProtocolConfig(
                 version=proxy.version,

@@ -33,6 +33,7 @@ class Reply:
 # ----------------------------------------------------------------------------- success
 OK = Reply(250, "2.0.0", "OK")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+SENDER_RATE_LIMITED = Reply(450, "4.7.0", "Too many messages from this sender; try again later")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 START_DATA = "354 End data with <CR><LF>.<CR><LF>"  # 3xx: no enhanced code (RFC 2034)
 QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}")

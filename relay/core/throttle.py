@@ -20,6 +20,10 @@ Each success after the pause raises the factor by `RECOVERY_STEP`, at most once 
 `RECOVERY_INTERVAL`, and halves the penalty: recovery takes several seconds of good answers,
 not one.
 
+Per-sender abuse caps on a listener (`sender_cap`): each authenticated user, else each MAIL
+FROM domain (`sender_key`), may start so many messages per minute and per hour; a cap allows a
+burst of its whole count, then one message per period/count.
+
 Pure: no clock (``now`` is passed in), no I/O.
 """
 
@@ -148,3 +152,39 @@ def connection_cap(limit: int, factor: float) -> int:
 def per_worker(connections: int, workers: int) -> int:
     """A route's ``connections`` split over the worker processes, at least one each."""
     return max(1, connections // max(1, workers))
+
+
+# --------------------------------------------------------------------------- per-sender caps
+
+
+def sender_key(login: str | None, mail_from: str) -> str:
+    """Whose budget a new message counts against: the authenticated user, else the domain of
+    the envelope sender (``<>`` for the null sender)."""
+    if login:
+        return f"user:{login}"
+    _local, at, domain = mail_from.rpartition("@")
+    return f"domain:{domain.lower()}" if at and domain else "domain:<>"
+
+
+def _cap(tat: float, now: float, count: int, period: float) -> tuple[float, bool]:
+    """A GCRA cap: `count` messages in any `period` (a burst of `count`, then one per
+    period/count); (new tat, allowed). A refused message takes nothing from the budget."""
+    after = max(tat, now) + period / count
+    return (after, True) if after - now <= period else (tat, False)
+
+
+def sender_cap(
+    bucket: Bucket, per_minute: int | None, per_hour: int | None, now: float
+) -> tuple[Bucket, bool]:
+    """Count one message against a sender's caps (per minute in `second_tat`, per hour in
+    `hour_tat`); False when either cap is reached (the front answers 450 4.7.0)."""
+    minute_tat, hour_tat = bucket.second_tat, bucket.hour_tat
+    if per_minute:
+        minute_tat, allowed = _cap(minute_tat, now, per_minute, 60.0)
+        if not allowed:
+            return bucket, False
+    if per_hour:
+        hour_tat, allowed = _cap(hour_tat, now, per_hour, 3600.0)
+        if not allowed:
+            return bucket, False
+    return replace(bucket, second_tat=minute_tat, hour_tat=hour_tat), True

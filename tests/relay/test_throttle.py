@@ -13,11 +13,12 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from relay.config import RouteConfig, RouteLimits
+from relay.config import RouteConfig, RouteLimits, SenderLimits
 from relay.core import throttle
 from relay.core.throttle import Bucket
 from relay.throttle import Limiter, SharedTable
 from tests.relay.apphelp import RelayRun, free_port, http_get, relay_to_sink_config, until, write_config
+from tests.relay.fronthelp import running_front, tls_config, write_users
 from tests.relay.smtpsink import SmtpSink
 
 
@@ -237,3 +238,68 @@ async def test_a_destination_answering_421_is_backed_off_and_recovers(
         assert re.search(r"asked to slow down \(421 4\.7\.0\)", run.log)
     finally:
         await sink.stop()
+
+
+# --------------------------------------------------------------------------- per-sender caps
+
+
+@pytest.mark.parametrize(
+    ("login", "mail_from", "key"),
+    [
+        ("alice", "x@y.test", "user:alice"),
+        (None, "a@Corp.Example", "domain:corp.example"),
+        (None, "", "domain:<>"),
+    ],
+)
+def test_sender_key(login: str | None, mail_from: str, key: str) -> None:
+    assert throttle.sender_key(login, mail_from) == key
+
+
+def test_sender_cap_allows_a_burst_of_its_count_then_one_per_share() -> None:
+    bucket, allowed = Bucket(), []
+    for _ in range(4):
+        bucket, ok = throttle.sender_cap(bucket, 3, None, 0.0)
+        allowed.append(ok)
+    assert allowed == [True, True, True, False]
+    assert throttle.sender_cap(bucket, 3, None, 19.0)[1] is False
+    assert throttle.sender_cap(bucket, 3, None, 20.0)[1] is True  # one share (60 s / 3) later
+    assert throttle.sender_cap(Bucket(), None, 1, 0.0)[1] is True
+    assert throttle.sender_cap(throttle.sender_cap(Bucket(), None, 1, 0.0)[0], None, 1, 3599.0)[1] is False
+
+
+async def test_submission_sender_cap_answers_450_per_user(tmp_path: Path) -> None:
+    config, context = tls_config(tmp_path)
+    users = write_users(tmp_path, {"alice": "wonderland", "bob": "builder"})
+    listeners = [
+        lc.model_copy(update={"sender_limits": SenderLimits(messages_per_minute=2)})
+        if lc.name == "submission"
+        else lc
+        for lc in config.listeners
+    ]
+    assert config.auth is not None
+    config = config.model_copy(
+        update={"listeners": listeners, "auth": config.auth.model_copy(update={"users_file": users})}
+    )
+
+    async def send(front: Any, user: str, password: str, count: int) -> list[int]:
+        host, port = front.addresses["submission"]
+        smtp = aiosmtplib.SMTP(hostname=host, port=port, tls_context=context, start_tls=True)
+        await smtp.connect()
+        await smtp.login(user, password)
+        codes = []
+        for _ in range(count):
+            try:
+                await smtp.sendmail(
+                    f"{user}@sender.org", ["friend@elsewhere.org"], b"Subject: x\r\n\r\nx\r\n"
+                )
+                codes.append(250)
+            except aiosmtplib.SMTPSenderRefused as exc:
+                assert exc.message.startswith("4.7.0 Too many messages from this sender")
+                codes.append(exc.code)
+        await smtp.quit()
+        return codes
+
+    async with running_front(config) as front:
+        assert await send(front, "alice", "wonderland", 3) == [250, 250, 450]
+        assert await send(front, "bob", "builder", 2) == [250, 250]  # another user has a budget of his own
+        assert await send(front, "alice", "wonderland", 1) == [450]  # a new session does not reset it
