@@ -246,8 +246,9 @@ class Drainer:
         await self._put_back(state, message)
         return False
 
-    async def run(self, interval: float = 1.0) -> None:
-        """Pass after pass until cancelled (the pod left ``drain.pods`` or shuts down)."""
+    async def run(self, interval: float = 1.0, unreachable_interval: float = 5.0) -> None:
+        """Pass after pass until cancelled (the pod left ``drain.pods`` or shuts down); while no
+        peer can be reached, passes come every `unreachable_interval` seconds."""
         try:
             while True:
                 try:
@@ -256,6 +257,6 @@ class Drainer:
                     raise
                 except Exception:
                     log.exception("hand-off pass failed")
-                await asyncio.sleep(interval)
+                await asyncio.sleep(unreachable_interval if self.stats.unreachable else interval)
         finally:
             await self.client.close()
