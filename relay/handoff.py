@@ -36,10 +36,10 @@ from pathlib import Path
 from relay import metrics
 from relay.config import HandoffPeer
 from relay.core import handoff
-from relay.core.model import DeliveryRequest, Disposition, Message
+from relay.core.model import DeliveryRequest, Disposition, Message, Recipient
 from relay.handoff_server import read_credential
 from relay.smtp_client import SmtpConnection, SmtpError, SmtpReplyError, TransactionReplies
-from relay.smtp_transaction import Prepared, interpret, prepare
+from relay.smtp_transaction import Prepared, Verdict, interpret, prepare
 from relay.spool import CorruptEntryError, Spool, SpoolError
 
 log = logging.getLogger("relay.handoff")
@@ -65,11 +65,12 @@ class HandoffClient:
         self.timeouts = timeouts
         self._sessions: dict[tuple[str, int], SmtpConnection] = {}
 
-    async def _session(self, peer: HandoffPeer) -> SmtpConnection:
+    async def _session(self, peer: HandoffPeer) -> tuple[SmtpConnection, bool]:
+        """An authenticated session with `peer`, and whether it was open already (reused)."""
         key = (peer.host, peer.port)
         smtp = self._sessions.get(key)
         if smtp is not None and smtp.is_connected:
-            return smtp
+            return smtp, True
         self._sessions.pop(key, None)
         try:
             secret = await asyncio.to_thread(read_credential, self.credential_file)
@@ -89,19 +90,43 @@ class HandoffClient:
             smtp.abort()
             raise PeerUnavailable(f"{peer.host}:{peer.port}: {exc}") from exc
         self._sessions[key] = smtp
-        return smtp
+        return smtp, False
 
     async def send(self, peer: HandoffPeer, message: Message, *, held: bool = False) -> str | None:
         """Hand `message` to `peer`: None once the peer answered 250 for it, else why the peer
-        refused this message. Raises PeerUnavailable when the peer takes nothing now."""
-        smtp = await self._session(peer)
+        refused this message. Raises PeerUnavailable when the peer takes nothing now. A kept
+        session that turns out closed before MAIL (the peer's idle timeout) is replaced once."""
         entry = message.entry.with_changes(held=held)
         label = f"{peer.host}:{peer.port}"
         request = DeliveryRequest(Message(entry, message.content), entry.pending)
         extra = (f"{handoff.PARAMETER}={handoff.encode_entry(entry)}".encode("ascii"),)
-        prepared = prepare(request, smtp.supports, label=label, remote=peer.host, extra_mail=extra)
-        if not isinstance(prepared, Prepared):  # cannot happen with our listener's extensions
-            return f"{label} cannot take this message"
+        while True:
+            smtp, reused = await self._session(peer)
+            prepared = prepare(request, smtp.supports, label=label, remote=peer.host, extra_mail=extra)
+            if not isinstance(prepared, Prepared):  # cannot happen with our listener's extensions
+                return f"{label} cannot take this message"
+            verdict = await self._transaction(smtp, prepared, entry.pending, peer)
+            if not (reused and verdict.error is not None and verdict.error.before_mail):
+                break
+            log.info("kept hand-off session to %s went stale; reconnecting", label)
+        outcomes = [verdict.results.get(i) for i in range(len(entry.pending))]
+        if all(o is not None and o.disposition is Disposition.DELIVERED for o in outcomes):
+            return None
+        error = verdict.error
+        if error is not None and (error.broken or error.code == 421):
+            raise PeerUnavailable(f"{label}: {error.text}")
+        refused = next(
+            (o for o in outcomes if o is not None and o.disposition is not Disposition.DELIVERED), None
+        )
+        if refused is not None:
+            return f"{label} answered {refused.code} {refused.status} {refused.text}"
+        return f"{label}: {error.text if error else 'no reply'}"
+
+    async def _transaction(
+        self, smtp: SmtpConnection, prepared: Prepared, pending: tuple[Recipient, ...], peer: HandoffPeer
+    ) -> Verdict:
+        """Send one prepared transaction and read what became of it; a session unfit for the
+        next one is closed."""
         replies = TransactionReplies()
         failure: SmtpError | None = None
         try:
@@ -116,7 +141,7 @@ class HandoffClient:
         except SmtpError as exc:
             failure = exc
         verdict = interpret(
-            prepared, entry.pending, replies, failure=failure, connected=smtp.is_connected, remote=peer.host
+            prepared, pending, replies, failure=failure, connected=smtp.is_connected, remote=peer.host
         )
         if verdict.after != "reuse":
             if verdict.after == "rset" and smtp.is_connected:
@@ -125,18 +150,7 @@ class HandoffClient:
             else:
                 smtp.abort()
                 self._sessions.pop((peer.host, peer.port), None)
-        outcomes = [verdict.results.get(i) for i in range(len(entry.pending))]
-        if all(o is not None and o.disposition is Disposition.DELIVERED for o in outcomes):
-            return None
-        error = verdict.error
-        if error is not None and (error.broken or error.code == 421):
-            raise PeerUnavailable(f"{label}: {error.text}")
-        refused = next(
-            (o for o in outcomes if o is not None and o.disposition is not Disposition.DELIVERED), None
-        )
-        if refused is not None:
-            return f"{label} answered {refused.code} {refused.status} {refused.text}"
-        return f"{label}: {error.text if error else 'no reply'}"
+        return verdict
 
     async def close(self) -> None:
         for smtp in list(self._sessions.values()):

@@ -152,12 +152,17 @@ async def test_handoff_listener_refuses_strangers_and_keeps_a_repeated_handoff_o
     assert (await mail.cmd("MAIL FROM:<a@b.test> XQUEUE=abc"))[0] == 555
     await mail.close()
 
+    pod.publish(limits={"idleTimeout": "1s"})  # the kept session is closed by the peer between
+    await asyncio.to_thread(pod.run.wait_for, "config reloaded")
     client = HandoffClient("test", peers.credential)
     try:
         assert await client.send(peer, message) is None
         assert await client.send(peer, message) is None  # repeated after a crash: kept once
         await until(lambda: pod.queued() == 1, timeout=30)
         assert await asyncio.to_thread(pod.metric, "mailrelay_handoff_duplicates_total") == 1
+        await asyncio.to_thread(pod.run.wait_for, "handoff 127.0.0.1: idle timeout")
+        assert await client.send(peer, message) is None  # a new session after the peer closed it
+        assert await asyncio.to_thread(pod.metric, "mailrelay_handoff_duplicates_total") == 2
         stored = pod.headers()[message.entry.queue_id][1]
         assert (stored.arrival, stored.attempts, stored.envelope) == (ARRIVAL, 3, message.entry.envelope)
         # maxLifetime counts from the first acceptance: a message first accepted two days ago
