@@ -111,6 +111,24 @@ def test_lowering_replicas_drains_the_removed_replica_into_the_other(tmp_path: P
     assert _spool_files(spools[1]) == 0
 
 
+def test_scaling_to_zero_keeps_the_queue_and_says_so(tmp_path: Path) -> None:
+    """No replica is left to take the mail: the process stops with its queue on disk."""
+    port, sink_port = free_ports(2)
+    manifest = write_documents(tmp_path / "scale.yaml", _topology(port, sink_port, replicas=1))
+    spool = tmp_path / ".mailrelay" / "scale" / "edge" / "edge-0" / "spool"
+    with running(Up(tmp_path, [manifest])) as up:
+        up.wait_ready(60)
+        for i in range(3):
+            _send(port, f"zero{i}")
+        wait_for(lambda: _spool_files(spool) == 3, 60, "3 messages queued", up.output)
+        write_documents(manifest, _topology(port, sink_port, replicas=0))
+        wait_for(lambda: up.processes("edge") == [], 60, "edge-0 to stop", up.output)
+        assert "scaling to 0, no replica to hand edge-0's queue to" in up.output()
+        assert "edge-0 is beyond replicas=0 and its spool still holds 3 message(s)" in up.output()
+        assert _spool_files(spool) == 3
+        assert up.stop(signal.SIGINT) == 0
+
+
 def test_the_table_shows_replicas_draining_away() -> None:
     view = RelayView(
         relay="scale/edge",
