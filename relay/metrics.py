@@ -34,6 +34,11 @@ QUEUE_DEPTH = Gauge(
     ["state"],
     multiprocess_mode="livemostrecent",
 )
+TLS_NOT_AFTER = Gauge(
+    "mailrelay_tls_certificate_expiry_timestamp_seconds",
+    "When the TLS certificate the listeners serve expires (its notAfter, Unix time)",
+    multiprocess_mode="livemostrecent",
+)
 INTAKE_DELAYED = Counter(
     "mailrelay_intake_delayed",
     "250 replies held back because new mail waited for delivery slots (in-flow control)",

@@ -24,9 +24,24 @@ from asyncio import sslproto
 from collections.abc import Callable
 from typing import Any
 
+from relay import metrics
 from relay.config import TlsConfig
 
 log = logging.getLogger(__name__)
+
+
+def _export_expiry(cert_file: str | os.PathLike[str]) -> None:
+    """``mailrelay_tls_certificate_expiry_timestamp_seconds``: the served certificate's notAfter
+    (the first certificate of the chain file; the alert on it is the chart's)."""
+    from cryptography import x509
+
+    try:
+        with open(cert_file, "rb") as handle:
+            certificate = x509.load_pem_x509_certificate(handle.read())
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the expiry of %s: %s", cert_file, exc)
+        return
+    metrics.TLS_NOT_AFTER.set(certificate.not_valid_after_utc.timestamp())
 
 
 class TlsContexts:
@@ -48,6 +63,7 @@ class TlsContexts:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
         self._stamp = self._files_stamp()
+        _export_expiry(self.tls.cert_file)
         return context
 
     def current(self) -> ssl.SSLContext:

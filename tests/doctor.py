@@ -153,7 +153,8 @@ CAPABILITIES: tuple[Capability, ...] = (
     ),
     Capability(
         "promtool",
-        "tests/relay_operator/test_autoscaling_examples.py (the examples' PromQL parses)",
+        "tests/relay_operator/test_autoscaling_examples.py (the examples' PromQL parses), "
+        "tests/project/test_monitoring.py (promtool check rules, promtool test rules)",
         "Debian package prometheus (it ships /usr/bin/promtool)",
         ("prometheus",),
         lambda: _run(["promtool", "--version"], expect=lambda out: b"promtool, version" in out),

@@ -49,7 +49,7 @@ from typing import Any
 
 import kopf
 
-from relay_operator import builders, naming, reconcile
+from relay_operator import builders, metrics, naming, reconcile
 from relay_operator.k8s import (
     CLUSTERKOPFPEERINGS,
     KOPFPEERINGS,
@@ -154,15 +154,28 @@ class Runtime:
     ) -> reconcile.NamespaceOutcome:
         """One reconcile pass; KubeErrors become kopf.TemporaryError (retried with backoff)."""
         api = self.connect()
+        started = time.monotonic()
         try:
             with self.lock(namespace):
-                outcome = reconcile.reconcile_namespace(
-                    api,
+                try:
+                    outcome = reconcile.reconcile_namespace(
+                        api,
+                        namespace,
+                        relays=relays,
+                        cluster_domain=self.options.cluster_domain,
+                        options=self.build,
+                        probe=HttpQueueProbe(),
+                    )
+                except KubeError as exc:
+                    metrics.record_error(time.monotonic() - started, type(exc).__name__)
+                    raise
+                metrics.record_pass(
                     namespace,
-                    relays=relays,
-                    cluster_domain=self.options.cluster_domain,
-                    options=self.build,
-                    probe=HttpQueueProbe(),
+                    time.monotonic() - started,
+                    retry=bool(outcome.retry_reasons),
+                    changes=[change for relay in outcome.relays.values() for change in relay.changes],
+                    relays={name: relay.conditions for name, relay in outcome.relays.items()},
+                    complete=relays is None,
                 )
                 with self._guard:
                     if outcome.relay_count:

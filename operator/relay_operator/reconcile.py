@@ -120,6 +120,7 @@ class RelayOutcome:
     retry: str | None = None  # set when the pass should be repeated soon (a Secret is missing)
     problems: tuple[Problem, ...] = ()
     busy: bool = False  # a scale-down is under way: poll again soon (not an error)
+    conditions: Mapping[str, str] = field(default_factory=dict)  # type -> status, as written
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,12 @@ def _reconcile_relay(api: KubeApi, body: JSON, plan: NamespacePlan, context: _Pa
         api.post_event(body, type_=event.type, reason=event.reason, message=event.message)
     problems = (*(relay_plan.problems if relay_plan else ()), *extra, *applied.problems)
     busy = decision is not None and decision.busy
-    return RelayOutcome(name, tuple(applied.changes), "; ".join(retry) or None, problems, busy)
+    written = {
+        c["type"]: c["status"] for c in status.get("conditions") or () if "type" in c and "status" in c
+    }
+    return RelayOutcome(
+        name, tuple(applied.changes), "; ".join(retry) or None, problems, busy, conditions=written
+    )
 
 
 # --------------------------------------------------------------------------- scale-down

@@ -77,6 +77,12 @@ def _seconds(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
 @click.option(
     "--kubeconfig", default=None, type=click.Path(dir_okay=False), help="Kubeconfig (not in a pod)."
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve the operator's Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off).",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 @click.option(
     "--log-format",
@@ -99,6 +105,7 @@ def operator_command(
     image: str | None,
     image_pull_policy: str | None,
     kubeconfig: str | None,
+    metrics_port: int | None,
     verbose: bool,
     log_format: str,
 ) -> None:
@@ -141,6 +148,13 @@ def operator_command(
         priority=priority,
         clusterwide=all_namespaces,
     )
+    if metrics_port is not None:
+        from relay_operator import metrics
+
+        try:
+            metrics.serve(metrics_port)
+        except OSError as exc:
+            raise click.ClickException(f"cannot serve metrics on port {metrics_port}: {exc}") from exc
     registry = kopf.OperatorRegistry()
     handlers.register(registry, handlers.Runtime(options))
     kopf.run(

@@ -99,6 +99,7 @@ def _samples(kind: str) -> list[dict[str, Any]]:
 
 
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
+PROMETHEUS_RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
 
 # name: (values, --api-versions, --include-crds). The tests render each set once per session.
 VALUE_SETS: dict[str, tuple[dict[str, Any], tuple[str, ...], bool]] = {
@@ -159,6 +160,17 @@ VALUE_SETS: dict[str, tuple[dict[str, Any], tuple[str, ...], bool]] = {
         (SERVICE_MONITOR_API,),
         False,
     ),
+    "monitoring": (
+        {
+            "metrics": {
+                "serviceMonitor": {"enabled": True},
+                "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+                "dashboard": {"enabled": True, "namespace": "monitoring"},
+            },
+        },
+        (SERVICE_MONITOR_API, PROMETHEUS_RULE_API),
+        False,
+    ),
     "relays-in-values": (
         {
             "crds": {"install": False},
@@ -167,7 +179,7 @@ VALUE_SETS: dict[str, tuple[dict[str, Any], tuple[str, ...], bool]] = {
             "relays": _samples("MailRelay"),
             "routes": _samples("RelayRoute"),
             # Enabled, but the cluster does not serve the API: nothing may be rendered.
-            "metrics": {"serviceMonitor": {"enabled": True}},
+            "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
         },
         (),
         False,

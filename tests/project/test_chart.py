@@ -38,7 +38,14 @@ from tests.project.chart_render import (
 from tests.relay_operator.crd_tools import admission_errors, operator_rules
 
 KUBERNETES_VERSIONS = ("1.29", "1.34")
-CUSTOM_KINDS = {"MailRelay", "RelayRoute", "ClusterKopfPeering", "KopfPeering", "ServiceMonitor"}
+CUSTOM_KINDS = {
+    "MailRelay",
+    "RelayRoute",
+    "ClusterKopfPeering",
+    "KopfPeering",
+    "ServiceMonitor",
+    "PrometheusRule",
+}
 CHART_LABELS = (
     "helm.sh/chart",
     "app.kubernetes.io/name",
@@ -70,6 +77,12 @@ def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return doc
 
 
+def _relay_monitor(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ServiceMonitor of the relays (the other one scrapes the operator)."""
+    (doc,) = [d for d in _of_kind(docs, "ServiceMonitor") if d["metadata"]["name"].endswith("-relays")]
+    return doc
+
+
 def _operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
     pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -93,8 +106,16 @@ def _custom_resource_errors(doc: dict[str, Any]) -> list[str]:
     if kind in {"ClusterKopfPeering", "KopfPeering"}:
         validator = jsonschema.Draft202012Validator(_kopf_peering_schema(kind))
         return [error.message for error in validator.iter_errors(doc)]
-    # ServiceMonitor: its CRD belongs to the Prometheus Operator; check the fields we rely on.
     errors = []
+    if kind == "PrometheusRule":  # the Prometheus Operator's; promtool checks the rules themselves
+        if doc["apiVersion"] != "monitoring.coreos.com/v1":
+            errors.append(f"apiVersion {doc['apiVersion']}")
+        if set(doc["spec"]) != {"groups"} or not all(
+            g.get("name") and g.get("rules") for g in doc["spec"]["groups"]
+        ):
+            errors.append("spec must be named groups of rules")
+        return errors
+    # ServiceMonitor: its CRD belongs to the Prometheus Operator; check the fields we rely on.
     if doc["apiVersion"] != "monitoring.coreos.com/v1":
         errors.append(f"apiVersion {doc['apiVersion']}")
     spec = doc["spec"]
@@ -176,8 +197,12 @@ def test_default_operator_is_cluster_wide_standalone_hardened_and_probed() -> No
         "--cluster-domain=cluster.local",
         "--standalone",
         "--log-format=json",
+        "--metrics-port=8081",
     ]
-    assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["ports"] == [
+        {"name": "health", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 8081, "protocol": "TCP"},
+    ]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 10001
@@ -211,6 +236,7 @@ def test_namespaced_operator_watches_each_namespace_with_peering_and_debug_logs(
         "--priority=10",
         "--verbose",
         "--log-format=json",
+        "--metrics-port=8081",
     ]
     assert _one(docs, "Deployment")["spec"]["replicas"] == 1
     peerings = _of_kind(docs, "KopfPeering")
@@ -254,7 +280,7 @@ def test_custom_values_reach_the_pod_unchanged() -> None:
 def test_service_monitor_selects_the_relays_the_operator_labels() -> None:
     from relay_operator import naming
 
-    monitor = _one(rendered("cluster-wide-custom"), "ServiceMonitor")
+    monitor = _relay_monitor(rendered("cluster-wide-custom"))
     assert monitor["metadata"]["labels"]["release"] == "prom"
     spec = monitor["spec"]
     assert spec["namespaceSelector"] == {"any": True}
@@ -277,7 +303,7 @@ def test_service_monitor_finds_the_metrics_port_of_the_relays_the_operator_rende
     )
     assert result.returncode == 0, result.stderr
     objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    spec = _one(rendered("cluster-wide-custom"), "ServiceMonitor")["spec"]
+    spec = _relay_monitor(rendered("cluster-wide-custom"))["spec"]
     selected = [
         doc
         for doc in objects

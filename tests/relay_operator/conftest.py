@@ -132,6 +132,7 @@ class OperatorProcess:
     ) -> None:
         self.log = log
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        self.metrics_port = free_port()  # its Prometheus metrics (relay_operator.metrics)
         command = [
             str(Path(sys.executable).parent / "mailrelay"),
             "operator",
@@ -155,6 +156,8 @@ class OperatorProcess:
             OPERATOR_IMAGE,
             "--image-pull-policy",
             "Always",
+            "--metrics-port",
+            str(self.metrics_port),
         ]
         env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1")
         self._log_file = log.open("wb")

@@ -1130,3 +1130,44 @@ def test_dkim_keys_are_checked_mounted_and_their_records_published(
     sts = operator_process.until(lambda: kube.get(k8s.STATEFULSETS, namespace, "edge"), "the StatefulSet")
     volumes = sts["spec"]["template"]["spec"]["volumes"]
     assert any((v.get("secret") or {}).get("secretName") == "dkim-s1" for v in volumes)
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The operator's /metrics as {'name{labels}': value} (prometheus_client's own parser)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def test_operator_metrics_count_passes_writes_and_relays_by_condition(
+    kube: Any, namespace: str, operator_process: OperatorProcess
+) -> None:
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay("metered"))
+    operator_process.until(lambda: converged(kube, namespace, "metered"), "the relay converged")
+
+    def relay_seen() -> dict[str, float] | None:
+        samples = _scrape(operator_process.metrics_port)
+        key = (
+            "mailrelay_operator_relay_condition{condition=ConfigValid,relay=metered,"
+            f"relay_namespace={namespace},status=True}}"
+        )
+        return samples if samples.get(key) == 1 else None
+
+    samples = operator_process.until(relay_seen, "the relay in the operator's metrics")
+    assert samples["mailrelay_operator_reconciles_total{result=ok}"] >= 1
+    assert samples["mailrelay_operator_reconcile_duration_seconds_count{}"] >= 1
+    assert samples["mailrelay_operator_objects_written_total{action=created,kind=StatefulSet}"] >= 1
+    assert samples["mailrelay_operator_objects_written_total{action=created,kind=ConfigMap}"] >= 1
+    assert samples["mailrelay_operator_relays{condition=ConfigValid,status=True}"] >= 1
+    assert any(
+        key.startswith("mailrelay_operator_relay_condition{condition=Ready,relay=metered,") for key in samples
+    )
