@@ -52,4 +52,6 @@ started=$(date +%s)
 buildah "${storage[@]}" bud --isolation chroot --layers=false "${mounts[@]}" \
   --build-arg "PYTHON_IMAGE=$base" --build-arg "VERSION=$version" -t "$tag" -f Dockerfile .
 echo "image.sh: built $tag in $(( $(date +%s) - started )) s"
+# vfs storage copies every layer: drop the image this tag replaced (and other untagged ones)
+buildah "${storage[@]}" rmi --prune >/dev/null 2>&1 || true
 buildah "${storage[@]}" images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$tag"

@@ -139,14 +139,23 @@ def test_the_operator_entry_point_answers_help(container: tuple[str, Path]) -> N
 
 
 def _read_only_run(
-    container: tuple[str, Path], image_config: dict[str, Any], spool: Path, config: Path, *command: str
+    container: tuple[str, Path],
+    image_config: dict[str, Any],
+    spool: Path,
+    config: Path,
+    *command: str,
+    program: tuple[str, ...] = (),
+    env: tuple[str, ...] = (),
 ) -> subprocess.Popen[str]:
+    """`command` after the image's entry point (or after `program`), with the image's
+    environment (and `env`), as the image's user, on the read-only root."""
     return subprocess.Popen(
         [
             "unshare", "--mount", "--propagation", "private", "--fork", "--",
             "sh", "-c", _WRAPPER, "wrapper", str(container[1]), str(spool), str(config), image_config["User"],
-            "env", "-i", *image_config["Env"], *image_config["Entrypoint"], *command,
+            "env", "-i", *image_config["Env"], *env, *(program or image_config["Entrypoint"]), *command,
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -223,6 +232,21 @@ async def test_a_relay_from_the_image_read_only_root_spool_on_a_volume_delivers(
         queue = _read_only_run(container, image_config, spool, config_dir, "queue", "list")
         out, _ = queue.communicate(timeout=60)
         assert (queue.returncode, out.strip()) == (0, "queue is empty"), out
+        # programs that call sendmail get the image's /usr/sbin/sendmail (mailrelay sendmail)
+        sendmail = _read_only_run(
+            container,
+            image_config,
+            spool,
+            config_dir,
+            "-t",
+            program=("/usr/sbin/sendmail",),
+            env=(f"MAILRELAY_SERVER=127.0.0.1:{port}",),
+        )
+        out, _ = sendmail.communicate(
+            "From: cron@s.test\nTo: y@d.test\nSubject: from cron\n\nsent by sendmail\n", timeout=60
+        )
+        assert sendmail.returncode == 0, out
+        await until(lambda: any(m.rcpt_tos == ["y@d.test"] for m in sink.messages), timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
