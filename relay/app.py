@@ -60,9 +60,12 @@ from typing import Any
 from relay import logs, metrics, throttle
 from relay.config import ConfigError, HandoffConfig, RelayConfig, load_config
 from relay.config_watch import ConfigWatcher
+from relay.core.model import QueueEntry
+from relay.core.settle import Settlement
 from relay.cpus import worker_count
 from relay.dkim import check_keys
 from relay.doorbell import Doorbell
+from relay.events import Outbox
 from relay.front import Front
 from relay.handoff import Drainer, HandoffClient, Timeouts
 from relay.health import HealthServer, metrics_registry, spool_writable
@@ -173,6 +176,7 @@ class RelayProcess:
         self.scheduler: Scheduler | None = None
         self.spool: Spool | None = None
         self.api: HttpApi | None = None
+        self.outbox: Outbox | None = None
         self._stop: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ reload
@@ -292,9 +296,14 @@ class RelayProcess:
             return 1
         http_listeners = [lc for lc in config.listeners if lc.mode == "http"]
         book = StatusBook(config.queue.directory) if http_listeners else None
-        scheduler = self.scheduler = Scheduler(
-            config, spool, on_settled=book.on_settled if book is not None else None
-        )
+        outbox = self.outbox = Outbox(config.queue.directory, lambda: self.config)
+        hooks = [hook for hook in (book.on_settled if book else None, outbox.on_settled) if hook is not None]
+
+        async def settled(entry: QueueEntry, settlement: Settlement) -> None:
+            for hook in hooks:  # status records, then delivery events (relay.events)
+                await hook(entry, settlement)
+
+        scheduler = self.scheduler = Scheduler(config, spool, on_settled=settled)
         doorbell = self.doorbell
 
         def stored(queue_id: str) -> None:
@@ -320,6 +329,7 @@ class RelayProcess:
                 spool.close()
                 return 1
         await scheduler.start()
+        outbox.start()
         if doorbell is not None:
             doorbell.listen(scheduler.notify)
         health: HealthServer | None = None
@@ -372,6 +382,7 @@ class RelayProcess:
         if self.api is not None:
             await self.api.close()
         await scheduler.stop(max(deadline - loop.time(), 0.5))
+        await outbox.stop()  # unsent events stay in the outbox for the next start
         if health is not None:
             await health.stop()
         spool.close()

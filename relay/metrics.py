@@ -95,3 +95,8 @@ DESTINATION_FACTOR = Gauge(
     ["route", "destination"],
     multiprocess_mode="livemostrecent",
 )
+EVENTS = Counter(
+    "mailrelay_events",
+    "Delivery event POSTs (issue 15) by result: sent, retry, dropped (too old), lost (not stored)",
+    ["result"],
+)

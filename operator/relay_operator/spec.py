@@ -131,6 +131,26 @@ class ApiSpec(_Spec):
     tokens_secret_ref: TokensSecretRef
 
 
+class EventSecretRef(_Spec):
+    """The HMAC-SHA256 key that signs delivery events."""
+
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(default="secret", min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
+
+
+class EventWebhookSpec(_Spec):
+    url: str = Field(max_length=2048, pattern=r"^https?://")
+    secret_ref: EventSecretRef | None = None
+    timeout: str = "10s"
+    insecure_skip_verify: bool = False
+
+    _timeout = field_validator("timeout", mode="before")(_duration)
+
+
+class EventsSpec(_Spec):
+    webhook: EventWebhookSpec
+
+
 class LimitsSpec(_Spec):
     max_message_size: str | int = "25Mi"
     max_recipients: int = Field(default=100, ge=1, le=100000)
@@ -284,6 +304,7 @@ class MailRelaySpec(_Spec):
     tls: TlsSpec | None = None
     auth: AuthSpec | None = None
     api: ApiSpec | None = None
+    events: EventsSpec | None = None
     trusted_networks: list[str] = Field(default=[], max_length=64)
     accept_domains: list[str] = Field(default=[], max_length=256)
     limits: LimitsSpec = LimitsSpec()
@@ -585,6 +606,7 @@ class RelayRouteSpec(_Spec):
     failover: list[FailoverHopSpec] = Field(default=[], max_length=8)
     dkim: list[DkimSpec] = Field(default=[], max_length=16)
     limits: RouteLimitsSpec = RouteLimitsSpec()
+    events: EventsSpec | None = None
 
     @model_validator(mode="after")
     def _dkim_keys(self) -> RelayRouteSpec:

@@ -47,6 +47,8 @@ from relay.config import (
     ConfigError,
     DkimKeyConfig,
     DnsConfig,
+    EventsConfig,
+    EventWebhookConfig,
     GatewayHop,
     LimitsConfig,
     ListenerConfig,
@@ -80,6 +82,7 @@ from relay_operator import naming
 from relay_operator.spec import (
     CaSecretRef,
     DkimSpec,
+    EventsSpec,
     GatewaySpec,
     HopSpec,
     InvalidSpec,
@@ -606,8 +609,25 @@ def _route_config(
         failover=hops[1:],
         dkim=[_typed(f"{path}.dkim.{i}", _dkim_key, key, context) for i, key in enumerate(route.spec.dkim)],
         limits=_typed(f"{path}.limits", RouteLimits, **route.spec.limits.model_dump()),
+        events=_typed(f"{path}.events", _events_config, route.spec.events, context),
     )
     return config, problems
+
+
+def _events_config(events: EventsSpec | None, context: RenderContext) -> EventsConfig | None:
+    """Delivery events: the webhook, its signing key at the Secret's mount."""
+    if events is None:
+        return None
+    hook = events.webhook
+    ref = hook.secret_ref
+    return EventsConfig(
+        webhook=EventWebhookConfig(
+            url=hook.url,
+            secret_file=Path(context.secret_dir(ref.name) / ref.key) if ref is not None else None,
+            timeout=parse_duration(hook.timeout),
+            insecure_skip_verify=hook.insecure_skip_verify,
+        )
+    )
 
 
 def _dkim_key(key: DkimSpec, context: RenderContext) -> DkimKeyConfig:
@@ -631,11 +651,21 @@ def _secret_uses(relay: MailRelay, routes: Sequence[RelayRoute], context: Render
         )
     if spec.auth is not None:
         uses.append(SecretUse(spec.auth.secret_name, "auth", context.auth_dir, (spec.auth.key,), "spec.auth"))
+    if spec.events is not None and spec.events.webhook.secret_ref is not None:
+        signing = spec.events.webhook.secret_ref
+        uses.append(
+            SecretUse(signing.name, "events", context.secret_dir(signing.name), (signing.key,), "spec.events")
+        )
     if spec.api is not None:
         tokens = spec.api.tokens_secret_ref
         uses.append(SecretUse(tokens.name, "api", context.secret_dir(tokens.name), (tokens.key,), "spec.api"))
     for route in routes:
         used_by = f"RelayRoute {route.key.name}"
+        if route.spec.events is not None and route.spec.events.webhook.secret_ref is not None:
+            signing = route.spec.events.webhook.secret_ref
+            uses.append(
+                SecretUse(signing.name, "events", context.secret_dir(signing.name), (signing.key,), used_by)
+            )
         for hop in route.spec.hops():
             if hop.smarthost is not None and hop.smarthost.auth_secret_ref is not None:
                 name = hop.smarthost.auth_secret_ref.name
@@ -768,6 +798,7 @@ def _config(
         tls=tls,
         auth=auth,
         api=api,
+        events=_typed("events", _events_config, spec.events, context),
         trusted_networks=[ipaddress.ip_network(network, strict=False) for network in spec.trusted_networks],
         accept_domains=spec.accept_domains,
         limits=_typed("limits", _limits_config, spec.limits),

@@ -55,6 +55,7 @@ def full_relay_plan() -> RelayPlan:
         tls={"secretName": "a-very-long-secret-name-that-goes-on-and-on-and-on-for-ever-and-ever"},
         auth={"secretName": "users"},
         api={"tokensSecretRef": {"name": "api-clients"}},
+        events={"webhook": {"url": "https://app.example/mail-events", "secretRef": {"name": "event-key"}}},
         queue={"storage": {"size": "10Gi", "storageClassName": "fast"}},
         service={"type": "LoadBalancer", "annotations": {"lb.example/internal": "true"}},
         image="registry.example/mailrelay:dev",
@@ -69,6 +70,12 @@ def full_relay_plan() -> RelayPlan:
     )
     routes = [
         crd_tools.route_body(
+            events={
+                "webhook": {
+                    "url": "http://billing.example/events",
+                    "secretRef": {"name": "creds", "key": "hmac"},
+                }
+            },
             nextHop={
                 "smarthost": {
                     "host": "smtp.example.net",
@@ -174,6 +181,13 @@ def test_mounts_match_the_paths_in_the_config() -> None:
     assert volumes[mounts[str(config.auth.users_file.parent)]]["secret"]["secretName"] == "users"
     assert config.api is not None and config.api.tokens_file.name == "tokens"  # the default key
     assert volumes[mounts[str(config.api.tokens_file.parent)]]["secret"]["secretName"] == "api-clients"
+    assert config.events is not None and config.events.webhook.secret_file is not None
+    assert config.events.webhook.secret_file.name == "secret"  # the default key
+    assert (
+        volumes[mounts[str(config.events.webhook.secret_file.parent)]]["secret"]["secretName"] == "event-key"
+    )
+    route_events = config.routes[0].events
+    assert route_events is not None and str(route_events.webhook.secret_file).endswith("/creds/hmac")
     hop = config.routes[0].next_hop
     assert hop.kind == "smarthost" and hop.credentials_dir is not None
     assert volumes[mounts[str(hop.credentials_dir)]]["secret"]["secretName"] == "creds"
