@@ -156,10 +156,14 @@ def test_crash_restart_scale_up_and_route_reload(tmp_path: Path) -> None:
         broken = _topology(front_port, moved_port, back_replicas=1, inbox="inbox-v2")
         broken[3]["spec"]["nextHop"] = {"relay": {"name": "front"}}  # back -> front -> back
         write_documents(manifest, broken)
+        # the refusal line comes first and the problems after it: wait for both (under load they
+        # can reach the pipe in separate reads)
         wait_for(
-            lambda: "[up] the changed manifests are refused" in up.output(), 20, "the refusal", up.output
+            lambda: "[up] the changed manifests are refused" in up.output() and "routing loop" in up.output(),
+            20,
+            "the refusal naming the routing loop",
+            up.output,
         )
-        assert "routing loop" in up.output()
         assert {p["name"]: p["pid"] for p in up.processes()} == {k: v[0] for k, v in after.items()}
         assert up.stop(signal.SIGINT) == 0
 
