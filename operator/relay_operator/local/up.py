@@ -465,6 +465,8 @@ class LocalController:
                 back.plan = plan
                 group.replicas.append(back)
                 continue
+            for stopping in [r for r in self._retiring if r.plan.name == plan.name]:
+                await stopping.stop(self._options.drain_timeout)  # drained and stopping: one per spool
             self._console.line(f"[up] {relay.relay_id}: scaling up, starting {plan.name}")
             replica = Replica(plan, self._console)
             group.replicas.append(replica)
