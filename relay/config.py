@@ -328,13 +328,27 @@ class MetricsConfig(_Model):
 HopTls = Literal["none", "starttls", "implicit"]
 
 
+RelayHopTls = Literal["none", "starttls", "starttls-verify"]
+
+
 class RelayHop(_Model):
-    """Another MailRelay; the renderer resolves its name to the Service host and port."""
+    """Another MailRelay; the renderer resolves its name to the Service host and port. `tls`:
+    none, starttls (encrypted, the certificate not checked) or starttls-verify (the certificate
+    must be valid for `host` and chain to `caFile`, e.g. the ca.crt of a cert-manager Secret,
+    else to the system's CAs); with TLS required, a hop without STARTTLS defers (4.7.10)."""
 
     kind: Literal["relay"] = "relay"
     name: str
     host: str
     port: int = Field(default=25, ge=1, le=65535)
+    tls: RelayHopTls = "none"
+    ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _ca_needs_verification(self) -> RelayHop:
+        if self.ca_file is not None and self.tls != "starttls-verify":
+            raise ValueError("caFile needs tls starttls-verify")
+        return self
 
 
 class SmarthostHop(_Model):

@@ -93,9 +93,17 @@ class SmtpTarget:
 
 
 def target_for_hop(hop: RelayHop | SmarthostHop) -> SmtpTarget:
-    """A relay hop is SMTP to host:port without TLS or AUTH; a smarthost carries its settings."""
+    """A relay hop is SMTP to host:port without AUTH, with STARTTLS (verified against its CA
+    with starttls-verify) when it asks for it; a smarthost carries its settings."""
     if isinstance(hop, RelayHop):
-        return SmtpTarget(host=hop.host, port=hop.port, tls="none", server_name=hop.host)
+        return SmtpTarget(
+            host=hop.host,
+            port=hop.port,
+            tls="none" if hop.tls == "none" else "starttls",
+            server_name=hop.host,
+            verify=hop.tls == "starttls-verify",
+            ca_file=hop.ca_file,
+        )
     return SmtpTarget(
         host=hop.host,
         port=hop.port,

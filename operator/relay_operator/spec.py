@@ -28,6 +28,7 @@ from relay.config import (
     DURATION_PATTERN,
     SIZE_PATTERN,
     DkimAlgorithm,
+    RelayHopTls,
     dkim_keys_problem,
     normalize_domain_pattern,
     parse_duration,
@@ -398,15 +399,23 @@ class MatchSpec(_Spec):
     )
 
 
-class RelayTarget(_Spec):
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-
-
 class CaSecretRef(_Spec):
     """A Secret key holding the PEM certificate(s) of a private CA (cert-manager's ``ca.crt``)."""
 
     name: str = Field(min_length=1, max_length=253)
     key: str = Field(default="ca.crt", min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
+
+
+class RelayTarget(_Spec):
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    tls: RelayHopTls = "none"
+    ca_secret_ref: CaSecretRef | None = None
+
+    @model_validator(mode="after")
+    def _ca_needs_verification(self) -> RelayTarget:
+        if self.ca_secret_ref is not None and self.tls != "starttls-verify":
+            raise ValueError("caSecretRef needs tls starttls-verify")
+        return self
 
 
 class SmarthostSpec(_Spec):

@@ -95,6 +95,7 @@ from relay_operator.spec import (
     ObjectKey,
     QueueSpec,
     RelayRoute,
+    RelayTarget,
     ResourcesSpec,
     SmarthostSpec,
     parse_mailrelay,
@@ -493,8 +494,13 @@ def _typed(path: str, build: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwar
 
 
 def _relay_hop(
-    target_name: str, route: RelayRoute, relays: Mapping[str, MailRelay], resolver: RelayResolver
+    hop: RelayTarget,
+    route: RelayRoute,
+    relays: Mapping[str, MailRelay],
+    resolver: RelayResolver,
+    context: RenderContext,
 ) -> RelayHop | Problem:
+    target_name = hop.name
     target = relays.get(target_name)
     subject = _ref("RelayRoute", route.key)
     if target is None:
@@ -511,7 +517,13 @@ def _relay_hop(
             "NoRelayListener",
             f"next hop relay {target_name!r} has no listener in mode relay to deliver to",
         )
-    return RelayHop(name=target_name, host=address.host, port=address.port)
+    return RelayHop(
+        name=target_name,
+        host=address.host,
+        port=address.port,
+        tls=hop.tls,
+        ca_file=_secret_file(context, hop.ca_secret_ref),
+    )
 
 
 def _secret_file(context: RenderContext, ref: CaSecretRef | KeyedSecretRef | None) -> Path | None:
@@ -560,7 +572,7 @@ def _hop_config(
 ) -> Hop | Problem:
     """One next hop as relay.config types it, or why it cannot be resolved."""
     if hop.relay is not None:
-        return _relay_hop(hop.relay.name, route, relays, resolver)
+        return _relay_hop(hop.relay, route, relays, resolver, context)
     if hop.smarthost is not None:
         return _smarthost_hop(hop.smarthost, context)
     if hop.mx is not None:
@@ -676,7 +688,9 @@ def _secret_uses(relay: MailRelay, routes: Sequence[RelayRoute], context: Render
                 ref = hop.gateway.webhook.auth_secret_ref
                 uses.append(SecretUse(ref.name, "webhook", context.secret_dir(ref.name), (ref.key,), used_by))
             ca = (
-                hop.smarthost.ca_secret_ref
+                hop.relay.ca_secret_ref
+                if hop.relay is not None
+                else hop.smarthost.ca_secret_ref
                 if hop.smarthost is not None
                 else hop.gateway.webhook.ca_secret_ref
                 if hop.gateway is not None and hop.gateway.webhook is not None

@@ -269,6 +269,12 @@ INVALID_BODIES: list[tuple[str, dict[str, Any], str, str]] = [
         "exactly one",
     ),
     (
+        "relay-ca-without-verification",
+        route_body(nextHop={"relay": {"name": "internal", "tls": "starttls", "caSecretRef": {"name": "ca"}}}),
+        "caSecretRef needs tls starttls-verify",
+        "caSecretRef needs tls starttls-verify",
+    ),
+    (
         "smarthost-ca-without-tls",
         route_body(
             nextHop={"smarthost": {"host": "a.example", "tls": "none", "caSecretRef": {"name": "ca"}}}

@@ -610,3 +610,19 @@ def test_proxy_protocol_from_the_service_reaches_the_listeners() -> None:
         bad = plan([relay("a", service={"proxyProtocol": proxy}, **common)], [])
         assert set(bad.invalid_relays) == {"a"}, proxy
         assert reasons(bad, "MailRelay", "a") == ["InvalidSpec"]
+
+
+def test_relay_hop_tls_renders_the_ca_of_its_secret() -> None:
+    hop = {"relay": {"name": "b", "tls": "starttls-verify", "caSecretRef": {"name": "b-tls"}}}
+    result = plan([relay("a"), relay("b")], [route("to-b", "a", hop)])
+    relay_plan = result.relays["a"]
+    assert relay_plan.valid, result.problems
+    assert relay_plan.config is not None
+    rendered = relay_plan.config.routes[0].next_hop
+    assert isinstance(rendered, RelayHop)
+    assert rendered.tls == "starttls-verify" and str(rendered.ca_file).endswith("/b-tls/ca.crt")
+    assert [(u.secret, u.purpose, u.keys) for u in relay_plan.secrets] == [("b-tls", "ca", ("ca.crt",))]
+    bad = plan(
+        [relay("a"), relay("b")], [route("to-b", "a", {"relay": {"name": "b", "caSecretRef": {"name": "x"}}})]
+    )
+    assert "InvalidSpec" in reasons(bad, "RelayRoute", "to-b")
