@@ -128,6 +128,9 @@ def operator_command(
 
     from relay_operator import builders, handlers
 
+    # kopf installs its own root handler; the one `mailrelay`'s group made would print every
+    # line a second time (in the other format)
+    logging.getLogger().handlers.clear()
     kopf.configure(
         verbose=verbose,
         debug=verbose,
