@@ -11,7 +11,8 @@ SMTP. The contract is ``relay/openapi.json`` (served at ``/v1/openapi.json``).
   ``202 Accepted`` with the queue id and per-recipient status only once that returned, as a
   ``250``. Refusals: ``400`` naming the field, ``401`` (no or unknown token), ``403`` (a sender
   the token may not use), ``413`` (size), ``415`` (content type), ``422`` (every recipient
-  refused), ``429`` (flow control: the front's intake gate stayed shut for its second; nothing
+  refused), ``429`` (flow control: the front's intake gate stayed shut for its second; or the
+  listener's ``senderLimits`` cap for the token's client, counted like an SMTP login's; nothing
   stored), ``503`` (draining, or the spool could not store).
 - ``GET /v1/messages/{queueId}``: per recipient queued / deferred (last reply, next attempt) /
   delivered (next hop and its reply) / bounced, from the queue file while the message is in the
@@ -61,6 +62,7 @@ from relay.core.http_submit import (
 from relay.core.model import Disposition
 from relay.core.rcpt import decide_rcpt
 from relay.core.smtp_syntax import CommandError, MailParams, parse_path
+from relay.core.throttle import sender_key
 from relay.front import Front, bind_socket
 from relay.message_status import QUEUE_ID, StatusBook, outcome_view
 from relay.spool import new_queue_id, read_header
@@ -253,6 +255,14 @@ class HttpApi:
         if not client.may_send_as(sender.address):
             metrics.REJECTED.labels("sender_denied").inc()
             return _error(403, "from", f"client {client.name!r} may not send as <{sender.address}>")
+        listener: ListenerConfig = request.app[LISTENER]
+        caps = listener.sender_limits
+        if caps is not None and not front.sender_caps.allow(listener.name, caps, sender_key(client.name, "")):
+            metrics.REJECTED.labels("sender_rate").inc()
+            log.info("api %s: refused: sender cap reached", client.name)
+            return _error(
+                429, None, f"{status.SENDER_RATE_LIMITED} (client {client.name!r})", **{"Retry-After": "60"}
+            )
         queue_id = new_queue_id()
         answers: list[dict[str, Any]] = []
         accepted = []
@@ -282,7 +292,6 @@ class HttpApi:
             body["recipients"] = answers
             return web.json_response(body, status=422)
         decoder = decode_content(submission.content, config.limits.max_message_size)
-        listener: ListenerConfig = request.app[LISTENER]
         now = front.clock()
         arrival = Arrival(
             client_ip=request.remote or "",

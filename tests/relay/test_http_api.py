@@ -397,6 +397,21 @@ async def test_flow_control_answers_429_and_stores_nothing(tmp_path: Path) -> No
     await sink.stop()
 
 
+async def test_sender_caps_of_the_listener_count_per_client(tmp_path: Path) -> None:
+    """The listener's senderLimits (shared with SMTP's per-login caps) answer 429 over the cap."""
+    sink = await SmtpSink().start()
+    data = config_data(tmp_path, sink.port)
+    data["listeners"][1]["senderLimits"] = {"messagesPerMinute": 2}
+    async with running(tmp_path, data), aiohttp.ClientSession() as session:
+        good = {"from": "a@billing.example.com", "to": "carol@example.com", "text": "hi"}
+        assert [(await post(session, data, json=good, headers=BILLING))[0] for _ in range(2)] == [202, 202]
+        status, body, headers = await post(session, data, json=good, headers=BILLING)
+        assert status == 429 and "4.7.0" in body["error"]["message"] and headers["Retry-After"] == "60"
+        assert (await post(session, data, json=good, headers=OPS))[0] == 202  # another client's budget
+        await until(lambda: len(sink.messages) == 3)
+    await sink.stop()
+
+
 async def test_sigkill_right_after_202_loses_nothing(tmp_path: Path, runs: list[RelayRun]) -> None:
     down = free_port()  # nothing listens: the message stays queued
     data = config_data(tmp_path, down)
