@@ -160,6 +160,13 @@ CAPABILITIES: tuple[Capability, ...] = (
         lambda: _run(["promtool", "--version"], expect=lambda out: b"promtool, version" in out),
     ),
     Capability(
+        "prometheus",
+        "tests/project/test_prometheus_scrape.py (a real Prometheus scrapes a relay, evaluates the rules)",
+        "Debian package prometheus",
+        ("prometheus",),
+        lambda: _run(["prometheus", "--version"], expect=lambda out: b"prometheus, version" in out),
+    ),
+    Capability(
         "helm",
         "tests/project/test_chart.py (helm lint and template)",
         "scripts/install-helm.sh (make system-deps)",
