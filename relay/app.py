@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from relay import logs, metrics, throttle
+from relay.abuse import AbuseStore
 from relay.config import ConfigError, HandoffConfig, RelayConfig, load_config
 from relay.config_watch import ConfigWatcher
 from relay.core.model import QueueEntry
@@ -310,7 +311,12 @@ class RelayProcess:
             if doorbell is None or not doorbell.ring(queue_id):
                 scheduler.notify(queue_id)
 
-        front = self.front = Front(config, spool, on_stored=stored, intake_gate=scheduler.room_for_intake)
+        abuse = AbuseStore(spool.directory)
+        if self.recover:  # the relay's first process: no connection is open yet
+            abuse.reset_live()
+        front = self.front = Front(
+            config, spool, on_stored=stored, intake_gate=scheduler.room_for_intake, abuse=abuse
+        )
         try:
             await front.start()
         except OSError as exc:
@@ -671,6 +677,9 @@ def run_relay(
         spool = Spool(config.queue.directory)
         try:
             log.info("spool %s recovered: %s", config.queue.directory, spool.recover())
+            store = AbuseStore(spool.directory)  # shared by the workers: none serves yet
+            store.reset_live()
+            store.close()
         finally:
             spool.close()
         return run_event_loop(

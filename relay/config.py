@@ -263,6 +263,21 @@ class LimitsConfig(_Model):
     max_connections_per_client: int = Field(default=50, ge=1)  # 421 4.7.0
 
 
+class AbuseConfig(_Model):
+    """Limits per client address that hold across every worker process of a relay and across
+    restarts (relay.abuse keeps the counts in ``abuse.sqlite3`` in the queue directory).
+    Counts are per fixed `window`; 0 turns a limit off. Trusted networks are exempt from the
+    rate limits and the pregreet test (as Postfix exempts ``$mynetworks``), not from blocks."""
+
+    window: Duration = 600.0
+    auth_failures: int = Field(default=10, ge=0, description="failed AUTH per window, then blocked")
+    block_for: Duration = 3600.0  # 421 4.7.0 for every connection of a blocked address
+    connections: int = Field(default=0, ge=0, description="new connections per window (421 4.7.0)")
+    messages: int = Field(default=0, ge=0, description="MAIL commands per window (421 4.7.0)")
+    pregreet_wait: Duration = 0.0  # relay listeners: talking before the banner is 554 5.5.1
+    pregreet_pass_for: Duration = 86400.0  # an address that waited is not tested again for this long
+
+
 class RetryPolicyConfig(_Model):
     """Exponential backoff between min and max; after maxLifetime a deferred recipient bounces."""
 
@@ -581,6 +596,7 @@ class RelayConfig(_Model):
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     accept_domains: list[DomainPattern] = []
     limits: LimitsConfig = LimitsConfig()
+    abuse: AbuseConfig = AbuseConfig()
     queue: QueueConfig = QueueConfig()
     dns: DnsConfig = DnsConfig()
     routes: list[RouteConfig] = []

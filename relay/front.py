@@ -20,8 +20,10 @@ configuration on reload with `update_config`, and on SIGTERM calls `await front.
 
 Choices worth knowing: a session holds a slot from its TCP accept until that connection closes
 (also while a TLS handshake is pending, and however it ends): ``limits.maxConnections`` and
-``maxConnectionsPerClient`` count slots (``421 4.7.0`` beyond), per process (with N workers
-the totals are N times larger); the ``mailrelay_smtp_sessions`` gauge shows them. A TLS
+``maxConnectionsPerClient`` count slots (``421 4.7.0`` beyond), the first per process (with N
+workers the total is N times larger), ``maxConnectionsPerClient`` over all workers (relay.abuse, the
+store they share, which also holds AUTH-failure blocks and rate counts: relay.core.abuse); the
+``mailrelay_smtp_sessions`` gauge shows them. A TLS
 handshake (after STARTTLS or on an implicit-TLS listener) must complete within 30 s
 (`tls_handshake_timeout`). During a drain new sessions get ``421 4.3.2`` instead of the banner,
 idle ones are closed with it, transactions in flight may finish within the grace. The command
@@ -50,9 +52,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from relay import metrics
+from relay.abuse import AbuseStore
 from relay.config import ListenerConfig, RelayConfig, RouteConfig
 from relay.core import status
 from relay.core.accept import Prepared
+from relay.core.addresses import client_is_trusted
 from relay.core.status import Reply
 from relay.front_session import FrontSession
 from relay.handoff_server import HandoffSession, handoff_listener
@@ -90,6 +94,7 @@ class Front:
         on_stored: Callable[[str], None] | None = None,
         intake_gate: Callable[[], Awaitable[object]] | None = None,
         users: UserDatabase | None = None,
+        abuse: AbuseStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -102,6 +107,9 @@ class Front:
         if users is None and config.auth is not None:
             self.users = UserDatabase.load(config.auth.users_file)
         self.tls = TlsContexts(config.tls) if config.tls is not None else None
+        # Per-client counts shared by every worker of this relay (relay.abuse, in the spool).
+        self.abuse = abuse if abuse is not None else AbuseStore(spool.directory)
+        self._admissions = 0
         # http listeners are the HTTP API's (relay.http_api), bound by relay.app
         self.listeners = {lc.name: _ListenerRuntime(lc) for lc in config.listeners if lc.mode != "http"}
         self.handoff: _ListenerRuntime | None = None
@@ -139,6 +147,7 @@ class Front:
         """Bind every listener (SO_REUSEPORT, so worker processes share the port) and serve;
         the handoff listener too, when configured."""
         loop = asyncio.get_running_loop()
+        self.abuse.expire(self.config.abuse)
         for runtime in self._runtimes():
             listener = runtime.config
             sock = bind_socket(listener.host, listener.port)
@@ -207,6 +216,7 @@ class Front:
             if runtime.server is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(runtime.server.wait_closed(), timeout=5)
+        self.abuse.close()
 
     # ------------------------------------------------------------------ sessions
 
@@ -228,14 +238,22 @@ class Front:
 
     def admit_client(self, session: SmtpdSession) -> Reply | None:
         """Count the session against its client address (``session.client_ip``, the announced
-        one behind a proxy); the refusal, if that client has too many connections."""
+        one behind a proxy) in this process and in the store all workers share; the refusal
+        (relay.core.abuse), if that client is blocked or has too many connections."""
         key = session.client_ip
         session.counted_client = key
         self.stats.per_client[key] += 1
-        if self.stats.per_client[key] > self.config.limits.max_connections_per_client:
-            metrics.REJECTED.labels("connections").inc()
-            return status.TOO_MANY_CONNECTIONS_FROM_YOU
-        return None
+        config = self.config
+        self._admissions += 1
+        if self._admissions % 10000 == 0:
+            self.abuse.expire(config.abuse)
+        trusted = not session.proxy_unknown and client_is_trusted(key, config.trusted_networks)
+        refusal = self.abuse.connect(key, trusted=trusted, limits=config.limits, abuse=config.abuse)
+        if refusal is None:
+            return None
+        reply, reason = refusal
+        metrics.REJECTED.labels(reason).inc()
+        return reply
 
     # ------------------------------------------------------------------ storing
 
@@ -296,6 +314,7 @@ class Front:
             self.stats.per_client[key] -= 1
             if self.stats.per_client[key] <= 0:
                 del self.stats.per_client[key]
+            self.abuse.disconnect(key)
         metrics.SESSIONS.labels(session.listener.name).dec()
         if not self.sessions:
             self._idle.set()

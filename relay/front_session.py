@@ -212,6 +212,11 @@ class FrontSession(SmtpdSession):
         return None
 
     async def smtp_AUTH(self, arg: str | None) -> None:
+        if self.front.abuse.blocked(self.client_ip):  # blocked since this session began
+            metrics.REJECTED.labels("blocked").inc()
+            await self.reply(status.CLIENT_BLOCKED)
+            self._close()
+            return
         refusal = self._auth_refusal()
         exchange = sasl.start(arg) if refusal is None else refusal
         if isinstance(exchange, Reply):
@@ -253,6 +258,10 @@ class FrontSession(SmtpdSession):
         metrics.REJECTED.labels("auth").inc()
         log.info("session %s: authentication failed for %r (%d)", self.client_ip, user, self._auth_failures)
         await asyncio.sleep(min(self.front.auth_failure_delay * self._auth_failures, 5.0))
+        if self.front.abuse.auth_failed(self.client_ip, self.front.config.abuse):
+            await self.reply(status.CLIENT_BLOCKED)
+            self._close()
+            return
         auth = self.front.config.auth
         if auth is not None and self._auth_failures >= auth.max_failures:
             await self.reply(status.TOO_MANY_AUTH_FAILURES)
@@ -297,6 +306,15 @@ class FrontSession(SmtpdSession):
             metrics.REJECTED.labels(reason).inc()
             log.info("session %s: MAIL refused: %s (%s)", self.client_ip, exc.reply, exc)
             await self.reply(exc.reply)
+            return
+        too_much = self.front.abuse.message(
+            self.client_ip, trusted=self.trusted, abuse=self.front.config.abuse
+        )
+        if too_much is not None:
+            metrics.REJECTED.labels(too_much[1]).inc()
+            log.info("session %s: MAIL refused: %s", self.client_ip, too_much[0])
+            await self.reply(too_much[0])
+            self._close()
             return
         login = self._login()
         if login is not None and not sender_allowed(path.address, self._senders(login)):

@@ -100,3 +100,12 @@ EVENTS = Counter(
     "Delivery event POSTs (issue 15) by result: sent, retry, dropped (too old), lost (not stored)",
     ["result"],
 )
+ABUSE_BLOCKS = Counter(
+    "mailrelay_abuse_blocks",
+    "Client addresses blocked (abuse.blockFor), by reason (auth_failures); counted once, by the "
+    "worker that saw the last failure",
+    ["reason"],
+)
+ABUSE_STORE_ERRORS = Counter(
+    "mailrelay_abuse_store_errors", "Abuse store operations that failed (the front then admits)"
+)

@@ -119,6 +119,11 @@ class SmtpdSession(SMTP):
         return DataDecoder(self.front.config.limits.max_message_size)
 
     @property
+    def trusted(self) -> bool:
+        """Whether the client is in a trusted network (the subclass knows)."""
+        return False
+
+    @property
     def secure(self) -> bool:
         return self.listener.tls == "implicit" or self._tls_protocol is not None
 
@@ -331,7 +336,34 @@ class SmtpdSession(SMTP):
             await self._write_raw([str(self._admission)])
             self._close()
             return False
+        if not await self._pregreet():
+            return False
         await self._write_raw([f"220 {self.hostname} {IDENT}"])
+        return True
+
+    async def _pregreet(self) -> bool:
+        """Postscreen's pregreet test on relay listeners (``abuse.pregreetWait``): a client that
+        sends anything before the banner is refused ``554 5.5.1``; one that waited passes, and
+        is not tested again for ``abuse.pregreetPassFor`` (in the store every worker shares).
+        Trusted networks and implicit-TLS listeners (the client speaks first there) skip it."""
+        abuse = self.front.config.abuse
+        if abuse.pregreet_wait <= 0 or self.listener.mode != "relay" or self.listener.tls == "implicit":
+            return True
+        if self.trusted or self.front.abuse.pregreet_passed(self.client_ip):
+            return True
+        await asyncio.sleep(abuse.pregreet_wait)
+        if self.transport is None or self.transport.is_closing():
+            return False
+        if self._reader._buffer:  # type: ignore[attr-defined]
+            log.info("session %s: talked before the greeting, refused", self.client_ip)
+            metrics.REJECTED.labels("pregreet").inc()
+            await self._write_raw([str(status.PREGREET)])
+            self._close()
+            return False
+        if self._reader.at_eof():
+            self._close()
+            return False
+        self.front.abuse.pregreet_pass(self.client_ip, abuse)
         return True
 
     async def _read_proxy_header(self) -> bool:

@@ -164,6 +164,20 @@ class LimitsSpec(_Spec):
     _idle = field_validator("idle_timeout", mode="before")(_duration)
 
 
+class AbuseSpec(_Spec):
+    """Per-client-address limits over all worker processes of a pod, kept across restarts
+    (relay.config.AbuseConfig; 0 turns a limit off)."""
+
+    window: str = "10m"
+    auth_failures: int = Field(default=10, ge=0, le=100000)
+    block_for: str = "1h"
+    connections: int = Field(default=0, ge=0, le=1000000)
+    messages: int = Field(default=0, ge=0, le=1000000)
+    pregreet_wait: str = "0s"
+
+    _durations = field_validator("window", "block_for", "pregreet_wait", mode="before")(_duration)
+
+
 class StorageSpec(_Spec):
     size: str | int = "1Gi"
     storage_class_name: str | None = Field(default=None, max_length=253)
@@ -309,6 +323,7 @@ class MailRelaySpec(_Spec):
     trusted_networks: list[str] = Field(default=[], max_length=64)
     accept_domains: list[str] = Field(default=[], max_length=256)
     limits: LimitsSpec = LimitsSpec()
+    abuse: AbuseSpec = AbuseSpec()
     queue: QueueSpec = QueueSpec()
     dns: DnsSpec = DnsSpec()
     route_selector: LabelSelector | None = None

@@ -42,6 +42,7 @@ from pydantic.alias_generators import to_camel
 
 from relay.config import (
     DKIM_DEFAULT_HEADERS,
+    AbuseConfig,
     ApiConfig,
     AuthConfig,
     ConfigError,
@@ -80,6 +81,7 @@ from relay.core.dkim import DkimKeyError, parse_private_key, public_record
 from relay.core.routing import route_hops, select_route
 from relay_operator import naming
 from relay_operator.spec import (
+    AbuseSpec,
     CaSecretRef,
     DkimSpec,
     EventsSpec,
@@ -738,6 +740,17 @@ def _limits_config(limits: LimitsSpec) -> LimitsConfig:
     )
 
 
+def _abuse_config(abuse: AbuseSpec) -> AbuseConfig:
+    return AbuseConfig(
+        window=parse_duration(abuse.window),
+        auth_failures=abuse.auth_failures,
+        block_for=parse_duration(abuse.block_for),
+        connections=abuse.connections,
+        messages=abuse.messages,
+        pregreet_wait=parse_duration(abuse.pregreet_wait),
+    )
+
+
 def _queue_config(queue: QueueSpec, context: RenderContext) -> QueueConfig:
     retry = queue.retry
     return QueueConfig(
@@ -816,6 +829,7 @@ def _config(
         trusted_networks=[ipaddress.ip_network(network, strict=False) for network in spec.trusted_networks],
         accept_domains=spec.accept_domains,
         limits=_typed("limits", _limits_config, spec.limits),
+        abuse=_typed("abuse", _abuse_config, spec.abuse),
         queue=_typed("queue", _queue_config, spec.queue, context),
         dns=_typed("dns", DnsConfig, nameservers=spec.dns.nameservers),
         routes=list(routes),

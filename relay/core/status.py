@@ -48,6 +48,10 @@ TOO_MANY_CONNECTIONS_FROM_YOU = Reply(421, "4.7.0", "Too many connections from y
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 TIMEOUT = Reply(421, "4.4.2", "Idle timeout exceeded, closing connection")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
+CLIENT_BLOCKED = Reply(421, "4.7.0", "Too many authentication failures from your address, try again later")
+TOO_MANY_CONNECTIONS_RATE = Reply(421, "4.7.0", "Too many connections from your address, slow down")
+TOO_MUCH_MAIL = Reply(421, "4.7.0", "Too much mail from your address, try again later")
+PREGREET = Reply(554, "5.5.1", "Protocol error: you talked before the greeting")
 
 # ----------------------------------------------------------------------------- syntax and sequence
 BAD_SYNTAX = Reply(500, "5.5.2", "Syntax error")

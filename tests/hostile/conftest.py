@@ -85,9 +85,9 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
         auth={"usersFile": str(users), "maxFailures": 3},
         submission_port=submission_port,
     )
-    # One process: connection limits are per worker process today (issue 17 makes them hold
-    # across workers), and these tests count the per-address limit exactly.
-    config["workers"] = 1
+    # Two worker processes: the per-address limits these tests count exactly hold across
+    # workers (relay.abuse, issue 17).
+    config["workers"] = 2
     relay = Relay(tmp, config).start()
     try:
         yield Hostile(relay, inbox, victim, bounce, submission_port, certs)
