@@ -345,9 +345,13 @@ class SmtpdSession(SMTP):
         """Postscreen's pregreet test on relay listeners (``abuse.pregreetWait``): a client that
         sends anything before the banner is refused ``554 5.5.1``; one that waited passes, and
         is not tested again for ``abuse.pregreetPassFor`` (in the store every worker shares).
-        Trusted networks and implicit-TLS listeners (the client speaks first there) skip it."""
+        Trusted networks, implicit-TLS listeners (the client speaks first there) and the handoff
+        listener skip it."""
         abuse = self.front.config.abuse
         if abuse.pregreet_wait <= 0 or self.listener.mode != "relay" or self.listener.tls == "implicit":
+            return True
+        handoff = self.front.handoff
+        if handoff is not None and self.listener is handoff.config:  # a draining peer, not a client
             return True
         if self.trusted or self.front.abuse.pregreet_passed(self.client_ip):
             return True
