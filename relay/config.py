@@ -278,6 +278,39 @@ class AbuseConfig(_Model):
     pregreet_pass_for: Duration = 86400.0  # an address that waited is not tested again for this long
 
 
+class CalloutConfig(_Model):
+    """Ask the next hop whether a recipient exists (RCPT with no DATA, as Postfix's
+    ``reject_unverified_recipient``): `host`/`port`, else the first hop of the recipient's
+    route when that is another relay. Answers are cached per process."""
+
+    host: str | None = None
+    port: int = Field(default=25, ge=1, le=65535)
+    timeout: Duration = 10.0
+    positive_ttl: Duration = 86400.0  # a recipient the next hop accepted
+    negative_ttl: Duration = 3600.0  # one it refused with 5xx
+
+
+class RecipientCheckConfig(_Model):
+    """Valid recipients of some accept domains, checked before ``250`` at RCPT (no backscatter):
+    addresses or patterns (relay.core.addresses.address_matches) inline and/or in a file (one a
+    line, ``#`` comments; a mounted ConfigMap or Secret, re-read when it changes), and/or a
+    callout. Unknown: ``550 5.1.1``; a callout that cannot answer: ``450 4.1.1``."""
+
+    domains: list[DomainPattern] = Field(min_length=1)
+    recipients: list[str] = []
+    recipients_file: Path | None = None
+    callout: CalloutConfig | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> RecipientCheckConfig:
+        if not self.recipients and self.recipients_file is None and self.callout is None:
+            raise ValueError("a recipient check needs recipients, recipientsFile or callout")
+        bad = [r for r in self.recipients if r != "*" and "@" not in r]
+        if bad:
+            raise ValueError(f"recipient pattern {bad[0]!r} needs an @ (local@domain, *@domain)")
+        return self
+
+
 class RetryPolicyConfig(_Model):
     """Exponential backoff between min and max; after maxLifetime a deferred recipient bounces."""
 
@@ -597,6 +630,7 @@ class RelayConfig(_Model):
     accept_domains: list[DomainPattern] = []
     limits: LimitsConfig = LimitsConfig()
     abuse: AbuseConfig = AbuseConfig()
+    recipient_checks: list[RecipientCheckConfig] = []
     queue: QueueConfig = QueueConfig()
     dns: DnsConfig = DnsConfig()
     routes: list[RouteConfig] = []

@@ -60,6 +60,7 @@ from relay.core.addresses import client_is_trusted
 from relay.core.status import Reply
 from relay.front_session import FrontSession
 from relay.handoff_server import HandoffSession, handoff_listener
+from relay.recipient_verify import RecipientVerifier
 from relay.smtpd import SmtpdSession
 from relay.spool import Spool, SpoolError, SpoolFullError
 from relay.throttle import SenderCaps
@@ -109,6 +110,7 @@ class Front:
         self.tls = TlsContexts(config.tls) if config.tls is not None else None
         # Per-client counts shared by every worker of this relay (relay.abuse, in the spool).
         self.abuse = abuse if abuse is not None else AbuseStore(spool.directory)
+        self.verifier = RecipientVerifier()  # recipientChecks, with their files and callout cache
         self._admissions = 0
         # http listeners are the HTTP API's (relay.http_api), bound by relay.app
         self.listeners = {lc.name: _ListenerRuntime(lc) for lc in config.listeners if lc.mode != "http"}

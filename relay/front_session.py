@@ -370,6 +370,15 @@ class FrontSession(SmtpdSession):
             log.info(
                 "%s: %s", self._queue_id, decision.log, extra=self._refusal(decision.reason, decision.reply)
             )
+        if decision.recipient is not None and self.front.config.recipient_checks:
+            refusal = await self.front.verifier.verify(
+                decision.recipient.address, decision.route, self.front.config
+            )
+            if refusal is not None:
+                metrics.REJECTED.labels("unknown_recipient" if refusal.code >= 500 else "unverified").inc()
+                log.info("%s: to=<%s> refused: %s", self._queue_id, decision.recipient.address, refusal)
+                await self.reply(refusal)
+                return
         if decision.recipient is not None:
             self._rcpts.append(decision.recipient)
             self._rcpt_seen.add(decision.recipient.address)

@@ -109,3 +109,9 @@ ABUSE_BLOCKS = Counter(
 ABUSE_STORE_ERRORS = Counter(
     "mailrelay_abuse_store_errors", "Abuse store operations that failed (the front then admits)"
 )
+RECIPIENT_CHECKS = Counter(
+    "mailrelay_recipient_checks",
+    "Recipient verification refusals and callouts, by outcome (unknown, callout_valid, "
+    "callout_unknown, callout_unavailable)",
+    ["outcome"],
+)

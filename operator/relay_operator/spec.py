@@ -178,6 +178,38 @@ class AbuseSpec(_Spec):
     _durations = field_validator("window", "block_for", "pregreet_wait", mode="before")(_duration)
 
 
+class CalloutSpec(_Spec):
+    host: str | None = Field(default=None, max_length=253)
+    port: int = Field(default=25, ge=1, le=65535)
+    timeout: str = "10s"
+
+    _timeout = field_validator("timeout", mode="before")(_duration)
+
+
+class RecipientsSecretRef(_Spec):
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(default="recipients", min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
+
+
+class RecipientCheckSpec(_Spec):
+    """Valid recipients of some accept domains (relay.config.RecipientCheckConfig)."""
+
+    domains: list[str] = Field(min_length=1, max_length=64)
+    recipients: list[str] = Field(default=[], max_length=10000)
+    recipients_secret_ref: RecipientsSecretRef | None = None
+    callout: CalloutSpec | None = None
+
+    _domains = field_validator("domains", mode="before")(
+        lambda value: [_domain(v) for v in value] if isinstance(value, list) else value
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> RecipientCheckSpec:
+        if not self.recipients and self.recipients_secret_ref is None and self.callout is None:
+            raise ValueError("a recipient check needs recipients, recipientsSecretRef or callout")
+        return self
+
+
 class StorageSpec(_Spec):
     size: str | int = "1Gi"
     storage_class_name: str | None = Field(default=None, max_length=253)
@@ -324,6 +356,7 @@ class MailRelaySpec(_Spec):
     accept_domains: list[str] = Field(default=[], max_length=256)
     limits: LimitsSpec = LimitsSpec()
     abuse: AbuseSpec = AbuseSpec()
+    recipient_checks: list[RecipientCheckSpec] = Field(default=[], max_length=32)
     queue: QueueSpec = QueueSpec()
     dns: DnsSpec = DnsSpec()
     route_selector: LabelSelector | None = None

@@ -45,6 +45,7 @@ from relay.config import (
     AbuseConfig,
     ApiConfig,
     AuthConfig,
+    CalloutConfig,
     ConfigError,
     DkimKeyConfig,
     DnsConfig,
@@ -60,6 +61,7 @@ from relay.config import (
     PipeGateway,
     ProxyProtocolConfig,
     QueueConfig,
+    RecipientCheckConfig,
     RejectHop,
     RelayConfig,
     RelayHop,
@@ -96,6 +98,7 @@ from relay_operator.spec import (
     MatchSpec,
     ObjectKey,
     QueueSpec,
+    RecipientCheckSpec,
     RelayRoute,
     RelayTarget,
     ResourcesSpec,
@@ -222,7 +225,7 @@ class SecretUse:
     """A Secret a relay needs mounted: where, for what, and which keys must be in it."""
 
     secret: str
-    purpose: Literal["tls", "auth", "api", "smarthost", "webhook", "ca", "dkim", "events"]
+    purpose: Literal["tls", "auth", "api", "smarthost", "webhook", "ca", "dkim", "events", "recipients"]
     mount_dir: PurePosixPath
     keys: tuple[str, ...]
     used_by: str  # "spec.tls", "spec.auth" or "RelayRoute <name>"
@@ -670,6 +673,13 @@ def _secret_uses(relay: MailRelay, routes: Sequence[RelayRoute], context: Render
         uses.append(
             SecretUse(signing.name, "events", context.secret_dir(signing.name), (signing.key,), "spec.events")
         )
+    for index, check in enumerate(spec.recipient_checks):
+        listed = check.recipients_secret_ref
+        if listed is not None:
+            where = f"spec.recipientChecks[{index}]"
+            uses.append(
+                SecretUse(listed.name, "recipients", context.secret_dir(listed.name), (listed.key,), where)
+            )
     if spec.api is not None:
         tokens = spec.api.tokens_secret_ref
         uses.append(SecretUse(tokens.name, "api", context.secret_dir(tokens.name), (tokens.key,), "spec.api"))
@@ -737,6 +747,21 @@ def _limits_config(limits: LimitsSpec) -> LimitsConfig:
         max_connections=limits.max_connections,
         max_connections_per_client=limits.max_connections_per_client,
         idle_timeout=parse_duration(limits.idle_timeout),
+    )
+
+
+def _recipient_check_config(check: RecipientCheckSpec, context: RenderContext) -> RecipientCheckConfig:
+    ref = check.recipients_secret_ref
+    callout = check.callout
+    return RecipientCheckConfig(
+        domains=check.domains,
+        recipients=check.recipients,
+        recipients_file=Path(context.secret_dir(ref.name) / ref.key) if ref is not None else None,
+        callout=(
+            CalloutConfig(host=callout.host, port=callout.port, timeout=parse_duration(callout.timeout))
+            if callout is not None
+            else None
+        ),
     )
 
 
@@ -830,6 +855,10 @@ def _config(
         accept_domains=spec.accept_domains,
         limits=_typed("limits", _limits_config, spec.limits),
         abuse=_typed("abuse", _abuse_config, spec.abuse),
+        recipient_checks=[
+            _typed(f"recipientChecks.{index}", _recipient_check_config, check, context)
+            for index, check in enumerate(spec.recipient_checks)
+        ],
         queue=_typed("queue", _queue_config, spec.queue, context),
         dns=_typed("dns", DnsConfig, nameservers=spec.dns.nameservers),
         routes=list(routes),

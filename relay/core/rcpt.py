@@ -17,7 +17,9 @@
 6. A route must match (relay.core.routing.select_route, first of the ordered routes): none is
    ``550 5.4.4``; a RejectHop route answers with its own configured reply.
 
-The decision carries the reply, the recipient to add when accepted, and for a refusal the
+Whether an accepted recipient of an accept domain exists (recipient verification, no
+backscatter) is asked after this, by the front (relay.recipient_verify, relay.core.recipients).
+The decision carries the reply, the recipient to add when accepted (and its route), and for a refusal the
 ``mailrelay_rejected`` reason and the log text. What it must not do: count metrics, log, or
 keep the transaction (the front does), or decide anything about delivery. Pure: no I/O.
 """
@@ -43,6 +45,7 @@ class RcptDecision:
     recipient: Recipient | None = None  # accepted and new: add it to the transaction
     reason: str | None = None  # refused: the mailrelay_rejected reason
     log: str | None = None  # refused: what to log after the queue id
+    route: RouteConfig | None = None  # accepted: the route it takes (a callout may ask its hop)
 
 
 def routed_text(path_argument: str | None) -> bool:
@@ -108,4 +111,4 @@ def decide_rcpt(
             log=f"to=<{path.address}> refused by route {route.name}",
         )
     recipient = Recipient(address=path.address, notify=params.notify, orcpt=params.orcpt)
-    return RcptDecision(status.RECIPIENT_OK, recipient=recipient)
+    return RcptDecision(status.RECIPIENT_OK, recipient=recipient, route=route)

@@ -626,3 +626,28 @@ def test_relay_hop_tls_renders_the_ca_of_its_secret() -> None:
         [relay("a"), relay("b")], [route("to-b", "a", {"relay": {"name": "b", "caSecretRef": {"name": "x"}}})]
     )
     assert "InvalidSpec" in reasons(bad, "RelayRoute", "to-b")
+
+
+def test_recipient_checks_are_rendered_with_their_secret_mounted() -> None:
+    checks = [
+        {
+            "domains": ["example.com"],
+            "recipients": ["a@example.com"],
+            "recipientsSecretRef": {"name": "valid"},
+        },
+        {"domains": ["*.example.org"], "callout": {"host": "store.mail.svc", "timeout": "5s"}},
+    ]
+    relay_plan = plan([relay("a", recipientChecks=checks)], []).relays["a"]
+    assert relay_plan.config is not None, relay_plan.problems
+    assert parse_config(yaml.safe_load(relay_plan.config_yaml)) == relay_plan.config
+    first, second = relay_plan.config.recipient_checks
+    assert first.recipients == ["a@example.com"] and first.recipients_file is not None
+    assert str(first.recipients_file).endswith("/valid/recipients")
+    assert [(u.secret, u.purpose, u.keys) for u in relay_plan.secrets if u.purpose == "recipients"] == [
+        ("valid", "recipients", ("recipients",))
+    ]
+    assert (
+        second.callout is not None and second.callout.host == "store.mail.svc" and second.callout.timeout == 5
+    )
+    bad = plan([relay("a", recipientChecks=[{"domains": ["example.com"]}])], [])
+    assert reasons(bad, "MailRelay", "a") == ["InvalidSpec"]
