@@ -86,7 +86,7 @@ DRAIN_ACK_TIMEOUT = 10.0  # seconds the supervisor waits for every worker to sto
 
 def pod_name() -> str:
     """This relay's pod name: ``MAILRELAY_POD_NAME`` (downward API, or `mailrelay up`), else
-    ``POD_NAME`` (what relay.logs reads), else the host name (a StatefulSet pod's host name is
+    ``POD_NAME``, else the host name (a StatefulSet pod's host name is
     its name)."""
     return os.environ.get("MAILRELAY_POD_NAME") or os.environ.get("POD_NAME") or socket.gethostname()
 
@@ -108,7 +108,13 @@ def configure_logging(
     config: RelayConfig, worker: int | None = None, log_format: LogFormat | None = None
 ) -> None:
     """The process's log lines: `log_format` (the command line's) wins over the config's."""
-    logs.configure(log_format or config.log_format, config.log_level, relay=config.hostname, worker=worker)
+    logs.configure(
+        log_format or config.log_format,
+        config.log_level,
+        relay=config.hostname,
+        pod=pod_name(),
+        worker=worker,
+    )
 
 
 def restart_needed(old: RelayConfig, new: RelayConfig) -> list[str]:

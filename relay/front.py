@@ -51,7 +51,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from relay import metrics
+from relay import logs, metrics
 from relay.abuse import AbuseStore
 from relay.config import ListenerConfig, RelayConfig, RouteConfig
 from relay.core import status
@@ -289,14 +289,16 @@ class Front:
                 len(entry.envelope.recipients),
                 entry.envelope.mail_from,
                 " (bare line ends normalised)" if prepared.normalized else "",
-                extra={  # relay.logs: the accepted event
+                extra={  # relay.logs: the accepted event (its fields only where a line shows them)
                     "event": "accepted",
                     "queue_id": queue_id,
                     "sender": entry.envelope.mail_from,
                     "size": prepared.size,
                     "nrcpt": len(entry.envelope.recipients),
                     "client": entry.client_address,
-                },
+                }
+                if logs.per_recipient()
+                else None,
             )
         if self.on_stored is not None:
             try:

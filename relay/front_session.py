@@ -31,7 +31,7 @@ import secrets
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from relay import metrics
+from relay import logs, metrics
 from relay.config import ListenerConfig
 from relay.core import sasl, status
 from relay.core.accept import Arrival, Prepared, Refused, prepare_message
@@ -79,8 +79,10 @@ class FrontSession(SmtpdSession):
         self._rcpts: list[Recipient] = []
         self._rcpt_seen: set[str] = set()
 
-    def _refusal(self, reason: str | None, reply: Reply | str) -> dict[str, object]:
-        """The event fields of a refused RCPT or message (relay.logs)."""
+    def _refusal(self, reason: str | None, reply: Reply | str) -> dict[str, object] | None:
+        """The event fields of a refused RCPT or message (relay.logs; JSON lines only)."""
+        if not logs.per_recipient():
+            return None
         fields: dict[str, object] = {
             "event": "rejected",
             "queue_id": self._queue_id,

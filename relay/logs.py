@@ -12,13 +12,15 @@ event field a record has; the text formatter writes the message only, so event f
 nothing there.
 
 Cost on the hot path: the scheduler writes one line per recipient only when `per_recipient()`
-is true (JSON); in text it keeps its one summary line per attempt. Callers build ``extra``
-only when the logger is enabled for the level (`logging.Logger.isEnabledFor`), and messages
-keep %-style arguments, so a disabled level formats nothing.
+is true (JSON); in text it keeps its one summary line per attempt, and no caller builds
+``extra`` (text shows none of it). Callers build it only when the logger is enabled for the
+level (`logging.Logger.isEnabledFor`), and messages keep %-style arguments, so a disabled level
+formats nothing.
 
 `configure` is called once per process by the composition root (relay.app); this module
 decides nothing about mail and reads nothing but the environment for the pod's identity
-(``POD_NAME``, else the host name; ``MAILRELAY_RELAY``, else the relay's hostname).
+(``MAILRELAY_RELAY``, else the relay's hostname; the pod's name is the caller's,
+relay.app.pod_name).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -59,7 +60,8 @@ _structured = False
 
 
 def per_recipient() -> bool:
-    """True when the process logs one event line per recipient (the JSON format)."""
+    """True when the process logs JSON lines: one event line per recipient, and event fields
+    worth building (text lines show none of them)."""
     return _structured
 
 
@@ -115,18 +117,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
-def identity(relay: str, worker: int | None = None) -> dict[str, Any]:
+def identity(relay: str, pod: str, worker: int | None = None) -> dict[str, Any]:
     """The fields every JSON line of this process carries."""
-    fields: dict[str, Any] = {
-        "relay": os.environ.get("MAILRELAY_RELAY") or relay,
-        "pod": os.environ.get("POD_NAME") or socket.gethostname(),
-    }
+    fields: dict[str, Any] = {"relay": os.environ.get("MAILRELAY_RELAY") or relay, "pod": pod}
     if worker is not None:
         fields["worker"] = worker
     return fields
 
 
-def configure(fmt: LogFormat, level: str, *, relay: str, worker: int | None = None) -> None:
+def configure(fmt: LogFormat, level: str, *, relay: str, pod: str, worker: int | None = None) -> None:
     """Install the format on the root logger's handlers and set the level."""
     global _structured
     # Fields the relay's log lines never show; skipping them halves the cost of a line
@@ -140,7 +139,7 @@ def configure(fmt: LogFormat, level: str, *, relay: str, worker: int | None = No
         logging.basicConfig()
     formatter: logging.Formatter
     if fmt == "json":
-        formatter = JsonFormatter(identity(relay, worker))
+        formatter = JsonFormatter(identity(relay, pod, worker))
     else:
         prefix = f"[w{worker}] " if worker is not None else ""
         formatter = TextFormatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")

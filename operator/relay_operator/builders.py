@@ -309,11 +309,11 @@ def _relay_container(
         "image": spec.image or options.image,
         "command": ["mailrelay"],
         "args": ["relay", "--config", str(context.config_file)],
-        # the identity of every JSON log line (relay.logs)
         "env": [
+            # the relay field of every JSON log line (relay.logs)
             {"name": "MAILRELAY_RELAY", "value": plan.relay.key.name},
-            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            # the relay's own pod name: whether the ConfigMap's drain.pods names it (issue 14)
+            # the relay's own pod name: whether the ConfigMap's drain.pods names it (issue 14), and
+            # the pod field of its JSON log lines
             {"name": naming.POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         ],
         "ports": container_ports,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import smtplib
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,13 @@ def _parsed(run: RelayRun) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("how", ["config", "flag"])
 async def test_every_event_kind_is_one_json_line_with_its_fields(
-    tmp_path: Path, runs: list[RelayRun], how: str
+    tmp_path: Path, runs: list[RelayRun], how: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    identity = ("logs.test", socket.gethostname())  # relay hostname, host name: outside a pod
+    if how == "flag":  # what a pod's environment says (the operator's builders set both)
+        monkeypatch.setenv("MAILRELAY_RELAY", "logs")
+        monkeypatch.setenv("MAILRELAY_POD_NAME", "logs-0")
+        identity = ("logs", "logs-0")
     sink = SmtpSink(
         rcpt_replies={"later@d.test": "451 4.3.0 try again later", "bad@d.test": "550 5.1.1 no such user"}
     )
@@ -90,7 +96,7 @@ async def test_every_event_kind_is_one_json_line_with_its_fields(
     for line in lines:
         for field in COMMON:
             assert line.get(field) not in (None, ""), f"{field} missing in {line}"
-        assert line["relay"] == "logs.test"
+        assert (line["relay"], line["pod"]) == identity
     by_event: dict[str, list[dict[str, Any]]] = {}
     for line in lines:
         if "event" in line:

@@ -222,9 +222,9 @@ class Replica:
         self._task = asyncio.create_task(self._run(), name=f"replica {self.plan.name}")
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        # POD_NAME: the replica's name in JSON log lines, as a pod's name is (relay.logs)
+        # the replica's name, as a pod's (relay.app.pod_name: drain.pods, JSON log lines)
         name = self.plan.name
-        env = dict(os.environ, PYTHONUNBUFFERED="1", POD_NAME=name, MAILRELAY_POD_NAME=name)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", MAILRELAY_POD_NAME=name)
         return await asyncio.create_subprocess_exec(
             *relay_command(self.plan.config_file),
             stdin=asyncio.subprocess.DEVNULL,
