@@ -56,6 +56,9 @@ TRANSPARENT = (
 STAGES: tuple[tuple[str, str, str], ...] = (
     ("logging", "logging/", ""),
     ("logging", "relay/app.py", "formatTime"),
+    ("logging", "relay/logs.py", ""),
+    ("rate limits (relay.throttle)", "relay/throttle.py", ""),
+    ("DKIM signing", "relay/dkim.py", ""),
     ("metrics", "prometheus_client/", ""),
     ("spool write+fsync", "relay/durable.py", ""),
     ("spool write+fsync", "relay/spool.py", "_store"),
