@@ -222,9 +222,11 @@ class Replica:
         self._task = asyncio.create_task(self._run(), name=f"replica {self.plan.name}")
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        # the replica's name, as a pod's (relay.app.pod_name: drain.pods, JSON log lines)
+        # the replica's name, as a pod's (relay.app.pod_name: drain.pods, JSON log lines), and
+        # its relay's, as the builders give a pod (the relay field of JSON log lines)
         name = self.plan.name
-        env = dict(os.environ, PYTHONUNBUFFERED="1", MAILRELAY_POD_NAME=name)
+        relay = name.rsplit("-", 1)[0]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", MAILRELAY_POD_NAME=name, MAILRELAY_RELAY=relay)
         return await asyncio.create_subprocess_exec(
             *relay_command(self.plan.config_file),
             stdin=asyncio.subprocess.DEVNULL,
@@ -242,7 +244,9 @@ class Replica:
             line = await process.stdout.readline()
             if not line:
                 return
-            self._console.lines(prefix, [line.decode("utf-8", "replace").rstrip()])
+            text = line.decode("utf-8", "replace").rstrip()
+            # a JSON line (--log-format json) names its relay and pod itself: kept parseable
+            self._console.lines("" if text.startswith("{") else prefix, [text])
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
