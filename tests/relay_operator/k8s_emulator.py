@@ -45,7 +45,8 @@ What it emulates (each is checked in test_emulator.py):
   Namespaces), label keys and values, annotation keys and size; and for built-in kinds the
   OpenAPI schema of the emulated version through kubernetes-validate (required fields and
   types; 422 with the path);
-- per kind: StatefulSet spec fields other than replicas, template, updateStrategy, ... are
+- per kind: a Secret's write-only stringData is merged into data (base64); StatefulSet spec
+  fields other than replicas, template, updateStrategy, ... are
   immutable (422), quantities of containers and claim templates are stored in canonical form
   ("0.5" -> "500m"), and below 1.27 persistentVolumeClaimRetentionPolicy is dropped (the
   StatefulSetAutoDeletePVC gate is off there); Services get defaults, a cluster IP and node
@@ -993,6 +994,13 @@ class KubernetesApiEmulator:
                     )
         elif rt.key == ("batch", "jobs"):
             self._job_rules(rt, obj, old)
+        elif rt.key == ("", "secrets") and "stringData" in obj:
+            # stringData is write-only: merged into data (base64), never stored or returned.
+            string_data = obj.pop("stringData") or {}
+            obj["data"] = {
+                **(obj.get("data") or {}),
+                **{k: base64.b64encode(str(v).encode()).decode() for k, v in string_data.items()},
+            }
         elif rt.key == ("", "services"):
             self._service_allocations(rt, obj, old)
         elif rt.key == ("", "persistentvolumeclaims"):
