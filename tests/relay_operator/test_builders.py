@@ -327,3 +327,75 @@ def test_for_a_1_25_server_the_statefulset_omits_the_claim_retention_policy() ->
     assert {
         k: v for k, v in default["spec"].items() if k != "persistentVolumeClaimRetentionPolicy"
     } == statefulset["spec"]
+
+
+def test_every_pod_can_hand_off_and_knows_its_name() -> None:
+    plan = full_relay_plan()
+    objects = _by_kind(plan)
+    config = parse_config(yaml.safe_load(objects["ConfigMap"]["data"][naming.CONFIG_KEY]))
+    assert config.handoff is not None and config.handoff.port == naming.HANDOFF_PORT
+    assert config.drain is None  # only while pods drain
+    pod = objects["StatefulSet"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    handoff = volumes[mounts[str(config.handoff.credential_file.parent)]]
+    assert handoff["secret"]["secretName"] == naming.handoff_secret_name("edge")
+    assert config.handoff.credential_file.name == naming.HANDOFF_SECRET_KEY
+    env = {e["name"]: e for e in container["env"]}
+    assert env[naming.POD_NAME_ENV]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert {"name": "handoff", "containerPort": naming.HANDOFF_PORT, "protocol": "TCP"} in container["ports"]
+    # The preStop wait comes on top of the grace period a transfer in flight gets.
+    assert container["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}
+    assert (
+        pod["terminationGracePeriodSeconds"] == builders.BuildOptions().termination_grace_period_seconds + 5
+    )
+    body = crd_tools.relay_body(routeSelector={}, shutdown={"endpointRemovalDelay": "1500ms"})
+    slow = topology.plan_namespace("mail", [body], []).relays["edge"]
+    (slow_container,) = builders.build_statefulset(slow)["spec"]["template"]["spec"]["containers"]
+    assert slow_container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "2"]  # whole seconds, up
+
+
+def test_a_drain_renders_into_the_config_and_keeps_the_statefulset_size() -> None:
+    plan = full_relay_plan()
+    drain = builders.Drain(
+        replicas=3, pods=("edge-1", "edge-2"), peers=(("edge-0.edge-headless.mail.svc.cluster.local", 9025),)
+    )
+    objects = builders.build_objects(plan, drain=drain)
+    configmap = next(o for o in objects if o["kind"] == "ConfigMap")
+    config = parse_config(yaml.safe_load(configmap["data"][naming.CONFIG_KEY]))
+    assert config.drain is not None and config.drain.pods == ["edge-1", "edge-2"]
+    assert [(p.host, p.port) for p in config.drain.peers] == [
+        ("edge-0.edge-headless.mail.svc.cluster.local", 9025)
+    ]
+    assert config.draining("edge-2") and not config.draining("edge-0")
+    statefulset = next(o for o in objects if o["kind"] == "StatefulSet")
+    assert statefulset["spec"]["replicas"] == 3
+    # The drain changes only the ConfigMap: the pods do not roll for it.
+    plain = builders.build_objects(plan)
+    assert (
+        next(o for o in plain if o["kind"] == "StatefulSet")["spec"]["template"]
+        == statefulset["spec"]["template"]
+    )
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_drain_job_and_the_handoff_secret_pass_strict_validation(version: str) -> None:
+    plan = full_relay_plan()
+    job = builders.build_drain_job(
+        plan,
+        builders.BuildOptions(),
+        2,
+        ("spool-edge-2", "6f1c2d3e-aaaa-bbbb-cccc-1f6f1c2d3e4f"),
+        ("edge-0.edge-headless.mail.svc.cluster.local", 9025),
+        [OWNER],
+    )
+    kubernetes_validate.validate(job, version, strict=True)
+    assert job["metadata"]["name"] == "edge-drain-2-6f1c2d3e"
+    assert job["metadata"]["annotations"][naming.CLAIM_UID_ANNOTATION].startswith("6f1c2d3e")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["args"][:3] == ["drain", "--spool", "/var/spool/mailrelay/queue"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    secret = builders.build_handoff_secret(plan, "random-credential", [OWNER])
+    kubernetes_validate.validate(secret, version, strict=True)
+    assert secret["stringData"] == {naming.HANDOFF_SECRET_KEY: "random-credential"}
