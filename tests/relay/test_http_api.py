@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextlib
 import signal
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from relay.config import parse_config
 from relay.core.compose import Attachment, compose
 from relay.http_api import OPENAPI, HttpApi
 from tests.relay.apphelp import RelayRun, free_port, relay_to_sink_config, until, write_config
-from tests.relay.fronthelp import RawClient
+from tests.relay.fronthelp import RawClient, make_certs
 from tests.relay.smtpsink import SmtpSink
 
 TOKENS = "billing tok-billing-0001 *@billing.example.com\nops tok-ops-000002 *\n"
@@ -409,6 +410,41 @@ async def test_sender_caps_of_the_listener_count_per_client(tmp_path: Path) -> N
         assert status == 429 and "4.7.0" in body["error"]["message"] and headers["Retry-After"] == "60"
         assert (await post(session, data, json=good, headers=OPS))[0] == 202  # another client's budget
         await until(lambda: len(sink.messages) == 3)
+    await sink.stop()
+
+
+async def test_implicit_tls_listener_and_a_tokens_file_that_changes(tmp_path: Path) -> None:
+    """tls: implicit serves HTTPS with the relay's certificate (the Received says HTTPS); a new
+    line in the tokens file is a new client without a restart."""
+    certs = make_certs(tmp_path)
+    sink = await SmtpSink().start()
+    data = config_data(
+        tmp_path, sink.port, tls={"certFile": str(certs.cert_file), "keyFile": str(certs.key_file)}
+    )
+    data["listeners"][1]["tls"] = "implicit"
+    url = api_url(data, "/v1/messages").replace("http://", "https://")
+    context = ssl.create_default_context(cafile=str(certs.ca_file))
+    async with running(tmp_path, data), aiohttp.ClientSession() as session:
+        good = {"from": "a@ops.test", "to": "carol@example.com", "text": "over TLS"}
+        async with session.post(url, json=good, headers=OPS, ssl=context) as response:
+            assert response.status == 202, await response.text()
+            queue_id = (await response.json())["queueId"]
+        with pytest.raises(aiohttp.ClientError):  # no plain HTTP on that port
+            await session.post(api_url(data, "/v1/messages"), json=good, headers=OPS)
+        newcomer = {"Authorization": "Bearer tok-newcomer-03"}
+        async with session.post(url, json=good, headers=newcomer, ssl=context) as response:
+            assert response.status == 401
+        with (tmp_path / "tokens").open("a") as tokens:
+            tokens.write("newcomer tok-newcomer-03 *@ops.test\n")
+
+        async def admitted() -> bool:
+            async with session.post(url, json=good, headers=newcomer, ssl=context) as response:
+                return response.status == 202
+
+        await until(admitted)
+        await until(lambda: len(sink.messages) >= 2)
+    first = next(m for m in sink.messages if queue_id.encode() in m.content)
+    assert f"with HTTPS id {queue_id}".encode() in first.content
     await sink.stop()
 
 
