@@ -21,10 +21,10 @@ SMTP. The contract is ``relay/openapi.json`` (served at ``/v1/openapi.json``).
   names it in ``acceptedBy`` (the pod name), and another replica answers 404 saying so.
 
 Sockets are bound like the front's (SO_REUSEPORT, so worker processes share the port);
-``tls: implicit`` uses the front's certificate (relay.tls), loaded when the listener starts: unlike
-SMTP's handshakes, a renewed certificate reaches the HTTP listener only with a restart. Who calls it: relay.app, one per
-process with http listeners. What it must not do: store any other way than Front.store, or
-answer 2xx before it returned.
+``tls: implicit`` uses the front's certificate (relay.tls), loaded when the listener starts:
+unlike SMTP's handshakes, a renewed certificate reaches the HTTP listener only with a restart.
+Who calls it: relay.app, one per process with http listeners. What it must not do: store any
+other way than Front.store, or answer 2xx before it returned.
 """
 
 from __future__ import annotations
