@@ -63,6 +63,7 @@ import json
 import re
 import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -339,16 +340,9 @@ def _scale_down(
         ordinal = naming.pod_ordinal(name, pod["metadata"]["name"])
         if ordinal is not None and not _deleting(pod):
             pods[ordinal] = pod
-    reports: list[QueueReport] = []
-    for _ordinal, pod in sorted(pods.items()):
-        pod_name = pod["metadata"]["name"]
-        ip = (pod.get("status") or {}).get("podIP")
-        if context.probe is None:
-            reports.append(QueueReport.failed(pod_name, "the operator does not read pod queues"))
-        elif not ip:
-            reports.append(QueueReport.failed(pod_name, "the pod has no IP yet"))
-        else:
-            reports.append(context.probe(pod_name, str(ip), plan.context.metrics_port))
+    reports = _probe_pods(
+        [pod for _ordinal, pod in sorted(pods.items())], context.probe, plan.context.metrics_port
+    )
     claims = []
     for claim in api.list(PERSISTENTVOLUMECLAIMS, namespace, selector):
         ordinal = naming.claim_ordinal(name, claim["metadata"]["name"])
@@ -384,6 +378,28 @@ def _scale_down(
         )
     )
     return decision, reports
+
+
+_PROBE_THREADS = 16
+
+
+def _probe_pods(pods: Sequence[Mapping[str, Any]], probe: QueueProbe | None, port: int) -> list[QueueReport]:
+    """Every pod's GET /queue, asked in parallel: a pod that does not answer costs its timeout
+    once, not once per pod behind it. In the order of `pods`."""
+
+    def ask(pod: Mapping[str, Any]) -> QueueReport:
+        name = str(pod["metadata"]["name"])
+        ip = (pod.get("status") or {}).get("podIP")
+        if probe is None:
+            return QueueReport.failed(name, "the operator does not read pod queues")
+        if not ip:
+            return QueueReport.failed(name, "the pod has no IP yet")
+        return probe(name, str(ip), port)
+
+    if len(pods) <= 1:
+        return [ask(pod) for pod in pods]
+    with ThreadPoolExecutor(max_workers=min(_PROBE_THREADS, len(pods))) as pool:
+        return list(pool.map(ask, pods))
 
 
 def _job_state(job: Mapping[str, Any]) -> scaledown.JobState:

@@ -57,3 +57,34 @@ def test_quantity_value(text: Any, amount: Decimal | None) -> None:
 )
 def test_contains(live: Any, desired: Any, expected: bool) -> None:
     assert contains(live, desired) is expected
+
+
+def test_pod_queues_are_asked_at_the_same_time_and_reported_in_order() -> None:
+    import threading
+
+    from relay_operator import reconcile
+    from relay_operator.queues import QueueReport
+
+    pods = [{"metadata": {"name": f"edge-{i}"}, "status": {"podIP": f"127.244.0.{i + 1}"}} for i in range(3)]
+    pods.append({"metadata": {"name": "edge-3"}, "status": {}})  # not started yet
+    # Each probe waits for the other two: asked one after another, the barrier would break.
+    together = threading.Barrier(3, timeout=30)
+    asked: list[tuple[str, str, int]] = []
+
+    def probe(pod: str, ip: str, port: int) -> QueueReport:
+        asked.append((pod, ip, port))
+        together.wait()
+        return QueueReport(pod=pod, depth=int(pod[-1]))
+
+    reports = reconcile._probe_pods(pods, probe, 9090)
+    assert [r.pod for r in reports] == ["edge-0", "edge-1", "edge-2", "edge-3"]
+    assert [r.depth for r in reports[:3]] == [0, 1, 2]
+    assert reports[3].error == "the pod has no IP yet"
+    assert sorted(asked) == [
+        ("edge-0", "127.244.0.1", 9090),
+        ("edge-1", "127.244.0.2", 9090),
+        ("edge-2", "127.244.0.3", 9090),
+    ]
+    assert [r.error for r in reconcile._probe_pods(pods[:1], None, 9090)] == [
+        "the operator does not read pod queues"
+    ]
