@@ -800,3 +800,52 @@ def test_adapter_pages_lists_deletes_with_preconditions_and_reads_the_version(
         api.delete(k8s.CONFIGMAPS, namespace, "a0", preconditions={"uid": "someone-else"})
     api.delete(k8s.CONFIGMAPS, namespace, "a0", preconditions={"uid": live["metadata"]["uid"]})
     assert api.get(k8s.CONFIGMAPS, namespace, "a0") is None
+
+
+def test_secret_string_data_is_stored_as_data(http: RawHttp, namespace: str) -> None:
+    body = {"metadata": {"name": "s"}, "data": {"a": "YQ=="}, "stringData": {"b": "bee"}}
+    status, created = http("POST", f"/api/v1/namespaces/{namespace}/secrets", body)
+    assert status == 201
+    assert created["data"] == {"a": "YQ==", "b": "YmVl"} and "stringData" not in created
+    _, read = http("GET", f"/api/v1/namespaces/{namespace}/secrets/s")
+    assert read["data"] == created["data"] and "stringData" not in read
+
+
+def test_jobs_get_their_generated_selector_and_an_immutable_template(http: RawHttp, namespace: str) -> None:
+    path = f"/apis/batch/v1/namespaces/{namespace}/jobs"
+    template = {
+        "metadata": {"labels": {"app": "x"}},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]},
+    }
+    status, job = http("POST", path, {"metadata": {"name": "j"}, "spec": {"template": template}})
+    assert status == 201
+    uid = job["metadata"]["uid"]
+    assert job["spec"]["selector"] == {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert labels == {
+        "app": "x",
+        "batch.kubernetes.io/controller-uid": uid,
+        "batch.kubernetes.io/job-name": "j",
+    }
+    assert (job["spec"]["backoffLimit"], job["spec"]["completions"], job["spec"]["parallelism"]) == (6, 1, 1)
+    changed = {"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "other"}]}}}}
+    status, refused = http("PATCH", f"{path}/j", changed, "application/merge-patch+json")
+    assert status == 422 and "spec.template" in refused["message"]
+    # No Job controller: status is what a test writes.
+    done = {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
+    status, updated = http("PATCH", f"{path}/j/status", done, "application/merge-patch+json")
+    assert status == 200 and updated["status"]["succeeded"] == 1
+
+
+def test_each_pod_gets_a_loopback_address_of_its_own(http: RawHttp, namespace: str) -> None:
+    path = f"/apis/apps/v1/namespaces/{namespace}/statefulsets"
+    http("POST", path, statefulset("s", replicas=3))
+    pods = f"/api/v1/namespaces/{namespace}/pods"
+
+    def addresses() -> list[str] | None:
+        items = http("GET", pods)[1]["items"]
+        found = [(p.get("status") or {}).get("podIP") for p in items]
+        return found if len(found) == 3 and all(found) else None  # type: ignore[return-value]
+
+    found = wait_for(addresses, what="three pods with addresses")
+    assert len(set(found)) == 3 and all(ip.startswith("127.244.") for ip in found)
