@@ -24,17 +24,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """Write every byte of `data` to `fd` (os.write may write less than it was given)."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def write_all(fd: int, data: bytes | Sequence[bytes]) -> None:
+    """Write every byte of `data` (one buffer, or several written in order with one writev,
+    so a header and a body need not be joined into a copy first) to `fd`; os.write and
+    os.writev may write less than they were given."""
+    if isinstance(data, bytes):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        return
+    views = [memoryview(part) for part in data if part]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
 
 
 def commit(
     tmp: str | Path,
-    data: bytes,
+    data: bytes | Sequence[bytes],
     moves: Sequence[str | Path],
     *,
     fsync_before_rename: bool,
@@ -42,9 +53,10 @@ def commit(
     mtime: float | None = None,
     mode: int = 0o600,
 ) -> None:
-    """Create `tmp` (it must not exist), write `data`, set its mtime when given, fsync it if
-    `fsync_before_rename`, rename it through `moves` in order (the last is where it stays), then
-    fsync it again if `fsync_after_rename` (the same open file: it commits the new name too).
+    """Create `tmp` (it must not exist), write `data` (bytes, or parts in order), set its mtime
+    when given, fsync it if `fsync_before_rename`, rename it through `moves` in order (the last
+    is where it stays), then fsync it again if `fsync_after_rename` (the same open file: it
+    commits the new name too).
 
     Raises the OSError; `tmp` is removed when the failure came after it was created and before
     the first rename, a file already renamed is left to the caller."""

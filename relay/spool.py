@@ -9,7 +9,9 @@ Layout under the queue directory::
     hold/       held by an operator (`mailrelay queue hold`)
     corrupt/    quarantined: unreadable files, never deleted automatically
 
-A queue file is ``MRQ1 <json QueueEntry>\\n`` followed by the message content.
+A queue file is ``MRQ1 <json QueueEntry>\\n`` followed by the message content. The two are
+written with one writev and read back apart (header, then the content into a bytes of its
+own), so a message's body is never copied to join or split it.
 
 `store` returns only once the message is durable, the rule that lets the front answer 250: the
 file is written in tmp/, renamed into incoming/ and then fsync()ed, one fsync per message, as
@@ -127,18 +129,31 @@ def _classify(exc: OSError) -> SpoolError:
 
 
 def encode(entry: QueueEntry, content: bytes) -> bytes:
+    return b"".join(encode_parts(entry, content))
+
+
+def encode_parts(entry: QueueEntry, content: bytes) -> tuple[bytes, bytes]:
+    """The queue file as (header line, content): written with one writev, never joined."""
     header = json.dumps(entry.to_json(), separators=(",", ":"), ensure_ascii=True).encode("ascii")
-    return MAGIC + header + b"\n" + content
+    return MAGIC + header + b"\n", content
 
 
 def decode(data: bytes) -> Message:
-    if not data.startswith(MAGIC):
-        raise ValueError("not a mailrelay queue file")
     newline = data.find(b"\n")
     if newline < 0:
+        raise ValueError(
+            "not a mailrelay queue file" if not data.startswith(MAGIC) else "truncated queue file header"
+        )
+    return decode_parts(data[: newline + 1], data[newline + 1 :])
+
+
+def decode_parts(head: bytes, content: bytes) -> Message:
+    """A queue file read as its header line (newline included) and the content after it."""
+    if not head.startswith(MAGIC):
+        raise ValueError("not a mailrelay queue file")
+    if not head.endswith(b"\n"):
         raise ValueError("truncated queue file header")
-    entry = QueueEntry.from_json(json.loads(data[len(MAGIC) : newline]))
-    content = data[newline + 1 :]
+    entry = QueueEntry.from_json(json.loads(head[len(MAGIC) : -1]))
     if entry.size and len(content) != entry.size:
         raise ValueError(f"truncated queue file: {len(content)} of {entry.size} bytes")
     return Message(entry=entry, content=content)
@@ -151,6 +166,25 @@ def read_header(path: Path) -> QueueEntry:
     if not line.startswith(MAGIC) or not line.endswith(b"\n"):
         raise ValueError("not a mailrelay queue file")
     return QueueEntry.from_json(json.loads(line[len(MAGIC) :]))
+
+
+_HEAD_READ = 4096  # bytes read first from a queue file: its header line, mostly
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes from `offset` (fewer only at the end of the file)."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 class _Batcher:
@@ -294,7 +328,7 @@ class Spool:
         try:
             durable.commit(
                 tmp,
-                encode(entry, content),
+                encode_parts(entry, content),
                 moves,
                 fsync_before_rename=self.fsync and replaces_durable_copy,
                 fsync_after_rename=self.fsync,
@@ -304,10 +338,29 @@ class Spool:
             raise _classify(exc) from exc
 
     def _read(self, path: str) -> Message:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        fd = os.open(path, os.O_RDONLY)
         try:
-            return decode(data)
+            # The header line, then the content read into a bytes of its own (not sliced out
+            # of a copy of the whole file: a 100 KB memcpy less per delivery).
+            size = os.fstat(fd).st_size
+            head = _pread_all(fd, min(size, _HEAD_READ), 0)
+            newline = head.find(b"\n")
+            if newline < 0 and len(head) < size:  # a header longer than _HEAD_READ
+                head = _pread_all(fd, size, 0)
+                newline = head.find(b"\n")
+            if newline >= 0:
+                content = (
+                    head[newline + 1 :]
+                    if len(head) == size
+                    else _pread_all(fd, size - newline - 1, newline + 1)
+                )
+                head = head[: newline + 1]
+            else:
+                content = b""
+        finally:
+            os.close(fd)
+        try:
+            return decode_parts(head, content)
         except (ValueError, KeyError, TypeError) as exc:
             name = os.path.basename(path)
             with contextlib.suppress(OSError):
@@ -348,7 +401,9 @@ class Spool:
 
     async def store(self, entry: QueueEntry, content: bytes) -> None:
         """Make a new message durable in incoming/. Returns only once it is on disk."""
-        await self._run(self._store, entry.with_changes(size=len(content)), content)
+        if entry.size != len(content):  # the front's entries already say (one object less)
+            entry = entry.with_changes(size=len(content))
+        await self._run(self._store, entry, content)
 
     def _store(self, entry: QueueEntry, content: bytes) -> None:
         target = self._file("incoming", entry.queue_id)

@@ -127,6 +127,7 @@ def prepare_message(
         pending=recipients,
         client_address=arrival.client_ip,
         helo=arrival.helo,
+        size=len(head) + len(content),  # what the spool stores
         wire_ready=decoder.wire_ready and clean_payload(head) == head + b".\r\n",
     )
     return Prepared(entry, head + content, len(content), decoder.normalized)

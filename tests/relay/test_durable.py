@@ -66,3 +66,24 @@ def test_a_maildir_copy_is_synced_before_its_rename_then_its_directory(
     assert synced == [str(folder / "tmp" / stored.name), str(folder / "new")]
     assert stored.read_bytes() == b"Subject: hi\n\nbody\n"
     assert os.listdir(folder / "tmp") == []
+
+
+def test_commit_writes_parts_in_order_through_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header and a body go out with writev, never joined first; a writev that writes less
+    than asked (as the kernel may) is continued where it stopped, across part boundaries."""
+    real = os.writev
+    calls: list[int] = []
+
+    def short_writev(fd: int, buffers: list[memoryview]) -> int:
+        calls.append(len(buffers))
+        return real(fd, [b"".join(buffers)[:5]])  # what the kernel may do: a prefix, here 5 bytes
+
+    monkeypatch.setattr(durable.os, "writev", short_writev)
+    parts = (b"MRQ1 {header}\n", b"", b"the body", b"!")
+    durable.commit(
+        tmp_path / "t", parts, (tmp_path / "x",), fsync_before_rename=False, fsync_after_rename=False
+    )
+    assert (tmp_path / "x").read_bytes() == b"".join(parts)
+    assert len(calls) > 3

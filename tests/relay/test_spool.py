@@ -240,6 +240,33 @@ async def test_truncated_file_is_quarantined_on_claim(spool: Spool) -> None:
     assert spool.ids("corrupt") == [entry.queue_id]
 
 
+@pytest.mark.parametrize("recipients", [2, 300])  # a header within the first read, and a longer one
+@pytest.mark.parametrize("size", [0, 100, 4000, 100_000])  # content within the first read, and beyond
+async def test_claim_reads_header_and_content_whatever_their_sizes(
+    spool: Spool, recipients: int, size: int
+) -> None:
+    """The claim reads the header line first and the content into its own bytes (no copy of
+    the whole file); every split of the file between the two reads gives the message back."""
+    rcpts = tuple(Recipient(f"user{n}@example.com") for n in range(recipients))
+    entry = QueueEntry(new_queue_id(), Envelope("s@example.org", rcpts), 1.0, rcpts, wire_ready=True)
+    content = (b"x" * 70 + b"\r\n") * (size // 72) + b"y" * (size % 72)
+    await spool.store(entry, content)
+    message = await spool.claim(entry.queue_id)
+    assert message is not None and message.content == content
+    assert message.entry.pending == rcpts and message.entry.size == len(content) and message.entry.wire_ready
+    assert (spool.directory / "active" / entry.queue_id).read_bytes() == encode(message.entry, content)
+
+
+async def test_truncated_header_is_quarantined_on_claim(spool: Spool) -> None:
+    entry = make_entry()
+    header_line = encode(entry, b"")
+    for queue_id, data in ((new_queue_id(), header_line[:-1]), (new_queue_id(), b"MRQ1 " + b"x" * 9000)):
+        (spool.directory / "incoming" / queue_id).write_bytes(data)
+        with pytest.raises(CorruptEntryError):
+            await spool.claim(queue_id)
+        assert queue_id in spool.ids("corrupt")
+
+
 async def test_concurrent_claims_and_completes_each_get_their_own_result(spool: Spool) -> None:
     """Claims and removals that queue up together run as one batch; every caller still gets
     its own message, its own None or its own error."""
