@@ -104,10 +104,14 @@ def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
+_logging: dict[str, Any] = {"log_format": None, "worker": None}  # this process's, for reloads
+
+
 def configure_logging(
     config: RelayConfig, worker: int | None = None, log_format: LogFormat | None = None
 ) -> None:
     """The process's log lines: `log_format` (the command line's) wins over the config's."""
+    _logging.update(log_format=log_format, worker=worker)
     logs.configure(
         log_format or config.log_format,
         config.log_level,
@@ -403,7 +407,8 @@ class RelayProcess:
 
 
 def configure_logging_level(config: RelayConfig) -> None:
-    logging.getLogger().setLevel(config.log_level.upper())
+    """A reload: the new config's level and format (the command line's format still wins)."""
+    configure_logging(config, worker=_logging["worker"], log_format=_logging["log_format"])
 
 
 # ----------------------------------------------------------------------------- several workers
@@ -566,6 +571,7 @@ class Supervisor:
         if new is None:
             return
         self.config = new
+        configure_logging_level(new)
         for process, _ready in self._workers:
             if process.pid is not None and process.is_alive():
                 with contextlib.suppress(ProcessLookupError):

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import smtplib
 import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from relay.logs import EVENTS
 from tests.relay.apphelp import RelayRun, free_port, relay_to_sink_config, write_config
@@ -143,3 +145,30 @@ async def test_text_is_the_default_with_one_summary_line_per_attempt(
     assert "ok@d.test=delivered 250" in line and "two@d.test=delivered 250" in line
     assert not any(text.lstrip().startswith("{") for text in run.lines)
     assert run.count(r"accepted size=") == 1
+
+
+async def test_a_reload_switches_the_format(tmp_path: Path, runs: list[RelayRun]) -> None:
+    """A MailRelay's spec.logFormat edit reaches running pods through the ConfigMap: a reload
+    (SIGHUP here; a file change in a pod) applies it without a restart, in every worker."""
+    sink = SmtpSink()
+    await sink.start()
+    try:
+        config, port = _config(tmp_path, sink)
+        data = yaml.safe_load(config.read_text())
+        data["workers"] = 2
+        write_config(tmp_path, data)
+        run = RelayRun(config)
+        runs.append(run.start())
+        await asyncio.to_thread(run.wait_for, "relay logs.test ready")
+        data["logFormat"] = "json"
+        write_config(tmp_path, data)
+        run.signal(signal.SIGHUP)
+        await asyncio.to_thread(run.wait_for, '"message": "config reloaded')
+        await asyncio.to_thread(run.wait_for, r'^\{.*"message": "config reloaded: 1 routes"', occurrences=2)
+        mark = len(run.lines)
+        await asyncio.to_thread(_send, port, "sender@s.test", ["ok@d.test"])
+        await asyncio.to_thread(run.wait_for, '"event": "delivered"')
+    finally:
+        await sink.stop()
+    after = [line for line in run.lines[mark:] if line.strip()]
+    assert after and all(json.loads(line)["relay"] == "logs.test" for line in after)
