@@ -18,6 +18,7 @@ from typing import Any
 import aiosmtplib
 import yaml
 from aiohttp import web
+from prometheus_client import REGISTRY
 
 from relay.app import RelayProcess
 from relay.config import EventsConfig, EventWebhookConfig, parse_config
@@ -167,6 +168,8 @@ async def test_delivered_deferred_bounced_and_expired_events_are_signed(tmp_path
 
 
 async def test_a_down_endpoint_never_blocks_mail_and_gets_its_events_when_it_recovers(tmp_path: Path) -> None:
+    retries_before = REGISTRY.get_sample_value("mailrelay_events_total", {"result": "retry"}) or 0
+    sent_before = REGISTRY.get_sample_value("mailrelay_events_total", {"result": "sent"}) or 0
     sink = await SmtpSink().start()
     route_hook = await Receiver().start()
     down = Receiver(free_port())  # nothing listens on its port yet
@@ -187,6 +190,10 @@ async def test_a_down_endpoint_never_blocks_mail_and_gets_its_events_when_it_rec
         await until(
             lambda: not list(outbox.glob("*.json")) and not list(outbox.parent.glob("active/*")), timeout=60
         )
+    assert (
+        REGISTRY.get_sample_value("mailrelay_events_total", {"result": "retry"}) or 0
+    ) >= retries_before + 2
+    assert REGISTRY.get_sample_value("mailrelay_events_total", {"result": "sent"}) == sent_before + 1
     ids = {headers["X-Mailrelay-Event-Id"] for headers, _ in down.posts}
     assert len(ids) == 1 and len(down.posts) >= 2  # one event, retried until a 2xx
     event = json.loads(down.posts[-1][1])

@@ -19,6 +19,7 @@ import aiosmtplib
 import jsonschema
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
 from relay.app import RelayProcess
 from relay.config import parse_config
@@ -146,6 +147,7 @@ def split_received(content: bytes) -> tuple[bytes, bytes]:
 async def test_raw_and_json_messages_arrive_byte_exact_with_their_envelope(tmp_path: Path) -> None:
     sink = await SmtpSink().start()
     data = config_data(tmp_path, sink.port)
+    accepted_before = REGISTRY.get_sample_value("mailrelay_messages_accepted_total", {"listener": "api"}) or 0
     async with running(tmp_path, data), aiohttp.ClientSession() as session:
         # raw, envelope from the request headers
         status, body, headers = await post(
@@ -252,6 +254,9 @@ async def test_raw_and_json_messages_arrive_byte_exact_with_their_envelope(tmp_p
             session, "GET", api_url(data, f"/v1/messages/{third}"), "/v1/messages/{queueId}", headers=OPS
         )
         assert status == 404 and body["error"]["field"] == "queueId"
+        # counted like SMTP mail, under the listener's name
+        accepted = REGISTRY.get_sample_value("mailrelay_messages_accepted_total", {"listener": "api"})
+        assert accepted == accepted_before + 3
         # the OpenAPI document is served as kept in the repository
         async with session.get(api_url(data, "/v1/openapi.json")) as response:
             assert response.status == 200 and await response.json() == OPENAPI
