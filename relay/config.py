@@ -413,11 +413,16 @@ class SmarthostHop(_Model):
 
 
 class MxHop(_Model):
-    """Direct delivery to the recipient domain's MX hosts (RFC 5321 5.1)."""
+    """Direct delivery to the recipient domain's MX hosts (RFC 5321 5.1). `tls`: none,
+    opportunistic (STARTTLS when offered, unverified), verify (STARTTLS required, the
+    certificate valid for the MX name) or mta-sts (RFC 8461: the domain's policy decides;
+    opportunistic without one). `caFile` replaces the system's CAs for MX certificates and
+    MTA-STS policy hosts (private networks, tests). DANE (RFC 7672) is not implemented."""
 
     kind: Literal["mx"] = "mx"
     port: int = Field(default=25, ge=1, le=65535)
-    tls: Literal["none", "opportunistic"] = "opportunistic"
+    tls: Literal["none", "opportunistic", "verify", "mta-sts"] = "mta-sts"
+    ca_file: Path | None = None
 
 
 class WebhookGateway(_Model):

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from relay import metrics
 from relay.config import QueueConfig, RelayHop, SmarthostHop
 from relay.core.model import DeliveryRequest, RecipientOutcome
 from relay.dkim import DkimKeyError, Signer
@@ -80,6 +81,8 @@ class SmtpTarget:
     verify: bool = True
     ca_file: Path | None = None
     credentials_dir: Path | None = None
+    policy: str = ""  # MX hops: the TLS policy applied (counted per report_domain)
+    report_domain: str = ""
 
     @property
     def name(self) -> str:
@@ -167,7 +170,25 @@ class SmtpClient:
     # ----------------------------------------------------------------- connections
 
     async def _open(self, target: SmtpTarget) -> PooledConnection:
-        """Connect, EHLO, TLS and AUTH; raises TransactionError (never SmtpError)."""
+        """Connect, EHLO, TLS and AUTH; raises TransactionError (never SmtpError). Sessions to
+        MX hosts are counted TLS-RPT style (verified, unverified, cleartext, failed)."""
+        if not target.policy:
+            return await self._connect(target)
+        labels = {"domain": target.report_domain, "policy": target.policy}
+        try:
+            connection = await self._connect(target)
+        except TransactionError as exc:
+            if exc.status.startswith(("4.7.5", "4.7.10")):
+                metrics.TLS_SESSIONS.labels(**labels, result="failed").inc()
+            raise
+        if connection.smtp.tls:
+            result = "verified" if target.verify and target.tls != "opportunistic" else "unverified"
+        else:
+            result = "cleartext"
+        metrics.TLS_SESSIONS.labels(**labels, result=result).inc()
+        return connection
+
+    async def _connect(self, target: SmtpTarget) -> PooledConnection:
         queue = self.queue
         verify = target.verify and target.tls != "opportunistic"
         context = self._tls_context(verify, target.ca_file) if target.tls != "none" else None

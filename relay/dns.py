@@ -1,6 +1,7 @@
 """DNS adapter: MX and address lookups for direct delivery, on dnspython's async resolver.
 
-The scheduler's MX hops (relay.hops) ask `DnsResolver.mx(domain)` and
+The scheduler's MX hops (relay.hops) ask `DnsResolver.mx(domain)`, `DnsResolver.txt(name)`
+(the ``_mta-sts`` record, relay.mta_sts) and
 `DnsResolver.addresses(host)` and hand the typed answers (relay.core.mx) to the pure MX
 planner. This module only talks DNS and maps
 dnspython's exceptions onto `LookupStatus`: NXDOMAIN -> NXDOMAIN; NoAnswer -> NO_RECORDS;
@@ -38,6 +39,8 @@ class Resolver(Protocol):
     async def mx(self, domain: str) -> MxAnswer: ...
 
     async def addresses(self, host: str) -> AddressAnswer: ...
+
+    async def txt(self, name: str) -> tuple[LookupStatus, tuple[str, ...]]: ...
 
 
 def parse_nameserver(text: str) -> tuple[str, int]:
@@ -118,6 +121,12 @@ class DnsResolver:
         if status is LookupStatus.OK and not records:
             status = LookupStatus.NO_RECORDS
         return MxAnswer(status=status, records=records, detail=detail)
+
+    async def txt(self, name: str) -> tuple[LookupStatus, tuple[str, ...]]:
+        """TXT records of `name`, each one's strings joined (RFC 7208 3.3 / RFC 8461 3.1)."""
+        status, rdatas, _detail = await self._query(name, dns.rdatatype.TXT)
+        texts = tuple(b"".join(getattr(rdata, "strings", ())).decode("utf-8", "replace") for rdata in rdatas)
+        return status, texts
 
     async def addresses(self, host: str) -> AddressAnswer:
         try:

@@ -20,8 +20,10 @@ plan and gets one `Attempted` per recipient of the group back. What happens in b
   gateway that raises or cannot be built defers (4.3.0);
 - an MX hop looks up the domain with the injected resolver (relay.dns) and relay.core.mx
   orders the hosts; up to `MAX_MX_HOSTS` hosts and `MAX_ADDRESSES_PER_HOST` addresses of each
-  are tried, opportunistic TLS, the next after a connection failure or a 4xx; a permanent DNS
-  answer (null MX, NXDOMAIN) bounces, a failed lookup defers.
+  are tried, the next after a connection failure or a 4xx; a permanent DNS answer (null MX,
+  NXDOMAIN) bounces, a failed lookup defers. TLS per the hop's ``tls`` (relay.core.mta_sts
+  plan_tls; the MTA-STS policy from relay.mta_sts): opportunistic, verified, or under an
+  enforced policy only the matching hosts with verified STARTTLS (none matching defers 4.7.5).
 
 Every transport's answer passes `relay.core.outcome.one_each`: exactly one outcome per
 recipient. No queue or spool work here (that is the scheduler's), and no decision beyond
@@ -32,12 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Protocol
 
+from relay import metrics
 from relay.config import (
     GatewayHop,
     MxHop,
@@ -48,7 +52,7 @@ from relay.config import (
     RouteConfig,
     SmarthostHop,
 )
-from relay.core import dkim, outcome, routing, throttle
+from relay.core import dkim, mta_sts, outcome, routing, throttle
 from relay.core import mx as mxplan
 from relay.core.failover import Failover
 from relay.core.model import DeliveryRequest, Disposition, Message, Recipient, RecipientOutcome
@@ -56,6 +60,7 @@ from relay.core.settle import Attempted
 from relay.delivery import SmtpTarget, TargetTls, target_for_hop
 from relay.dns import Resolver
 from relay.gateways.cache import GatewayCache
+from relay.mta_sts import MtaSts
 from relay.throttle import Limiter
 
 log = logging.getLogger(__name__)
@@ -96,10 +101,12 @@ class Hops:
         gateways: GatewayCache,
         rng: random.Random,
         limiter: Limiter | None = None,
+        mta_sts: MtaSts | None = None,
     ) -> None:
         self._config = config  # the current one: a reload applies to the next delivery
         self._client = client
         self._limiter = limiter
+        self._mta_sts = mta_sts
         self._resolver = resolver
         self._gateways = gateways
         self._rng = rng
@@ -174,6 +181,32 @@ class Hops:
         limiter.record(route, destination, outcomes)
         return outcomes
 
+    async def _smtp_testing(
+        self,
+        target: SmtpTarget,
+        message: Message,
+        route: RouteConfig,
+        destination: str,
+        recipients: list[Recipient],
+    ) -> list[RecipientOutcome]:
+        """MTA-STS mode testing (RFC 8461 5.2): verified STARTTLS first; where that fails the
+        failure is logged and counted, and the mail goes opportunistically."""
+        outcomes = await self._smtp(target, message, route, destination, recipients)
+        failed = [o.recipient for o in outcomes if o.status.startswith(("4.7.5", "4.7.10"))]
+        if not failed:
+            return outcomes
+        log.warning(
+            "[%s] MTA-STS testing: verified TLS with %s failed (%s); enforce would defer, "
+            "sending opportunistically",
+            message.entry.queue_id,
+            target.label,
+            next(o.text for o in outcomes if o.recipient is failed[0]),
+        )
+        retry = dataclasses.replace(target, tls="opportunistic", verify=False)
+        again = await self._smtp(retry, message, route, destination, failed)
+        by_address = {o.recipient.address: o for o in again}
+        return [by_address.get(o.recipient.address, o) for o in outcomes]
+
     async def _deliver_gateway(self, hop: GatewayHop, request: DeliveryRequest) -> list[RecipientOutcome]:
         recipients = list(request.recipients)
         try:
@@ -204,23 +237,62 @@ class Hops:
             return [_failure(r, plan) for r in recipients]
         failures: list[mxplan.MxFailure] = []
         destination = throttle.rollup(plan.hosts)  # every MX host of a provider: one destination
+        policy = None
+        if hop.tls == "mta-sts" and self._mta_sts is not None:
+            policy = await self._mta_sts.policy(domain, hop.ca_file)
+        tls_plan = mta_sts.plan_tls(hop.tls, plan.hosts[:MAX_MX_HOSTS], policy)
+        if tls_plan.refused:
+            log.warning(
+                "[%s] MTA-STS %s of %s: MX %s not in the policy (%s)%s",
+                message.entry.queue_id,
+                tls_plan.policy,
+                domain,
+                ", ".join(tls_plan.refused),
+                ", ".join(policy.mx) if policy else "",
+                "; not tried" if tls_plan.policy == "mta-sts-enforce" else "; delivering anyway (testing)",
+            )
+            result = "failed" if tls_plan.policy == "mta-sts-enforce" else "mx-mismatch"
+            metrics.TLS_SESSIONS.labels(domain=domain, policy=tls_plan.policy, result=result).inc()
+        if not tls_plan.hosts:
+            text = f"no MX host of {domain} matches its MTA-STS policy (mode enforce): not sent"
+            return outcome.for_all(recipients, outcome.deferred, "4.7.5", text)
 
         async def tries() -> AsyncGenerator[Try, None]:
-            for host in plan.hosts[:MAX_MX_HOSTS]:
+            for host, host_tls in tls_plan.hosts:
                 addresses = await resolver.addresses(host)
                 if addresses.status is not mxplan.LookupStatus.OK or not addresses.addresses:
                     failures.append(mxplan.address_failure(domain, host, plan.implicit, addresses))
                     continue
                 for address in addresses.addresses[:MAX_ADDRESSES_PER_HOST]:
-                    tls: TargetTls = "opportunistic" if hop.tls == "opportunistic" else "none"
-                    target = SmtpTarget(host=address, port=hop.port, tls=tls, server_name=host, verify=False)
-                    yield functools.partial(self._smtp, target, message, group.route, destination)
+                    target = _mx_target(hop, host, address, host_tls, tls_plan.policy, domain)
+                    if host_tls == "testing":
+                        yield functools.partial(self._smtp_testing, target, message, group.route, destination)
+                    else:
+                        yield functools.partial(self._smtp, target, message, group.route, destination)
 
         failover = await fail_over(recipients, tries())
         if not failover.tries:  # no host had an address
             failure = mxplan.combine_address_failures(failures)
             return [_failure(r, failure) for r in recipients]
         return failover.outcomes()
+
+
+def _mx_target(
+    hop: MxHop, host: str, address: str, tls: mta_sts.HostTls, policy: str, domain: str
+) -> SmtpTarget:
+    """One MX address as an SMTP target: `tls` from relay.core.mta_sts.plan_tls."""
+    verified = tls in ("verify", "testing")
+    mode: TargetTls = "none" if tls == "none" else "starttls" if verified else "opportunistic"
+    return SmtpTarget(
+        host=address,
+        port=hop.port,
+        tls=mode,
+        server_name=host,
+        verify=verified,
+        ca_file=hop.ca_file,
+        policy=policy,
+        report_domain=domain,
+    )
 
 
 def _failure(recipient: Recipient, failure: mxplan.MxFailure) -> RecipientOutcome:

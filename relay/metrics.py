@@ -115,3 +115,18 @@ RECIPIENT_CHECKS = Counter(
     "callout_unknown, callout_unavailable)",
     ["outcome"],
 )
+
+# TLS on MX hops (relay.hops, relay.delivery, relay.mta_sts), TLS-RPT style (RFC 8460): per
+# recipient domain and policy, sessions whose TLS was verified, unverified (opportunistic),
+# cleartext (no STARTTLS offered) or failed (handshake, certificate, STARTTLS missing when
+# required, or no MX host matching an MTA-STS policy).
+TLS_SESSIONS = Counter(
+    "mailrelay_tls_sessions",
+    "SMTP sessions to MX hosts by recipient domain, TLS policy and result",
+    ["domain", "policy", "result"],
+)
+MTA_STS_POLICIES = Counter(
+    "mailrelay_mta_sts_policies",
+    "MTA-STS policy lookups by result (fetched, cached, none, failed)",
+    ["result"],
+)

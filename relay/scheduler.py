@@ -54,6 +54,7 @@ from relay.dispatch import IN_FLOW_DELAY, Dispatcher
 from relay.dns import DnsResolver, Resolver
 from relay.gateways.cache import GatewayCache
 from relay.hops import Hops, SmtpDelivery
+from relay.mta_sts import MtaSts
 from relay.scan import Scanner
 from relay.spool import CorruptEntryError, Spool, SpoolError, new_queue_id
 from relay.throttle import Limiter
@@ -101,6 +102,7 @@ class Scheduler:
             self._gateways,
             rng or random.Random(),
             self._limiter,
+            MtaSts(lambda: self.resolver),
         )
         self._dispatcher = Dispatcher(self._run, lambda: self._config.queue.max_concurrency)
         self._scanner = Scanner(spool, self._clock, scan_interval)

@@ -483,7 +483,8 @@ class SmarthostSpec(_Spec):
 
 class MxSpec(_Spec):
     port: int = Field(default=25, ge=1, le=65535)
-    tls: Literal["none", "opportunistic"] = "opportunistic"
+    tls: Literal["none", "opportunistic", "verify", "mta-sts"] = "mta-sts"
+    ca_secret_ref: CaSecretRef | None = None
 
 
 class KeyedSecretRef(_Spec):

@@ -581,7 +581,7 @@ def _hop_config(
     if hop.smarthost is not None:
         return _smarthost_hop(hop.smarthost, context)
     if hop.mx is not None:
-        return MxHop(port=hop.mx.port, tls=hop.mx.tls)
+        return MxHop(port=hop.mx.port, tls=hop.mx.tls, ca_file=_secret_file(context, hop.mx.ca_secret_ref))
     if hop.gateway is not None:
         return _gateway_hop(hop.gateway, context)
     assert hop.reject is not None
@@ -700,7 +700,9 @@ def _secret_uses(relay: MailRelay, routes: Sequence[RelayRoute], context: Render
                 ref = hop.gateway.webhook.auth_secret_ref
                 uses.append(SecretUse(ref.name, "webhook", context.secret_dir(ref.name), (ref.key,), used_by))
             ca = (
-                hop.relay.ca_secret_ref
+                hop.mx.ca_secret_ref
+                if hop.mx is not None
+                else hop.relay.ca_secret_ref
                 if hop.relay is not None
                 else hop.smarthost.ca_secret_ref
                 if hop.smarthost is not None

@@ -80,7 +80,7 @@ def test_text_tree_lists_routes_in_the_order_they_are_tried_with_failovers() -> 
     assert "route legacy [priority 500]: from legacy.example.com" in text
     assert "→ relay mail/internal" in text
     assert "→ smarthost smtp.provider.example:587 (tls starttls)" in text
-    assert "↳ failover 1: MX lookup, port 25 (tls opportunistic)" in text
+    assert "↳ failover 1: MX lookup, port 25 (tls mta-sts)" in text
     assert "→ maildir qa-capture" in text
     assert "→ webhook http://127.0.0.1:9/hook (json)" in text
     assert "route hook [priority -1]: every message" in text
@@ -90,7 +90,7 @@ def test_dot_has_a_node_per_destination_and_dashed_failover_edges() -> None:
     dot = to_dot(_relays())
     assert dot.startswith("digraph mailrelay {")
     assert '"relay:mail/edge" -> "relay:mail/internal" [label="corp [100]\\nto corp.example.com' in dot
-    assert '"relay:mail/edge" -> "mx:25:opportunistic" [label="outbound: failover 1", style="dashed"]' in dot
+    assert '"relay:mail/edge" -> "mx:25:mta-sts" [label="outbound: failover 1", style="dashed"]' in dot
     assert '"smarthost:smtp.provider.example:587"' in dot
     assert 'shape="folder"' in dot and 'shape="octagon"' in dot and 'shape="note"' in dot
     # the edge is an entry point (no relay routes to it); internal is not
