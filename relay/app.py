@@ -25,6 +25,9 @@ Signals and reloads:
   signals every worker and waits until each has stopped taking new sessions before anything
   else (and before it logs "shutting down"), so no new session reaches a worker that has not
   been told yet.
+- SIGUSR1 (the pod's preStop hook sends it, then waits for its endpoint to be removed): stop
+  taking new sessions (``421 4.3.2``, /readyz 503) but keep running: transactions in flight
+  finish and delivery goes on until the SIGTERM that follows. A reload does not undo it.
 
 Scale-down drain (issue 14): the process knows its pod name from ``MAILRELAY_POD_NAME`` (the
 operator sets it from the downward API; `mailrelay up` per replica), else the host name. While
@@ -181,6 +184,7 @@ class RelayProcess:
         self.hands_off = hands_off  # this process runs the drainer (one per relay process group)
         self.on_stopping = on_stopping
         self.pod = pod or pod_name()
+        self.quiesced = False  # SIGUSR1: no new sessions until the SIGTERM that follows
         self.drainer: Drainer | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self.front: Front | None = None
@@ -226,7 +230,7 @@ class RelayProcess:
                 front.begin_drain()
             if self.hands_off and self._drain_task is None and self.spool is not None:
                 self._start_drainer(self.spool)
-        elif front.draining:
+        elif front.draining and not self.quiesced:
             log.info("drain ended (pod %s left drain.pods): taking mail again", self.pod)
             front.end_drain()
             self._stop_drainer()
@@ -274,6 +278,13 @@ class RelayProcess:
     def stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
+
+    def quiesce(self) -> None:
+        """SIGUSR1: take no new session from now on, keep delivering (see the module docstring)."""
+        self.quiesced = True
+        if self.front is not None and not self.front.draining:
+            log.info("stopping (preStop): no new sessions; transactions in flight and deliveries go on")
+            self.front.begin_drain()
 
     # ------------------------------------------------------------------ run
 
@@ -367,6 +378,7 @@ class RelayProcess:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.quiesce)
         watcher: ConfigWatcher | None = None
         if self.watch:
             watcher = ConfigWatcher(self.config_path, self.reload, interval=self.watch_interval)
@@ -388,7 +400,7 @@ class RelayProcess:
         self._stop_drainer()
         deadline = loop.time() + self.grace
         log.info("shutting down: finishing transactions and deliveries (grace %.0fs)", self.grace)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(signum)
         if watcher is not None:
             await watcher.stop()
@@ -495,6 +507,7 @@ class Supervisor:
         self._spool = Spool(config.queue.directory)
         self._registry: Any = None
         self._stopping = False
+        self._quiesced = False  # SIGUSR1 (preStop): every worker takes no new session
         self._stop: asyncio.Event | None = None
         # one pipe per worker, kept open here so a restarted worker reads what its predecessor left
         self._doorbells = [self._context.Pipe(duplex=False) for _ in range(workers)]
@@ -556,6 +569,8 @@ class Supervisor:
     def ready(self) -> tuple[bool, str]:
         if self._stopping:
             return False, "shutting down"
+        if self._quiesced:
+            return False, "not accepting mail"
         if self.draining:
             return False, "draining"
         for index, (process, ready) in enumerate(self._workers):
@@ -599,6 +614,24 @@ class Supervisor:
                 await asyncio.sleep(1.0)
                 if not self._stopping:
                     self._workers[index] = self._spawn(index)
+                    if self._quiesced:  # a worker started after the preStop takes no session either
+                        asyncio.get_running_loop().create_task(self._quiesce_when_ready(index))
+
+    def quiesce(self) -> None:
+        """SIGUSR1 (preStop): every worker stops taking sessions and goes on delivering."""
+        self._quiesced = True
+        log.info("stopping (preStop): no worker takes new sessions; deliveries go on")
+        for index in range(len(self._workers)):
+            asyncio.get_running_loop().create_task(self._quiesce_when_ready(index))
+
+    async def _quiesce_when_ready(self, index: int) -> None:
+        """SIGUSR1 to worker `index` once its handler is installed (before, it would end it)."""
+        process, ready = self._workers[index]
+        while process.is_alive() and not ready.is_set() and not self._stopping:
+            await asyncio.to_thread(ready.wait, 0.2)
+        if ready.is_set() and process.pid is not None and process.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGUSR1)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -622,6 +655,7 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.quiesce)
         watcher = ConfigWatcher(self.config_path, self.reload)
         watcher.start()
         monitor = asyncio.create_task(self._monitor())

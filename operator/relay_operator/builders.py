@@ -27,9 +27,10 @@ Rules that shape the pods:
 - every relay pod knows its own name (``MAILRELAY_POD_NAME`` from the downward API), mounts the
   hand-off Secret and renders ``handoff`` (its peers may hand it their queues on
   `naming.HANDOFF_PORT`); ``drain`` is rendered only while pods are draining;
-- a stopping pod (rolling restart, node drain) waits ``shutdown.endpointRemovalDelay`` in its
-  preStop hook, then the relay's SIGTERM handling refuses new sessions and finishes the
-  transactions in flight; the grace period covers both.
+- a stopping pod (rolling restart, node drain) first stops taking sessions (its preStop hook
+  sends the relay SIGUSR1: ``421 4.3.2`` to new sessions, /readyz 503, deliveries go on), waits
+  ``shutdown.endpointRemovalDelay`` for the endpoint removal, then the relay's SIGTERM handling
+  finishes the transactions in flight and exits; the grace period covers both.
 """
 
 from __future__ import annotations
@@ -330,7 +331,7 @@ def _relay_container(
             "timeoutSeconds": 5,
             "failureThreshold": 6,
         },
-        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(_endpoint_delay(plan))]}}},
+        "lifecycle": {"preStop": {"exec": {"command": _pre_stop(plan)}}},
         "resources": _resources(plan),
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -350,6 +351,12 @@ def _relay_container(
     if pull_policy:
         container["imagePullPolicy"] = pull_policy
     return container
+
+
+def _pre_stop(plan: RelayPlan) -> list[str]:
+    """The preStop hook: SIGUSR1 to the relay (PID 1 of its container: no new sessions, deliveries
+    go on; relay.app), then the wait for the endpoint removal; SIGTERM follows."""
+    return ["/bin/sh", "-c", f"kill -USR1 1; sleep {_endpoint_delay(plan)}"]
 
 
 def _endpoint_delay(plan: RelayPlan) -> int:

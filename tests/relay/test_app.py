@@ -199,6 +199,52 @@ async def test_sigterm_with_several_workers_refuses_every_new_session(
         await sink.stop()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigusr1_stops_taking_sessions_but_keeps_delivering(
+    tmp_path: Path, runs: list[RelayRun], workers: int
+) -> None:
+    """Issue 14: the preStop hook sends SIGUSR1 first: new sessions get 421 4.3.2 and /readyz
+    503, the transaction in flight ends with 250 and is delivered, a reload does not reopen the
+    door, and the SIGTERM that follows ends the process."""
+    sink = await SmtpSink().start()
+    smtp_port, metrics_port = free_port(), free_port()
+    config = relay_config(tmp_path, smtp_port, metrics_port, sink.port, workers=workers)
+    run = RelayRun(write_config(tmp_path, config)).start()
+    runs.append(run)
+    try:
+        await asyncio.to_thread(run.wait_for, r"ready \(pid", occurrences=workers)
+        await until(lambda: http_get(metrics_port, "/readyz")[0] == 200)
+        busy = await RawClient.connect("127.0.0.1", smtp_port)
+        await busy.reply()
+        await busy.cmd("EHLO client.test")
+        await busy.cmd("MAIL FROM:<a@sender.org>")
+        await busy.cmd("RCPT TO:<inflight@example.com>")
+        assert (await busy.cmd("DATA"))[0] == 354
+        run.signal(signal.SIGUSR1)
+        await asyncio.to_thread(run.wait_for, r"stopping \(preStop\): no new sessions", occurrences=workers)
+
+        async def refused_everywhere() -> None:
+            for _ in range(8):  # SO_REUSEPORT spreads them over the workers
+                late = await RawClient.connect("127.0.0.1", smtp_port)
+                code, text = await late.reply()
+                assert (code, text.split()[0]) == (421, "4.3.2")
+                await late.close()
+
+        await refused_everywhere()
+        assert http_get(metrics_port, "/readyz")[0] == 503
+        await busy.send(MESSAGE + b".\r\n")
+        assert (await busy.reply())[0] == 250
+        await asyncio.wait_for(sink.arrived.wait(), 60)  # delivery goes on
+        assert [m.rcpt_tos for m in sink.messages] == [["inflight@example.com"]]
+        run.signal(signal.SIGHUP)
+        await asyncio.to_thread(run.wait_for, "config reloaded", occurrences=workers)
+        await refused_everywhere()
+        run.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(run.wait, 60) == 0
+    finally:
+        await sink.stop()
+
+
 async def test_sigkill_after_250_loses_nothing(tmp_path: Path, runs: list[RelayRun]) -> None:
     smtp_port, metrics_port, sink_port = free_port(), free_port(), free_port()
     path = write_config(tmp_path, relay_config(tmp_path, smtp_port, metrics_port, sink_port))

@@ -346,14 +346,17 @@ def test_every_pod_can_hand_off_and_knows_its_name() -> None:
     assert env[naming.POD_NAME_ENV]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert {"name": "handoff", "containerPort": naming.HANDOFF_PORT, "protocol": "TCP"} in container["ports"]
     # The preStop wait comes on top of the grace period a transfer in flight gets.
-    assert container["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}
+    # First SIGUSR1 to the relay (PID 1: no new sessions, deliveries go on), then the wait.
+    pre_stop = ["/bin/sh", "-c", "kill -USR1 1; sleep 5"]
+    assert container["lifecycle"] == {"preStop": {"exec": {"command": pre_stop}}}
     assert (
         pod["terminationGracePeriodSeconds"] == builders.BuildOptions().termination_grace_period_seconds + 5
     )
     body = crd_tools.relay_body(routeSelector={}, shutdown={"endpointRemovalDelay": "1500ms"})
     slow = topology.plan_namespace("mail", [body], []).relays["edge"]
     (slow_container,) = builders.build_statefulset(slow)["spec"]["template"]["spec"]["containers"]
-    assert slow_container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "2"]  # whole seconds, up
+    slow_pre_stop = slow_container["lifecycle"]["preStop"]["exec"]["command"]
+    assert slow_pre_stop[-1] == "kill -USR1 1; sleep 2"  # whole seconds, rounded up
 
 
 def test_a_drain_renders_into_the_config_and_keeps_the_statefulset_size() -> None:
