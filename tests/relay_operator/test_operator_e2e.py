@@ -1171,3 +1171,11 @@ def test_operator_metrics_count_passes_writes_and_relays_by_condition(
     assert any(
         key.startswith("mailrelay_operator_relay_condition{condition=Ready,relay=metered,") for key in samples
     )
+
+    kube.delete(k8s.MAILRELAYS, namespace, "metered")
+
+    def relay_gone() -> bool | None:
+        samples = _scrape(operator_process.metrics_port)
+        return True if not any(",relay=metered," in key for key in samples) else None
+
+    operator_process.until(relay_gone, "the deleted relay gone from the operator's metrics")
