@@ -79,6 +79,21 @@ def _root_mount_namespace() -> Result:
     return _run(["unshare", "--mount", "--", "true"], says="root, mount namespaces work")
 
 
+def _privileged_port() -> Result:
+    """Bind port 443 on a loopback address nothing else uses (the MTA-STS policy server of
+    tests/relay/test_mta_sts.py must listen on the HTTPS port, RFC 8461 3.3)."""
+    import random
+    import socket
+
+    host = f"127.{random.randint(64, 250)}.{random.randint(1, 250)}.{random.randint(1, 250)}"
+    try:
+        with socket.socket() as sock:
+            sock.bind((host, 443))
+    except OSError as exc:
+        return Result(False, f"cannot bind {host}:443: {exc.strerror}")
+    return Result(True, f"binds {host}:443")
+
+
 @dataclass(frozen=True)
 class Capability:
     name: str
@@ -193,6 +208,14 @@ CAPABILITIES: tuple[Capability, ...] = (
         "running the tests as root (CI does)",
         (),
         _root_mount_namespace,
+        required=False,
+    ),
+    Capability(
+        "privileged-ports",
+        "tests/relay/test_mta_sts.py (an HTTPS policy server on 127.x.y.z:443)",
+        "running the tests as root (CI does) or CAP_NET_BIND_SERVICE",
+        (),
+        _privileged_port,
         required=False,
     ),
 )

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from relay.core import mta_sts
 from relay.core.mta_sts import Policy, PolicyError
+from tests.doctor import require
 from tests.relay.apphelp import RelayRun, free_port, http_get, relay_to_sink_config, until, write_config
 from tests.relay.dnsserver import DnsServer
 from tests.relay.smtpsink import SmtpSink
@@ -122,6 +123,7 @@ class PolicyServer:
 async def world(
     tmp_path: Path, dns_server: DnsServer
 ) -> AsyncIterator[tuple[dict[str, SmtpSink], PolicyServer, Path]]:
+    require("privileged-ports")
     ca = trustme.CA()
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
