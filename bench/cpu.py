@@ -64,6 +64,7 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("spool write+fsync", "relay/spool.py", "_store"),
     ("spool write+fsync", "relay/spool.py", "_commit"),
     ("spool write+fsync", "relay/spool.py", "encode"),
+    ("spool write+fsync", "relay/spool.py", "encode_parts"),
     ("spool write+fsync", "relay/spool.py", "store"),
     ("spool claim/read/unlink", "relay/spool.py", ""),
     ("hand-off (threads, doorbell, dispatch)", "concurrent/futures/", ""),
