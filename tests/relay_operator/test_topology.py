@@ -10,7 +10,16 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.config import GatewayHop, RejectHop, RelayConfig, RelayHop, RouteConfig, SmarthostHop, parse_config
+from relay.config import (
+    GatewayHop,
+    MxHop,
+    RejectHop,
+    RelayConfig,
+    RelayHop,
+    RouteConfig,
+    SmarthostHop,
+    parse_config,
+)
 from relay.core.routing import route_hops, select_route
 from relay_operator import topology
 from relay_operator.spec import ObjectKey, ResourcesSpec
@@ -651,3 +660,19 @@ def test_recipient_checks_are_rendered_with_their_secret_mounted() -> None:
     )
     bad = plan([relay("a", recipientChecks=[{"domains": ["example.com"]}])], [])
     assert reasons(bad, "MailRelay", "a") == ["InvalidSpec"]
+
+
+def test_mx_hop_tls_policy_and_its_ca_render() -> None:
+    hop = {"mx": {"tls": "verify", "caSecretRef": {"name": "private-ca", "key": "bundle.pem"}}}
+    relay_plan = plan([relay("a")], [route("out", "a", hop)]).relays["a"]
+    assert relay_plan.valid and relay_plan.config is not None
+    rendered = relay_plan.config.routes[0].next_hop
+    assert isinstance(rendered, MxHop)
+    assert rendered.tls == "verify" and str(rendered.ca_file).endswith("/private-ca/bundle.pem")
+    uses = [(u.secret, u.purpose, u.keys) for u in relay_plan.secrets]
+    assert uses == [("private-ca", "ca", ("bundle.pem",))]
+    default = plan([relay("a")], [route("out", "a", {"mx": {}})]).relays["a"].config
+    assert default is not None and isinstance(default.routes[0].next_hop, MxHop)
+    assert default.routes[0].next_hop.tls == "mta-sts"
+    dane = plan([relay("a")], [route("out", "a", {"mx": {"tls": "dane"}})])
+    assert "InvalidSpec" in reasons(dane, "RelayRoute", "out")  # not built: refused, not ignored
