@@ -76,6 +76,7 @@ from relay.health import HealthServer, metrics_registry, spool_writable
 from relay.http_api import HttpApi
 from relay.logs import LogFormat
 from relay.message_status import StatusBook
+from relay.open_relay import SelfCheck
 from relay.queue_status import metrics_text, queue_status
 from relay.scheduler import Scheduler
 from relay.spool import Spool
@@ -356,6 +357,9 @@ class RelayProcess:
                 spool.close()
                 return 1
         await scheduler.start()
+        self_check = SelfCheck(config, front.addresses)
+        if config.self_check.interval > 0:
+            self_check.start(config.self_check.interval, config.self_check.first_after)
         outbox.start()
         if doorbell is not None:
             doorbell.listen(scheduler.notify)
@@ -406,6 +410,7 @@ class RelayProcess:
             await watcher.stop()
         if doorbell is not None:
             doorbell.close()  # mail stored from now on is delivered here or by the others' rescan
+        await self_check.stop()
         await front.drain(self.grace * 0.6)  # the HTTP API answers 503 from its start
         if self.api is not None:
             await self.api.close()

@@ -311,6 +311,13 @@ class RecipientCheckConfig(_Model):
         return self
 
 
+class SelfCheckConfig(_Model):
+    """The periodic open-relay self-check (relay.open_relay.SelfCheck); `interval` 0 is off."""
+
+    interval: Duration = 0.0
+    first_after: Duration = 300.0
+
+
 class RetryPolicyConfig(_Model):
     """Exponential backoff between min and max; after maxLifetime a deferred recipient bounces."""
 
@@ -636,6 +643,7 @@ class RelayConfig(_Model):
     limits: LimitsConfig = LimitsConfig()
     abuse: AbuseConfig = AbuseConfig()
     recipient_checks: list[RecipientCheckConfig] = []
+    self_check: SelfCheckConfig = SelfCheckConfig()
     queue: QueueConfig = QueueConfig()
     dns: DnsConfig = DnsConfig()
     routes: list[RouteConfig] = []

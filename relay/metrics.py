@@ -130,3 +130,8 @@ MTA_STS_POLICIES = Counter(
     "MTA-STS policy lookups by result (fetched, cached, none, failed)",
     ["result"],
 )
+RELAY_SAFE = Gauge(
+    "mailrelay_relay_safe",
+    "The open-relay self-check: 1 no probe was relayed, 0 a probe was relayed (open relay), -1 not tested",
+    multiprocess_mode="livemin",
+)

@@ -1,14 +1,15 @@
 """The Kubernetes objects one MailRelay becomes, built from its `topology.RelayPlan`.
 
 `build_objects` returns, in apply order: ServiceAccount, ConfigMap (``relay.yaml``), headless
-Service, client Service, StatefulSet (a volume claim template for the spool per pod) and
-PodDisruptionBudget. Each `build_<kind>()` is a pure function of the plan, `BuildOptions` and,
-during a scale-down, the `Drain` the reconcile path decided (which pods drain to which peers,
-and the size the StatefulSet keeps meanwhile); the caller (the reconcile path, `mailrelay
-render`) applies or prints them. Owner references are passed in (the reconcile path has the
-MailRelay's uid; `render` has none and omits them). Two more kinds are built for the reconcile
-path only: the hand-off Secret (`build_handoff_secret`, its random credential is the caller's)
-and the Job that empties the spool claim of a removed pod (`build_drain_job`).
+Service, client Service, StatefulSet (a volume claim template for the spool per pod),
+PodDisruptionBudget and NetworkPolicy (unless ``spec.networkPolicy.enabled`` is false). Each
+`build_<kind>()` is a pure function of the plan, `BuildOptions` and, during a scale-down, the
+`Drain` the reconcile path decided (which pods drain to which peers, and the size the
+StatefulSet keeps meanwhile); the caller (the reconcile path, `mailrelay render`) applies or
+prints them. Owner references are passed in (the reconcile path has the MailRelay's uid;
+`render` has none and omits them). Two more kinds are built for the reconcile path only: the
+hand-off Secret (`build_handoff_secret`, its random credential is the caller's) and the Job that
+empties the spool claim of a removed pod (`build_drain_job`).
 
 Rules that shape the pods:
 - routes live only in the ConfigMap, mounted as a directory (not subPath) so the kubelet
@@ -36,14 +37,27 @@ Rules that shape the pods:
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from relay import __version__
-from relay.config import DrainConfig, HandoffConfig, HandoffPeer, RelayConfig, dump_config, parse_duration
+from relay.config import (
+    DrainConfig,
+    GatewayHop,
+    HandoffConfig,
+    HandoffPeer,
+    MxHop,
+    RelayConfig,
+    RelayHop,
+    SmarthostHop,
+    dump_config,
+    parse_duration,
+)
 from relay_operator import naming
 from relay_operator.topology import RelayPlan
 
@@ -251,6 +265,125 @@ def build_poddisruptionbudget(plan: RelayPlan, owners: Sequence[Mapping[str, Any
         "kind": "PodDisruptionBudget",
         "metadata": _metadata(plan, naming.pdb_name(name), owners),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": naming.selector_labels(name)}},
+    }
+
+
+_ANYWHERE: list[dict[str, Any]] = []  # a rule without `from`/`to` admits every peer
+
+
+def _port_of_url(url: str) -> int:
+    parsed = urlsplit(url)
+    return parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def _public_listeners(plan: RelayPlan) -> set[str]:
+    spec = plan.relay.spec
+    if spec.network_policy.public_listeners is not None:
+        return set(spec.network_policy.public_listeners)
+    if spec.service.type != "ClusterIP":
+        return {listener.name for listener in spec.listeners}
+    return {listener.name for listener in spec.listeners if listener.mode in ("submission", "http")}
+
+
+def _ingress(plan: RelayPlan) -> list[dict[str, Any]]:
+    spec = plan.relay.spec
+    name = plan.relay.key.name
+    public = _public_listeners(plan)
+    ports = {port_name: container for port_name, _port, container in _listener_ports(plan)}
+    rules: list[dict[str, Any]] = []
+    open_ports = [ports[listener.name] for listener in spec.listeners if listener.name in public]
+    if open_ports:
+        rules.append({"ports": [{"protocol": "TCP", "port": port} for port in open_ports]})
+    closed = [listener for listener in spec.listeners if listener.name not in public]
+    if closed:
+        if spec.accept_domains:  # anyone in the cluster may send to the accept domains
+            peers: list[dict[str, Any]] = [{"namespaceSelector": {}}]
+        else:  # trusted networks, the balancer, and the relays of this namespace (their routes)
+            networks = [*spec.trusted_networks]
+            for listener in closed:
+                proxy = spec.proxied(listener)
+                networks += proxy.trusted_from if proxy is not None else []
+            cidrs = sorted({str(ipaddress.ip_network(n, strict=False)) for n in networks})
+            peers = [{"ipBlock": {"cidr": cidr}} for cidr in cidrs]
+            peers.append({"podSelector": {"matchLabels": {naming.LABEL_NAME: naming.APP_NAME}}})
+        rules.append(
+            {
+                "from": peers,
+                "ports": [{"protocol": "TCP", "port": ports[listener.name]} for listener in closed],
+            }
+        )
+    rules.append(  # hand-off between the relay's own pods (scale-down)
+        {
+            "from": [{"podSelector": {"matchLabels": naming.selector_labels(name)}}],
+            "ports": [{"protocol": "TCP", "port": naming.HANDOFF_PORT}],
+        }
+    )
+    rules.append(  # Prometheus, wherever it runs in the cluster
+        {
+            "from": [{"namespaceSelector": {}}],
+            "ports": [{"protocol": "TCP", "port": naming.METRICS_PORT_NAME}],
+        }
+    )
+    return rules
+
+
+def _egress(plan: RelayPlan) -> list[dict[str, Any]]:
+    config = plan.config
+    assert config is not None
+    name = plan.relay.key.name
+    rules: list[dict[str, Any]] = [
+        {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},  # DNS
+        {  # hand-off to a peer pod of the same relay
+            "to": [{"podSelector": {"matchLabels": naming.selector_labels(name)}}],
+            "ports": [{"protocol": "TCP", "port": naming.HANDOFF_PORT}],
+        },
+    ]
+    relays: set[str] = set()
+    anywhere: set[int] = set()
+    for route in config.routes:
+        for hop in (route.next_hop, *route.failover):
+            if isinstance(hop, RelayHop):
+                relays.add(hop.name)
+            elif isinstance(hop, SmarthostHop | MxHop):
+                anywhere.add(hop.port)
+            elif isinstance(hop, GatewayHop) and hop.webhook is not None:
+                anywhere.add(_port_of_url(hop.webhook.url))
+        if route.events is not None:
+            anywhere.add(_port_of_url(route.events.webhook.url))
+    if config.events is not None:
+        anywhere.add(_port_of_url(config.events.webhook.url))
+    for check in config.recipient_checks:
+        if check.callout is not None and check.callout.host is not None:
+            anywhere.add(check.callout.port)
+    for target in sorted(relays):  # every port of the target relay's pods
+        rules.append({"to": [{"podSelector": {"matchLabels": naming.selector_labels(target)}}]})
+    if anywhere:
+        rules.append({"ports": [{"protocol": "TCP", "port": port} for port in sorted(anywhere)]})
+    return rules
+
+
+def build_networkpolicy(plan: RelayPlan, owners: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """Ingress and egress of one relay's pods (issue 17; opt out with spec.networkPolicy.enabled).
+
+    Ingress: public listeners (all listeners of a LoadBalancer or NodePort Service, else the
+    submission and http ones, or ``publicListeners``) from anywhere; the other listeners from
+    every pod of the cluster when the relay has accept domains (anyone may send to them), else
+    from the trusted networks, the PROXY balancer's ``trustedFrom`` and the mailrelay pods of the
+    namespace (relays whose routes lead here); the hand-off port from the relay's own pods; the
+    metrics port from every namespace. Egress: DNS, the hand-off port of its own pods, every
+    port of the pods of the relays its routes name, and the ports its smarthost, MX, webhook,
+    events and callout hops use, to any address (a NetworkPolicy cannot name a host)."""
+    name = plan.relay.key.name
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(plan, naming.networkpolicy_name(name), owners),
+        "spec": {
+            "podSelector": {"matchLabels": naming.selector_labels(name)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": _ingress(plan),
+            "egress": _egress(plan),
+        },
     }
 
 
@@ -573,4 +706,5 @@ def build_objects(
         build_client_service(plan, owners),
         build_statefulset(plan, options, owners, drain),
         build_poddisruptionbudget(plan, owners),
+        *([build_networkpolicy(plan, owners)] if plan.relay.spec.network_policy.enabled else []),
     ]

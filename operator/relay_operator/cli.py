@@ -13,6 +13,7 @@ error (one line each), 2 when the input cannot be read. Registered through the
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -27,7 +28,7 @@ _DEFAULT_OPTIONS = builders.BuildOptions()
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def manifest_options(*, stdin: bool) -> Callable[[_F], _F]:
+def manifest_options(*, stdin: bool, required: bool = True) -> Callable[[_F], _F]:
     """The options of every command that reads manifests: -f/--filename (repeatable; '-' is
     standard input when `stdin`) and -n/--namespace for documents that name none."""
     files = "A manifest file or folder (searched recursively)"
@@ -43,7 +44,7 @@ def manifest_options(*, stdin: bool) -> Callable[[_F], _F]:
             help="Namespace for documents that name none.",
         )(command)
         return click.option(
-            "-f", "--filename", "paths", multiple=True, required=True, metavar="PATH", help=files
+            "-f", "--filename", "paths", multiple=True, required=required, metavar="PATH", help=files
         )(command)
 
     return decorate
@@ -161,15 +162,36 @@ def render_command(paths: Sequence[str], default_namespace: str, image: str, clu
 
 
 @click.command("check")
-@manifest_options(stdin=True)
+@manifest_options(stdin=True, required=False)
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
-def check_command(paths: Sequence[str], default_namespace: str, strict: bool) -> None:
+@click.option(
+    "--open-relay",
+    "open_relay",
+    metavar="HOST:PORT",
+    default=None,
+    help="Instead: try third-party relaying through a running listener (mailrelay open-relay).",
+)
+@click.option("--domain", default=None, help="With --open-relay: a domain the relay serves.")
+def check_command(
+    paths: Sequence[str], default_namespace: str, strict: bool, open_relay: str | None, domain: str | None
+) -> None:
     """Validate MailRelays and RelayRoutes: specs, routing loops, unknown relays, conflicting
     routes and the Secrets they use. One line per problem; status 1 when there is an error.
+    With --open-relay HOST:PORT, run the open-relay probe set against a listener instead
+    (status 1 when it relayed a probe, 2 when it could not be probed).
 
     \b
     mailrelay check -f examples/quickstart
+    mailrelay check --open-relay mx.example.com:25
     """
+    if open_relay is not None:
+        # The probe is the relay package's (relay.open_relay); the operator does not import its
+        # adapters, so it runs as `mailrelay open-relay`, as `up` runs relay processes.
+        command = [sys.executable, "-m", "relay", "open-relay", open_relay]
+        sys.exit(subprocess.call(command + (["--domain", domain] if domain else [])))
+    if not paths:
+        click.echo("error: give manifests with -f PATH (or --open-relay HOST:PORT)", err=True)
+        sys.exit(2)
     loaded = _load(paths, default_namespace)
     plans = plan_manifests(loaded)
     problems = [p for plan in plans for p in plan.problems]

@@ -14,7 +14,9 @@ the live and the wanted value, or Recreating while a step is in progress) and `R
 generation, every pod runs the current revision and every desired replica is ready).
 `Draining` (a scale-down in progress: True with reason Draining, NoPeer, Drained, DrainTimedOut,
 Removing or DrainingClaims; False with NoScaleDown, or MailKept when a removed pod's claim keeps
-mail nobody can take; see `scaledown`).
+mail nobody can take; see `scaledown`). `RelaySafe` (issue 17: False with reason OpenRelay when
+an outside client could relay through the rendered configuration, judged by the relay's own
+RCPT rule over the open-relay probe set, relay.core.open_relay; True with NoOpenRelay).
 RelayRoute: `Accepted` (valid and selected by a MailRelay), `Resolved` (every `relay` next hop
 names a usable MailRelay), `Conflicted` (same priority and overlapping match as another route
 on one relay).
@@ -29,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from relay.config import RelayConfig
+from relay.core import open_relay
 from relay_operator import naming
 from relay_operator.queues import QueueReport
 from relay_operator.spec import InvalidSpec
@@ -137,6 +141,24 @@ def statefulset_rollout(statefulset: Mapping[str, Any] | None, desired: int) -> 
     return False, "Progressing", f"{ready}/{desired} replicas ready, {updated}/{desired} updated"
 
 
+def relay_safe(config: RelayConfig) -> tuple[bool, str, str]:
+    """``RelaySafe``: the open-relay probe set (relay.core.open_relay) judged by the relay's own
+    RCPT rule against the rendered configuration, for a client outside the cluster."""
+    relayed = open_relay.relayed_by_config(config)
+    if relayed:
+        return (
+            False,
+            "OpenRelay",
+            f"an outside client could relay to any domain ({', '.join(relayed)}): check trustedNetworks",
+        )
+    probes = len(open_relay.probes(config.hostname))
+    return (
+        True,
+        "NoOpenRelay",
+        f"none of {probes} third-party relay probes is accepted from an outside client",
+    )
+
+
 def mailrelay_status(
     plan: RelayPlan | InvalidSpec,
     *,
@@ -203,6 +225,10 @@ def mailrelay_status(
     else:
         ready_condition = statefulset_rollout(statefulset, desired)
     conditions = set_condition(conditions, "Ready", *ready_condition, observed_generation=generation, now=now)
+    if not isinstance(plan, InvalidSpec) and plan.config is not None:
+        conditions = set_condition(
+            conditions, "RelaySafe", *relay_safe(plan.config), observed_generation=generation, now=now
+        )
     if draining is not None:
         conditions = set_condition(conditions, "Draining", *draining, observed_generation=generation, now=now)
     status: dict[str, Any] = {

@@ -82,6 +82,7 @@ KOPFPEERINGS = Resource("kopf.dev/v1", "kopfpeerings", "KopfPeering")
 EVENTS = Resource("v1", "events", "Event")
 STATEFULSETS = Resource("apps/v1", "statefulsets", "StatefulSet")
 PODDISRUPTIONBUDGETS = Resource("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget")
+NETWORKPOLICIES = Resource("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy")
 PODS = Resource("v1", "pods", "Pod")
 JOBS = Resource("batch/v1", "jobs", "Job")
 
@@ -99,6 +100,7 @@ KNOWN_RESOURCES = (
     EVENTS,
     STATEFULSETS,
     PODDISRUPTIONBUDGETS,
+    NETWORKPOLICIES,
     PODS,
     JOBS,
 )

@@ -118,6 +118,10 @@ def pdb_name(relay: str) -> str:
     return relay
 
 
+def networkpolicy_name(relay: str) -> str:
+    return relay
+
+
 def serviceaccount_name(relay: str) -> str:
     return f"{relay}-relay"
 

@@ -210,6 +210,26 @@ class RecipientCheckSpec(_Spec):
         return self
 
 
+class NetworkPolicySpec(_Spec):
+    """The NetworkPolicy the operator makes for each relay (builders.build_networkpolicy)."""
+
+    enabled: bool = True
+    public_listeners: list[str] | None = Field(
+        default=None,
+        max_length=16,
+        description="listeners open to every source; default: all on a LoadBalancer or NodePort "
+        "Service, else the submission and http ones",
+    )
+
+
+class SelfCheckSpec(_Spec):
+    """The relay's periodic open-relay self-check (mailrelay_relay_safe); "0s" turns it off."""
+
+    interval: str = "1h"
+
+    _interval = field_validator("interval", mode="before")(_duration)
+
+
 class StorageSpec(_Spec):
     size: str | int = "1Gi"
     storage_class_name: str | None = Field(default=None, max_length=253)
@@ -357,6 +377,8 @@ class MailRelaySpec(_Spec):
     limits: LimitsSpec = LimitsSpec()
     abuse: AbuseSpec = AbuseSpec()
     recipient_checks: list[RecipientCheckSpec] = Field(default=[], max_length=32)
+    network_policy: NetworkPolicySpec = NetworkPolicySpec()
+    self_check: SelfCheckSpec = SelfCheckSpec()
     queue: QueueSpec = QueueSpec()
     dns: DnsSpec = DnsSpec()
     route_selector: LabelSelector | None = None
@@ -421,6 +443,9 @@ class MailRelaySpec(_Spec):
         unknown = sorted(set(proxy.listeners) - set(names)) if proxy is not None else []
         if unknown:
             raise ValueError(f"service.proxyProtocol.listeners names no listener: {', '.join(unknown)}")
+        unknown = sorted(set(self.network_policy.public_listeners or []) - set(names))
+        if unknown:
+            raise ValueError(f"networkPolicy.publicListeners names no listener: {', '.join(unknown)}")
         return self
 
     def proxied(self, listener: ListenerSpec) -> ProxyProtocolSpec | None:

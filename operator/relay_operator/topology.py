@@ -68,6 +68,7 @@ from relay.config import (
     RetryPolicyConfig,
     RouteConfig,
     RouteLimits,
+    SelfCheckConfig,
     SenderLimits,
     SmarthostHop,
     TlsConfig,
@@ -857,6 +858,7 @@ def _config(
         accept_domains=spec.accept_domains,
         limits=_typed("limits", _limits_config, spec.limits),
         abuse=_typed("abuse", _abuse_config, spec.abuse),
+        self_check=SelfCheckConfig(interval=parse_duration(spec.self_check.interval)),
         recipient_checks=[
             _typed(f"recipientChecks.{index}", _recipient_check_config, check, context)
             for index, check in enumerate(spec.recipient_checks)

@@ -20,6 +20,7 @@ import click
 from relay import __version__
 from relay.cli.dkim import dkim_group
 from relay.cli.drain import drain_command
+from relay.cli.open_relay import open_relay_command
 from relay.cli.queue import queue_group
 from relay.cli.run import hash_password_command, relay_command
 from relay.cli.send import send_command
@@ -76,3 +77,4 @@ main.add_command(queue_group)
 main.add_command(hash_password_command)
 main.add_command(dkim_group)
 main.add_command(drain_command)
+main.add_command(open_relay_command)

@@ -187,6 +187,7 @@ BUILTIN_TYPES = [
         "apps", "v1", "deployments", "Deployment", status=True, scale=ScalePaths(label_selector=None)
     ),
     ResourceType("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", status=True),
+    ResourceType("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", short_names=("netpol",)),
     ResourceType("batch", "v1", "jobs", "Job", status=True),
     ResourceType(
         "storage.k8s.io", "v1", "storageclasses", "StorageClass", namespaced=False, short_names=("sc",)

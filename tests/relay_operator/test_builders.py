@@ -135,6 +135,7 @@ def test_every_object_passes_strict_kubernetes_validation(version: str) -> None:
         "Service",
         "StatefulSet",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     }
     for obj in objects:
         kubernetes_validate.validate(obj, version, strict=True)
@@ -402,3 +403,65 @@ def test_the_drain_job_and_the_handoff_secret_pass_strict_validation(version: st
     secret = builders.build_handoff_secret(plan, "random-credential", [OWNER])
     kubernetes_validate.validate(secret, version, strict=True)
     assert secret["stringData"] == {naming.HANDOFF_SECRET_KEY: "random-credential"}
+
+
+def _netpol(**spec: Any) -> dict[str, Any] | None:
+    body = crd_tools.relay_body(routeSelector={"matchLabels": {"relay": "edge"}}, **spec)
+    routes = [
+        crd_tools.route_body(nextHop={"relay": {"name": "store"}}),
+        {**crd_tools.route_body(nextHop={"gateway": {"webhook": {"url": "https://hook.example:8443/x"}}})},
+    ]
+    routes[1]["metadata"] = {**routes[1]["metadata"], "name": "hook"}
+    routes[1]["spec"]["priority"] = 5
+    store = crd_tools.relay_body()
+    store["metadata"]["name"] = "store"
+    plan = topology.plan_namespace("mail", [body, store], routes).relays["edge"]
+    objects = {o["kind"]: o for o in builders.build_objects(plan)}
+    policy = objects.get("NetworkPolicy")
+    if policy is not None:
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(policy, version, strict=True)
+    return policy
+
+
+def test_networkpolicy_rules() -> None:
+    """An internal relay (ClusterIP, no accept domains): its relay listener only from the trusted
+    networks, the PROXY balancer and the namespace's relays; submission open (AUTH guards it);
+    egress to DNS, its peers, the relay its route names and the webhook's port. Opt-out: none."""
+    policy = _netpol(
+        listeners=[
+            {"name": "smtp", "port": 25},
+            {"name": "submission", "port": 587, "mode": "submission", "auth": "required"},
+        ],
+        auth={"secretName": "users"},
+        trustedNetworks=["10.1.0.0/16"],
+        service={"proxyProtocol": {"trustedFrom": ["192.168.0.5"], "listeners": ["smtp"]}},
+    )
+    assert policy is not None
+    ingress = policy["spec"]["ingress"]
+    assert ingress[0] == {"ports": [{"protocol": "TCP", "port": 587}]}
+    assert ingress[1] == {
+        "from": [
+            {"ipBlock": {"cidr": "10.1.0.0/16"}},
+            {"ipBlock": {"cidr": "192.168.0.5/32"}},
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mailrelay"}}},
+        ],
+        "ports": [{"protocol": "TCP", "port": 25}],
+    }
+    egress = policy["spec"]["egress"]
+    assert {"to": [{"podSelector": {"matchLabels": naming.selector_labels("store")}}]} in egress
+    assert egress[-1] == {"ports": [{"protocol": "TCP", "port": 8443}]}
+    assert not any(
+        rule.get("ports") == [{"protocol": "TCP", "port": 25}] and "to" not in rule for rule in egress
+    )
+    # Accept domains: the relay listener is open to every pod of the cluster.
+    inbound = _netpol(acceptDomains=["example.com"])
+    assert inbound is not None
+    assert inbound["spec"]["ingress"][0] == {
+        "from": [{"namespaceSelector": {}}],
+        "ports": [{"protocol": "TCP", "port": 25}],
+    }
+    # publicListeners overrides; networkPolicy.enabled false makes none.
+    public = _netpol(networkPolicy={"publicListeners": ["smtp"]})
+    assert public is not None and public["spec"]["ingress"][0] == {"ports": [{"protocol": "TCP", "port": 25}]}
+    assert _netpol(networkPolicy={"enabled": False}) is None

@@ -283,3 +283,23 @@ def test_route_problems_as_conditions() -> None:
     assert invalid["Resolved"]["status"] == "Unknown"
     conflict = _route_status([_named("r"), _named("s")], "r")
     assert (conflict["Conflicted"]["status"], conflict["Conflicted"]["reason"]) == ("True", "Conflict")
+
+
+@pytest.mark.parametrize(
+    ("spec", "safe", "reason"),
+    [
+        ({}, "True", "NoOpenRelay"),  # the defaults
+        ({"acceptDomains": ["example.com"], "trustedNetworks": ["10.0.0.0/8"]}, "True", "NoOpenRelay"),
+        ({"trustedNetworks": ["0.0.0.0/0"]}, "False", "OpenRelay"),  # deliberately open
+        ({"trustedNetworks": ["192.0.2.0/24"]}, "False", "OpenRelay"),  # trusts outsiders
+    ],
+)
+def test_relay_safe_condition(spec: dict[str, Any], safe: str, reason: str) -> None:
+    """RelaySafe: the open-relay probe set judged by the relay's own RCPT rule against the
+    rendered config, for a client outside the cluster (a catch-all MX route: anything routable)."""
+    route = crd_tools.route_body(nextHop={"mx": {}})
+    relay_plan = _plan([route], **spec).relays["edge"]
+    found = _by_type(mailrelay_status(relay_plan, previous=None, statefulset=None, now=T0))
+    assert (found["RelaySafe"]["status"], found["RelaySafe"]["reason"]) == (safe, reason)
+    if safe == "False":
+        assert "(plain, null-sender," in found["RelaySafe"]["message"]

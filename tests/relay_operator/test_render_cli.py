@@ -59,6 +59,7 @@ def test_render_the_samples() -> None:
             ("Service", "{relay}"),
             ("StatefulSet", "{relay}"),
             ("PodDisruptionBudget", "{relay}"),
+            ("NetworkPolicy", "{relay}"),
         ]
     ]
     assert out == (Path(__file__).parent / "golden" / "samples.yaml").read_text()
@@ -69,7 +70,7 @@ def test_render_prints_what_it_can_and_fails_on_a_loop(tmp_path: Path) -> None:
     code, out, err = run("render", "-f", str(tmp_path))
     assert code == 1
     assert "routing loop for recipient domain *: edge -> internal -> edge" in err
-    assert len(list(yaml.safe_load_all(out))) == 12
+    assert len(list(yaml.safe_load_all(out))) == 14
 
 
 def test_check_the_samples_warns_about_secrets_it_was_not_given() -> None:
