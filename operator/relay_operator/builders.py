@@ -346,6 +346,8 @@ def _egress(plan: RelayPlan) -> list[dict[str, Any]]:
                 relays.add(hop.name)
             elif isinstance(hop, SmarthostHop | MxHop):
                 anywhere.add(hop.port)
+                if isinstance(hop, MxHop) and hop.tls == "mta-sts":
+                    anywhere.add(443)  # the domain's MTA-STS policy (RFC 8461), over HTTPS
             elif isinstance(hop, GatewayHop) and hop.webhook is not None:
                 anywhere.add(_port_of_url(hop.webhook.url))
         if route.events is not None:
@@ -371,8 +373,9 @@ def build_networkpolicy(plan: RelayPlan, owners: Sequence[Mapping[str, Any]] = (
     from the trusted networks, the PROXY balancer's ``trustedFrom`` and the mailrelay pods of the
     namespace (relays whose routes lead here); the hand-off port from the relay's own pods; the
     metrics port from every namespace. Egress: DNS, the hand-off port of its own pods, every
-    port of the pods of the relays its routes name, and the ports its smarthost, MX, webhook,
-    events and callout hops use, to any address (a NetworkPolicy cannot name a host)."""
+    port of the pods of the relays its routes name, and the ports its smarthost, MX (and 443 for
+    an MX hop's MTA-STS policy), webhook, events and callout hops use, to any address (a
+    NetworkPolicy cannot name a host)."""
     name = plan.relay.key.name
     return {
         "apiVersion": "networking.k8s.io/v1",
