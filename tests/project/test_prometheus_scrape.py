@@ -143,7 +143,7 @@ async def test_prometheus_scrapes_every_relay_series_the_rules_and_dashboard_use
 
         await until(lambda: evaluated() is not None, timeout=60)
         rules = evaluated()
-        assert rules is not None and len(rules) == 7
+        assert rules is not None and len(rules) == 8
         assert [(r["name"], r["health"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
     finally:
         server.terminate()

@@ -1,7 +1,8 @@
 """The relay metrics the chart's alerts need, scraped from a running relay: the age of the
 oldest waiting message (``mailrelay_queue_oldest_age_seconds``, from queue ids, which
 start with their arrival time) and the served certificate's expiry
-(``mailrelay_tls_certificate_expiry_timestamp_seconds``, its notAfter)."""
+(``mailrelay_tls_certificate_expiry_timestamp_seconds``, its notAfter); the open-relay
+self-check gauge says "not tested" (-1) while no self-check ran."""
 
 from __future__ import annotations
 
@@ -66,6 +67,9 @@ async def test_oldest_message_age_and_certificate_expiry_are_exported(
         assert expiry == served.not_valid_after_utc.timestamp()
         empty = await asyncio.to_thread(_gauge, metrics_port, "mailrelay_queue_oldest_age_seconds")
         assert empty == 0.0
+        # no self-check configured: "not tested", never the 0 ("open") a fresh gauge would say
+        untested = await asyncio.to_thread(_gauge, metrics_port, "mailrelay_relay_safe")
+        assert untested == -1.0
         sent = time.time()
         await asyncio.to_thread(_send, port, "a@s.test", ["later@d.test"])
         await asyncio.to_thread(run.wait_for, r"deferred 1 recipients")
