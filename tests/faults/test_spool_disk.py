@@ -51,8 +51,21 @@ def small_tmpfs(directory: Path, size: str = "2m") -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(directory)], check=False)
 
 
-def remount(directory: Path, mode: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(directory)], check=True)
+@contextlib.contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """`directory` read-only for every file opened from now on: a read-only bind mount over it.
+
+    A plain ``remount,ro`` is refused (EBUSY) while any file on the tmpfs is open for writing,
+    and the relay keeps one open for good (relay.abuse's database in the queue directory); what
+    the spool opens for each message goes through the bind mount and gets EROFS, as on a disk
+    the kernel made read-only. Lifting it is a lazy unmount (reads may still be open)."""
+    target = str(directory)
+    subprocess.run(["mount", "--bind", target, target], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", target, target], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", "-l", target], check=True)
 
 
 def fill(directory: Path, name: str = "filler") -> Path:
@@ -110,12 +123,9 @@ async def test_spool_full_or_read_only_says_4xx_and_recovers_without_restart(tmp
             await asyncio.to_thread(sink.wait_tokens, {"after-full"}, 60)
             await asyncio.to_thread(relay.wait_queue_empty, 60)
 
-            remount(spool, "ro")
-            try:
+            with read_only(spool):
                 for i in range(5):
                     refused.append(await attempt(relay.port, f"ro-{i}"))
-            finally:
-                remount(spool, "rw")
             await send_one(relay.port, "after-ro")
             accepted.add("after-ro")
             await asyncio.to_thread(sink.wait_tokens, accepted, 60)
