@@ -203,7 +203,10 @@ class Cluster:
         found = {}
         for state in STATES:
             for path in (spool / state).iterdir() if (spool / state).is_dir() else []:
-                found[path.name] = read_header(path)
+                try:
+                    found[path.name] = read_header(path)
+                except FileNotFoundError:  # the relay moved it on (active/ -> deferred/) meanwhile
+                    continue
         return found
 
     def run_job(self, job: Mapping[str, Any]) -> subprocess.CompletedProcess[str]:
