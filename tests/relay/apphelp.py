@@ -1,12 +1,14 @@
 """Run `mailrelay relay --config FILE` as a real subprocess and follow its log, and what the
 tests that do so share: a free loopback port, a config for a relay that sends to one sink, the
-config file, an HTTP GET of the metrics port, and polling for what no event announces.
+config file, the relay run in the test's own event loop (`in_process`), an HTTP GET of the
+metrics port, and polling for what no event announces.
 
 The `runs` fixture (tests/conftest.py) kills every `RelayRun` a test started."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import re
@@ -18,12 +20,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from relay.app import RelayProcess
 from relay.config import parse_config
 
 
@@ -39,15 +42,18 @@ def relay_to_sink_config(
     *,
     hostname: str,
     domains: list[str],
-    smtp_port: int,
-    metrics_port: int,
     sink_port: int,
+    smtp_port: int | None = None,
+    metrics_port: int | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """A relay on 127.0.0.1:smtp_port that accepts mail for `domains` (no trusted networks) and
     sends it over the route ``to-sink`` to 127.0.0.1:sink_port; fast retries (1-2 s), the spool
-    in tmp_path/queue, metrics on 127.0.0.1:metrics_port. `extra` replaces top-level keys. The
-    result is checked with the relay's own parser (a test's config must be valid)."""
+    in tmp_path/queue, metrics on 127.0.0.1:metrics_port (either port: a free one when not
+    given). `extra` replaces top-level keys. The result is checked with the relay's own parser
+    (a test's config must be valid)."""
+    smtp_port = free_port() if smtp_port is None else smtp_port
+    metrics_port = free_port() if metrics_port is None else metrics_port
     data: dict[str, Any] = {
         "hostname": hostname,
         "listeners": [{"name": "smtp", "host": "127.0.0.1", "port": smtp_port, "mode": "relay"}],
@@ -76,6 +82,30 @@ def write_config(directory: Path, data: dict[str, Any], name: str = "relay.yaml"
     path = directory / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+@contextlib.asynccontextmanager
+async def in_process(
+    path: Path, *, grace: float = 2, serve_health: bool = False
+) -> AsyncIterator[RelayProcess]:
+    """The relay of the config file at `path` run in this event loop (no file watch), once it
+    is ready; on leaving, it is stopped and must exit 0."""
+    ready = asyncio.Event()
+    process = RelayProcess(
+        path,
+        parse_config(yaml.safe_load(await asyncio.to_thread(path.read_text))),
+        watch=False,
+        serve_health=serve_health,
+        grace=grace,
+        on_ready=ready.set,
+    )
+    task = asyncio.create_task(process.run())
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        yield process
+    finally:
+        process.stop()
+        assert await asyncio.wait_for(task, 30) == 0
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:

@@ -16,17 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-import yaml
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from relay.app import RelayProcess
 from relay.config import EventsConfig, EventWebhookConfig, parse_config
 from relay.core import events as rules
 from relay.core import outcome
 from relay.core.model import Envelope, QueueEntry, Recipient
 from relay.core.settle import Attempted, settle
-from tests.relay.apphelp import free_port, relay_to_sink_config, until, write_config
+from tests.relay.apphelp import free_port, in_process, relay_to_sink_config, until, write_config
 from tests.relay.smtpsink import SmtpSink
 
 KEY = b"event-signing-key-0123456789"
@@ -87,8 +85,6 @@ async def relay(tmp_path: Path, sink: SmtpSink, route_url: str, relay_url: str) 
         tmp_path,
         hostname="events.relay.test",
         domains=["example.com", "other.example"],
-        smtp_port=free_port(),
-        metrics_port=free_port(),
         sink_port=sink.port,
         events={"webhook": {"url": relay_url, "secretFile": str(key), "timeout": "5s"}},
     )
@@ -99,23 +95,8 @@ async def relay(tmp_path: Path, sink: SmtpSink, route_url: str, relay_url: str) 
         {**data["routes"][0], "name": "other", "match": {"recipientDomains": ["other.example"]}}
     )
     del data["routes"][1]["events"]
-    path = write_config(tmp_path, data)
-    ready = asyncio.Event()
-    process = RelayProcess(
-        path,
-        parse_config(yaml.safe_load(path.read_text())),
-        watch=False,
-        serve_health=False,
-        grace=2,
-        on_ready=ready.set,
-    )
-    task = asyncio.create_task(process.run())
-    try:
-        await asyncio.wait_for(ready.wait(), 30)
+    async with in_process(write_config(tmp_path, data)):
         yield int(data["listeners"][0]["port"])
-    finally:
-        process.stop()
-        assert await asyncio.wait_for(task, 30) == 0
 
 
 async def send(port: int, recipients: list[str], sender: str = "app@example.com") -> None:

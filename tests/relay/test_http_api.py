@@ -18,14 +18,13 @@ import aiohttp
 import aiosmtplib
 import jsonschema
 import pytest
-import yaml
 from prometheus_client import REGISTRY
 
 from relay.app import RelayProcess
 from relay.config import parse_config
 from relay.core.compose import Attachment, compose
 from relay.http_api import OPENAPI, HttpApi
-from tests.relay.apphelp import RelayRun, free_port, relay_to_sink_config, until, write_config
+from tests.relay.apphelp import RelayRun, free_port, in_process, relay_to_sink_config, until, write_config
 from tests.relay.fronthelp import RawClient, make_certs
 from tests.relay.smtpsink import SmtpSink
 
@@ -50,8 +49,6 @@ def config_data(tmp_path: Path, sink_port: int, **extra: Any) -> dict[str, Any]:
         tmp_path,
         hostname="api.relay.test",
         domains=["example.com"],
-        smtp_port=free_port(),
-        metrics_port=free_port(),
         sink_port=sink_port,
         api={"tokensFile": str(tokens)},
         **extra,
@@ -72,23 +69,8 @@ def config_data(tmp_path: Path, sink_port: int, **extra: Any) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def running(tmp_path: Path, data: dict[str, Any], grace: float = 2) -> AsyncIterator[RelayProcess]:
-    path = write_config(tmp_path, data)
-    ready = asyncio.Event()
-    process = RelayProcess(
-        path,
-        parse_config(yaml.safe_load(path.read_text())),
-        watch=False,
-        serve_health=False,
-        grace=grace,
-        on_ready=ready.set,
-    )
-    task = asyncio.create_task(process.run())
-    try:
-        await asyncio.wait_for(ready.wait(), 30)
+    async with in_process(write_config(tmp_path, data), grace=grace) as process:
         yield process
-    finally:
-        process.stop()
-        assert await asyncio.wait_for(task, 30) == 0
 
 
 def api_url(data: dict[str, Any], path: str) -> str:

@@ -47,7 +47,6 @@ def _config(tmp_path: Path, sink: SmtpSink, **extra: Any) -> tuple[Path, int]:
         hostname="logs.test",
         domains=["d.test", "s.test"],
         smtp_port=port,
-        metrics_port=free_port(),
         sink_port=sink.port,
         workers=1,
         **extra,

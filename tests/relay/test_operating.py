@@ -16,15 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-import yaml
 from click.testing import CliRunner, Result
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.app import RelayProcess
 from relay.cli import main
-from relay.config import parse_config
 from relay.spool import Spool
-from tests.relay.apphelp import RelayRun, free_port, http_get, relay_to_sink_config, until, write_config
+from tests.relay.apphelp import (
+    RelayRun,
+    free_port,
+    http_get,
+    in_process,
+    relay_to_sink_config,
+    until,
+    write_config,
+)
 from tests.relay.fronthelp import RawClient
 from tests.relay.smtpsink import SmtpSink
 
@@ -70,13 +75,7 @@ async def send(port: int, recipients: list[str], sender: str = "a@example.com") 
 async def test_readyz_is_503_when_the_spool_is_not_writable_or_a_listener_is_gone(tmp_path: Path) -> None:
     metrics_port = free_port()
     path = write_config(tmp_path, config_data(tmp_path, free_port(), metrics_port))
-    ready = asyncio.Event()
-    process = RelayProcess(
-        path, parse_config(yaml.safe_load(path.read_text())), watch=False, grace=2, on_ready=ready.set
-    )
-    task = asyncio.create_task(process.run())
-    try:
-        await asyncio.wait_for(ready.wait(), 30)
+    async with in_process(path, serve_health=True) as process:
         assert await get(metrics_port, "/readyz") == (200, "ready\n")
         # the spool cannot take a file (what a read-only or broken volume does; root ignores modes)
         tmp = tmp_path / "queue" / "tmp"
@@ -93,9 +92,6 @@ async def test_readyz_is_503_when_the_spool_is_not_writable_or_a_listener_is_gon
         assert server is not None
         server.close()
         assert await get(metrics_port, "/readyz") == (503, "not ready: listeners not bound\n")
-    finally:
-        process.stop()
-        assert await asyncio.wait_for(task, 30) == 0
 
 
 async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(

@@ -48,7 +48,6 @@ async def test_bulk_queue_commands_on_a_running_relay(tmp_path: Path, runs: list
             hostname="queue.test",
             domains=["d.test", "s.test"],
             smtp_port=port,
-            metrics_port=free_port(),
             sink_port=sink.port,
             workers=1,
         )

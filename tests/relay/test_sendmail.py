@@ -15,12 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from relay.app import RelayProcess
-from relay.config import parse_config
 from relay.core import sendmail as rules
-from tests.relay.apphelp import free_port, relay_to_sink_config, write_config
+from tests.relay.apphelp import free_port, in_process, relay_to_sink_config, write_config
 from tests.relay.smtpsink import SmtpSink
 
 MAILRELAY = Path(sys.executable).parent / "mailrelay"
@@ -34,8 +31,6 @@ async def relay_to(tmp_path: Path, sink_port: int) -> AsyncIterator[int]:
         tmp_path,
         hostname="sendmail.relay.test",
         domains=["example.com"],
-        smtp_port=free_port(),
-        metrics_port=free_port(),
         sink_port=sink_port,
         acceptDomains=["example.com", "blocked.example.com"],
     )
@@ -47,23 +42,8 @@ async def relay_to(tmp_path: Path, sink_port: int) -> AsyncIterator[int]:
             "nextHop": {"kind": "reject", "code": 550, "message": "5.1.1 no such user"},
         }
     )
-    path = write_config(tmp_path, data)
-    ready = asyncio.Event()
-    process = RelayProcess(
-        path,
-        parse_config(yaml.safe_load(path.read_text())),
-        watch=False,
-        serve_health=False,
-        grace=2,
-        on_ready=ready.set,
-    )
-    task = asyncio.create_task(process.run())
-    try:
-        await asyncio.wait_for(ready.wait(), 30)
+    async with in_process(write_config(tmp_path, data)):
         yield int(data["listeners"][0]["port"])
-    finally:
-        process.stop()
-        assert await asyncio.wait_for(task, 30) == 0
 
 
 async def sendmail(

@@ -66,6 +66,30 @@ def sts(generation: int = 3, **status: Any) -> dict[str, Any]:
 OLD, NEW = "edge-6c9b7d5f4", "edge-8f7e6d5c4"
 
 
+def rollout(
+    *,
+    ready: int,
+    current: int | None,
+    updated: int | None,
+    revisions: tuple[str, str],
+    available: int,
+    replicas: int = 2,
+    generation: int = 3,
+) -> dict[str, Any]:
+    """A StatefulSet (observedGeneration 3) during or after a rollout; a count given as None is
+    omitted as the controller omits zeros; ``revisions``: (currentRevision, updateRevision)."""
+    counts = {"readyReplicas": ready, "currentReplicas": current, "updatedReplicas": updated}
+    return sts(
+        generation,
+        observedGeneration=3,
+        replicas=replicas,
+        **{key: value for key, value in counts.items() if value is not None},
+        currentRevision=revisions[0],
+        updateRevision=revisions[1],
+        availableReplicas=available,
+    )
+
+
 @pytest.mark.parametrize(
     ("replicas", "statefulset", "ready", "reason"),
     [
@@ -75,80 +99,30 @@ OLD, NEW = "edge-6c9b7d5f4", "edge-8f7e6d5c4"
         # the real status at the start of a rollout: zeros omitted (no updatedReplicas at all)
         (
             2,
-            sts(
-                observedGeneration=3,
-                replicas=2,
-                readyReplicas=2,
-                currentReplicas=2,
-                currentRevision=OLD,
-                updateRevision=NEW,
-                availableReplicas=2,
-            ),
+            rollout(ready=2, current=2, updated=None, revisions=(OLD, NEW), available=2),
             "False",
             "Progressing",
         ),
         # a new spec the controller has not observed yet: its old status says all is well
         (
             2,
-            sts(
-                generation=4,
-                observedGeneration=3,
-                replicas=2,
-                readyReplicas=2,
-                currentReplicas=2,
-                updatedReplicas=2,
-                currentRevision=OLD,
-                updateRevision=OLD,
-                availableReplicas=2,
-            ),
+            rollout(ready=2, current=2, updated=2, revisions=(OLD, OLD), available=2, generation=4),
             "False",
             "Progressing",
         ),
         # half way: one pod updated
         (
             2,
-            sts(
-                observedGeneration=3,
-                replicas=2,
-                readyReplicas=2,
-                currentReplicas=1,
-                updatedReplicas=1,
-                currentRevision=OLD,
-                updateRevision=NEW,
-                availableReplicas=2,
-            ),
+            rollout(ready=2, current=1, updated=1, revisions=(OLD, NEW), available=2),
             "False",
             "Progressing",
         ),
         # rolled out: the controller moved currentRevision
-        (
-            2,
-            sts(
-                observedGeneration=3,
-                replicas=2,
-                readyReplicas=2,
-                currentReplicas=2,
-                updatedReplicas=2,
-                currentRevision=NEW,
-                updateRevision=NEW,
-                availableReplicas=2,
-            ),
-            "True",
-            "Ready",
-        ),
+        (2, rollout(ready=2, current=2, updated=2, revisions=(NEW, NEW), available=2), "True", "Ready"),
         # rolled out but a pod is not ready
         (
             2,
-            sts(
-                observedGeneration=3,
-                replicas=2,
-                readyReplicas=1,
-                currentReplicas=2,
-                updatedReplicas=2,
-                currentRevision=NEW,
-                updateRevision=NEW,
-                availableReplicas=1,
-            ),
+            rollout(ready=1, current=2, updated=2, revisions=(NEW, NEW), available=1),
             "False",
             "Progressing",
         ),
@@ -173,15 +147,7 @@ def test_ready_follows_the_statefulset_rollout(
     assert status["replicas"] == ((statefulset or {}).get("status") or {}).get("replicas", 0)
 
 
-ROLLED_OUT = sts(
-    observedGeneration=3,
-    replicas=1,
-    readyReplicas=1,
-    updatedReplicas=1,
-    currentRevision=NEW,
-    updateRevision=NEW,
-    availableReplicas=1,
-)
+ROLLED_OUT = rollout(ready=1, current=None, updated=1, revisions=(NEW, NEW), available=1, replicas=1)
 SUBJECT = topology.ObjectRef("MailRelay", "mail", "edge")
 
 
