@@ -18,7 +18,7 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -400,16 +400,7 @@ class MailRelaySpec(_Spec):
         lambda value: [_domain(v) for v in value] if isinstance(value, list) else value
     )
 
-    @field_validator("trusted_networks", mode="before")
-    @classmethod
-    def _networks(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            for item in value:
-                try:
-                    ipaddress.ip_network(str(item), strict=False)
-                except ValueError as exc:
-                    raise ValueError(f"invalid network {item!r}: use CIDR notation like 10.0.0.0/8") from exc
-        return value
+    _networks = field_validator("trusted_networks", mode="before")(_cidrs)
 
     @model_validator(mode="after")
     def _consistent(self) -> MailRelaySpec:
@@ -716,22 +707,26 @@ class ObjectKey:
         return f"{self.namespace}/{self.name}"
 
 
+_SpecModel = TypeVar("_SpecModel", bound=BaseModel)
+
+
 @dataclass(frozen=True)
-class MailRelay:
+class _Document(Generic[_SpecModel]):
+    """A parsed object: where it is, its typed spec and the metadata the operator uses."""
+
     key: ObjectKey
-    spec: MailRelaySpec
+    spec: _SpecModel
     labels: Mapping[str, str] = field(default_factory=dict)
     uid: str | None = None
     generation: int | None = None
 
 
-@dataclass(frozen=True)
-class RelayRoute:
-    key: ObjectKey
-    spec: RelayRouteSpec
-    labels: Mapping[str, str] = field(default_factory=dict)
-    uid: str | None = None
-    generation: int | None = None
+class MailRelay(_Document[MailRelaySpec]):
+    """A valid MailRelay."""
+
+
+class RelayRoute(_Document[RelayRouteSpec]):
+    """A valid RelayRoute."""
 
 
 @dataclass(frozen=True)
@@ -779,6 +774,17 @@ def _spec_body(body: Mapping[str, Any]) -> tuple[Any, list[str]]:
     return spec, []
 
 
+def _validated_spec(body: Mapping[str, Any], model: type[_SpecModel]) -> tuple[_SpecModel | None, list[str]]:
+    """The body's spec as `model` (None when it has none or it is invalid) and what is wrong."""
+    spec_body, errors = _spec_body(body)
+    if spec_body is None:
+        return None, errors
+    try:
+        return model.model_validate(dict(spec_body)), errors
+    except ValidationError as exc:
+        return None, [*errors, *_describe(exc)]
+
+
 def parse_mailrelay(body: Mapping[str, Any], default_namespace: str = "default") -> MailRelay | InvalidSpec:
     """A MailRelay body (as the API returns it, or as written in a file) → `MailRelay` or `InvalidSpec`."""
     key, labels, uid, generation = _metadata(body, default_namespace)
@@ -788,14 +794,8 @@ def parse_mailrelay(body: Mapping[str, Any], default_namespace: str = "default")
             f"metadata.name: {key.name!r} is not a DNS-1035 label of at most {naming.MAX_RELAY_NAME} "
             "characters (it names Services and a StatefulSet)"
         )
-    spec_body, spec_errors = _spec_body(body)
+    spec, spec_errors = _validated_spec(body, MailRelaySpec)
     errors += spec_errors
-    spec = None
-    if spec_body is not None:
-        try:
-            spec = MailRelaySpec.model_validate(dict(spec_body))
-        except ValidationError as exc:
-            errors += _describe(exc)
     if errors or spec is None:
         return InvalidSpec("MailRelay", key, tuple(errors), generation)
     return MailRelay(key=key, spec=spec, labels=labels, uid=uid, generation=generation)
@@ -807,14 +807,8 @@ def parse_relayroute(body: Mapping[str, Any], default_namespace: str = "default"
     errors: list[str] = []
     if not key.name:
         errors.append("metadata.name: missing")
-    spec_body, spec_errors = _spec_body(body)
+    spec, spec_errors = _validated_spec(body, RelayRouteSpec)
     errors += spec_errors
-    spec = None
-    if spec_body is not None:
-        try:
-            spec = RelayRouteSpec.model_validate(dict(spec_body))
-        except ValidationError as exc:
-            errors += _describe(exc)
     if errors or spec is None:
         return InvalidSpec("RelayRoute", key, tuple(errors), generation)
     return RelayRoute(key=key, spec=spec, labels=labels, uid=uid, generation=generation)

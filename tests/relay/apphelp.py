@@ -156,6 +156,11 @@ class ConfigMapDir:
         if not self.path.is_symlink():
             self.path.symlink_to("..data/relay.yaml")
 
+    def start(self, data: dict[str, Any], **options: Any) -> RelayRun:
+        """Publish `data` and start a relay that reads it here (`options`: RelayRun's)."""
+        self.publish(data)
+        return RelayRun(self.path, **options).start()
+
 
 class RelayRun:
     """A relay subprocess whose combined output is collected line by line."""

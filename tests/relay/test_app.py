@@ -55,35 +55,48 @@ async def send(port: int, rcpt: str = "user@example.com") -> str:
     return text
 
 
-async def rcpt_reply(port: int, rcpt: str) -> int:
+async def at_rcpt(port: int, rcpt: str) -> tuple[RawClient, int]:
+    """A session that has given EHLO, MAIL and RCPT TO:<rcpt>; and the RCPT reply's code."""
     client = await RawClient.connect("127.0.0.1", port)
     await client.reply()
     await client.cmd("EHLO client.test")
     await client.cmd("MAIL FROM:<a@sender.org>")
     code, _ = await client.cmd(f"RCPT TO:<{rcpt}>")
+    return client, code
+
+
+async def rcpt_reply(port: int, rcpt: str) -> int:
+    client, code = await at_rcpt(port, rcpt)
     await client.cmd("QUIT")
     await client.close()
     return code
+
+
+async def in_data(port: int) -> RawClient:
+    """A session inside DATA (354 given) for late@example.com."""
+    client, _ = await at_rcpt(port, "late@example.com")
+    assert (await client.cmd("DATA"))[0] == 354
+    return client
+
+
+def run_once(config: Path) -> subprocess.CompletedProcess[str]:
+    """`mailrelay relay --config config` to its end (a config it refuses)."""
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "relay", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_invalid_config_exits_2_naming_the_field(tmp_path: Path) -> None:
     data = relay_config(tmp_path, 2525, 0, 2526)
     data["listeners"][0]["port"] = 70000
     path = write_config(tmp_path, data)
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", "relay", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_once(path)
     assert result.returncode == 2
     assert "listeners.0.port" in result.stderr and "65535" in result.stderr
-    missing = subprocess.run(
-        [sys.executable, "-m", "relay", "relay", "--config", str(tmp_path / "nope.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    missing = run_once(tmp_path / "nope.yaml")
     assert missing.returncode == 2 and "cannot read config" in missing.stderr
 
 
@@ -93,9 +106,7 @@ async def test_relay_process_delivers_reloads_and_drains(tmp_path: Path, runs: l
     # one process: with several workers a connection may reach one that has not had SIGTERM yet
     config = relay_config(tmp_path, smtp_port, metrics_port, sink.port, workers=1)
     configmap = ConfigMapDir(tmp_path / "config")
-    configmap.publish(config)
-    run = RelayRun(configmap.path).start()
-    runs.append(run)
+    runs.append(run := configmap.start(config))
     try:
         await asyncio.to_thread(run.wait_for, r"ready \(pid")
         # accept and deliver to the next hop
@@ -147,12 +158,7 @@ async def test_relay_process_delivers_reloads_and_drains(tmp_path: Path, runs: l
         assert await rcpt_reply(smtp_port, "x@blocked.example.com") == 250
 
         # SIGTERM: the transaction in flight finishes, new sessions get 421 4.3.2, exit 0
-        busy = await RawClient.connect("127.0.0.1", smtp_port)
-        await busy.reply()
-        await busy.cmd("EHLO client.test")
-        await busy.cmd("MAIL FROM:<a@sender.org>")
-        await busy.cmd("RCPT TO:<late@example.com>")
-        assert (await busy.cmd("DATA"))[0] == 354
+        busy = await in_data(smtp_port)
         run.signal(signal.SIGTERM)
         await asyncio.to_thread(run.wait_for, "shutting down")
         late = await RawClient.connect("127.0.0.1", smtp_port)
@@ -179,12 +185,7 @@ async def test_sigterm_with_several_workers_refuses_every_new_session(
     try:
         await asyncio.to_thread(run.wait_for, r"ready \(pid", occurrences=2)
         await until(lambda: http_get(metrics_port, "/readyz")[0] == 200)
-        busy = await RawClient.connect("127.0.0.1", smtp_port)
-        await busy.reply()
-        await busy.cmd("EHLO client.test")
-        await busy.cmd("MAIL FROM:<a@sender.org>")
-        await busy.cmd("RCPT TO:<late@example.com>")
-        assert (await busy.cmd("DATA"))[0] == 354
+        busy = await in_data(smtp_port)
         run.signal(signal.SIGTERM)
         await asyncio.to_thread(run.wait_for, "shutting down 2 workers: none takes new sessions")
         for _ in range(12):  # SO_REUSEPORT spreads them over both workers

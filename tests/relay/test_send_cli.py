@@ -154,6 +154,24 @@ def run(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = Non
     return CliRunner().invoke(main, ["send", *args], env=env, input=stdin, catch_exceptions=False)
 
 
+A_TO_B = ("--from", "a@example.org", "--to", "b@example.net", "--body", "x")
+
+
+def alice_to_bob(server: Server, *more: str) -> list[str]:
+    """`mailrelay send` options for alice@example.org to bob@example.net over plain SMTP."""
+    return [
+        "--server",
+        server.address,
+        "--tls",
+        "none",
+        "--from",
+        "alice@example.org",
+        "--to",
+        "bob@example.net",
+        *more,
+    ]
+
+
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
     paths = {
@@ -244,22 +262,7 @@ def test_send_three_recipients_with_media_is_received_byte_exact(
 
 
 def test_a_refused_recipient_exits_1_and_prints_its_code_and_text(plain: Server) -> None:
-    result = run(
-        "--server",
-        plain.address,
-        "--tls",
-        "none",
-        "--from",
-        "alice@example.org",
-        "--to",
-        "bob@example.net",
-        "--to",
-        "nobody@example.net",
-        "--subject",
-        "hi",
-        "--body",
-        "x",
-    )
+    result = run(*alice_to_bob(plain, "--to", "nobody@example.net", "--subject", "hi", "--body", "x"))
     assert result.exit_code == 1
     assert "accepted bob@example.net" in result.output
     assert "refused  nobody@example.net  550 5.1.1 <nobody@example.net>: no such user" in result.output
@@ -312,12 +315,7 @@ def test_password_is_never_an_option_and_missing_password_is_a_usage_error(start
         starttls_auth.server.address,
         "--user",
         "alice",
-        "--from",
-        "a@example.org",
-        "--to",
-        "b@example.net",
-        "--body",
-        "x",
+        *A_TO_B,
         env={"MAILRELAY_PASSWORD": None},  # type: ignore[dict-item]
     )
     assert missing.exit_code == 2 and "set the environment variable MAILRELAY_PASSWORD" in missing.output
@@ -327,12 +325,7 @@ def test_untrusted_certificate_fails_clearly(starttls_auth: Tls) -> None:
     result = run(
         "--server",
         starttls_auth.server.address,
-        "--from",
-        "a@example.org",
-        "--to",
-        "b@example.net",
-        "--body",
-        "x",
+        *A_TO_B,
     )
     assert result.exit_code == 1
     assert "STARTTLS with" in result.output and "CERTIFICATE_VERIFY_FAILED" in result.output
@@ -347,12 +340,7 @@ def test_plain_auth_to_a_remote_server_is_refused_before_connecting() -> None:
         "none",
         "--user",
         "alice",
-        "--from",
-        "a@example.org",
-        "--to",
-        "b@example.net",
-        "--body",
-        "x",
+        *A_TO_B,
         env={"MAILRELAY_PASSWORD": "pw"},
     )
     assert result.exit_code == 1
@@ -476,23 +464,7 @@ def test_console_script_in_a_subprocess_with_progress(plain: Server, tmp_path: P
     big.write_bytes(os.urandom(3 * 1024 * 1024))
     script = Path(sys.executable).with_name("mailrelay")
     done = subprocess.run(
-        [
-            str(script),
-            "send",
-            "--server",
-            plain.address,
-            "--tls",
-            "none",
-            "--from",
-            "alice@example.org",
-            "--to",
-            "bob@example.net",
-            "--attach",
-            str(big),
-            "--progress",
-            "--body",
-            "large",
-        ],
+        [str(script), "send", *alice_to_bob(plain, "--attach", str(big), "--progress", "--body", "large")],
         capture_output=True,
         timeout=120,
         stdin=subprocess.DEVNULL,

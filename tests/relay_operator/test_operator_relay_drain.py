@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,6 +272,29 @@ def kubelet(cluster: Cluster) -> Iterator[Callable[[], None]]:
     check()
 
 
+@contextlib.asynccontextmanager
+async def relay_pods(
+    cluster: Cluster,
+    kube: Any,
+    namespace: str,
+    operator: OperatorProcess,
+    sink_port: int,
+    replicas: int,
+    drain_timeout: str,
+) -> AsyncIterator[Callable[[], None]]:
+    """A MailRelay of `replicas` running pods (the kubelet stand-in at work) whose route goes to
+    sink_port (where nothing listens yet: the next hop is down); yields the kubelet's check."""
+    kube.create(k8s.RELAYROUTES, namespace, route(sink_port))
+    kube.create(k8s.MAILRELAYS, namespace, mailrelay(replicas, drain_timeout))
+
+    def running() -> bool:
+        return len(cluster.pods) == replicas
+
+    with kubelet(cluster) as check:
+        await asyncio.to_thread(wait, check, running, f"{replicas} relay pods running", operator)
+        yield check
+
+
 async def send(ip: str, token: str) -> None:
     """One message with DSN parameters on MAIL (RET, ENVID) and RCPT (NOTIFY, ORCPT)."""
     smtp = aiosmtplib.SMTP(
@@ -334,6 +357,27 @@ async def queue_everywhere(
     return tokens
 
 
+async def next_hop_gets_each_once(
+    sink_port: int, tokens: list[str], check: Callable[[], None], operator: OperatorProcess
+) -> None:
+    """The next hop comes up on sink_port: every message arrives there, once (a duplicate
+    would come within the retry backoff, hence the pause), with its envelope and DSN options."""
+    sink = await SmtpSink(port=sink_port, dsn=True).start()
+    try:
+        await asyncio.to_thread(
+            wait,
+            check,
+            lambda: len(sink.messages) >= len(tokens),
+            "every message at the next hop",
+            operator,
+            120,
+        )
+        await asyncio.sleep(2.0)
+        assert_delivered_once(sink, tokens)
+    finally:
+        await sink.stop()
+
+
 def assert_delivered_once(sink: SmtpSink, tokens: list[str]) -> None:
     assert tokens_of(sink) == sorted(tokens)
     for message in sink.messages:
@@ -356,13 +400,8 @@ def cluster(kube: Any, namespace: str, tmp_path: Path, runs: list[RelayRun]) -> 
 async def test_three_to_one_with_mail_on_every_pod_and_the_next_hop_down(
     cluster: Cluster, kube: Any, namespace: str, operator_process: OperatorProcess
 ) -> None:
-    sink_port = free_port()  # nothing listens: the next hop is down
-    kube.create(k8s.RELAYROUTES, namespace, route(sink_port))
-    kube.create(k8s.MAILRELAYS, namespace, mailrelay(3, "10m"))
-    with kubelet(cluster) as check:
-        await asyncio.to_thread(
-            wait, check, lambda: len(cluster.pods) == 3, "three relay pods running", operator_process
-        )
+    sink_port = free_port()
+    async with relay_pods(cluster, kube, namespace, operator_process, sink_port, 3, "10m") as check:
         tokens = await queue_everywhere(cluster, check, operator_process, per_pod=4)
         before = {name: cluster.headers(name) for name in ("edge-1", "edge-2")}
 
@@ -406,20 +445,7 @@ async def test_three_to_one_with_mail_on_every_pod_and_the_next_hop_down(
             wait, check, lambda: condition(kube, namespace, "NoScaleDown"), "Draining=False", operator_process
         )
 
-        sink = await SmtpSink(port=sink_port, dsn=True).start()
-        try:
-            await asyncio.to_thread(
-                wait,
-                check,
-                lambda: len(sink.messages) >= len(tokens),
-                "every message at the next hop",
-                operator_process,
-                120,
-            )
-            await asyncio.sleep(2.0)  # a duplicate would come within the retry backoff
-            assert_delivered_once(sink, tokens)
-        finally:
-            await sink.stop()
+        await next_hop_gets_each_once(sink_port, tokens, check, operator_process)
         await asyncio.to_thread(
             wait, check, lambda: cluster.queued("edge-0") == 0, "pod 0's queue empty", operator_process
         )
@@ -429,12 +455,7 @@ async def test_a_removed_pods_claim_with_mail_is_drained_by_the_job_then_deleted
     cluster: Cluster, kube: Any, namespace: str, operator_process: OperatorProcess
 ) -> None:
     sink_port = free_port()
-    kube.create(k8s.RELAYROUTES, namespace, route(sink_port))
-    kube.create(k8s.MAILRELAYS, namespace, mailrelay(2, "3s"))
-    with kubelet(cluster) as check:
-        await asyncio.to_thread(
-            wait, check, lambda: len(cluster.pods) == 2, "two relay pods running", operator_process
-        )
+    async with relay_pods(cluster, kube, namespace, operator_process, sink_port, 2, "3s") as check:
         tokens = await queue_everywhere(cluster, check, operator_process, per_pod=3)
         # edge-1's relay dies (its node is gone): it cannot drain, its claim keeps its mail.
         cluster.pods["edge-1"].run.kill()
@@ -457,32 +478,14 @@ async def test_a_removed_pods_claim_with_mail_is_drained_by_the_job_then_deleted
         )
         assert cluster.claims_seen_deleted == {"spool-edge-1": 0}
         assert cluster.queued("edge-0") == len(tokens)
-        sink = await SmtpSink(port=sink_port, dsn=True).start()
-        try:
-            await asyncio.to_thread(
-                wait,
-                check,
-                lambda: len(sink.messages) >= len(tokens),
-                "every message at the next hop",
-                operator_process,
-                120,
-            )
-            await asyncio.sleep(2.0)
-            assert_delivered_once(sink, tokens)
-        finally:
-            await sink.stop()
+        await next_hop_gets_each_once(sink_port, tokens, check, operator_process)
 
 
 async def test_scaling_to_zero_keeps_every_claim_with_its_mail(
     cluster: Cluster, kube: Any, namespace: str, operator_process: OperatorProcess
 ) -> None:
     sink_port = free_port()
-    kube.create(k8s.RELAYROUTES, namespace, route(sink_port))
-    kube.create(k8s.MAILRELAYS, namespace, mailrelay(2, "8s"))
-    with kubelet(cluster) as check:
-        await asyncio.to_thread(
-            wait, check, lambda: len(cluster.pods) == 2, "two relay pods running", operator_process
-        )
+    async with relay_pods(cluster, kube, namespace, operator_process, sink_port, 2, "8s") as check:
         await queue_everywhere(cluster, check, operator_process, per_pod=2)
         started = time.monotonic()
         kube.merge_patch(k8s.MAILRELAYS, namespace, "edge", {"spec": {"replicas": 0}})
