@@ -7,7 +7,10 @@ module keeps the state and waits.
 Where the state lives (the budgets must hold for the relay, not per worker process): a table of
 fixed-size slots in a file mapped into every worker (`SharedTable`), one slot per bucket key,
 read and written under an exclusive ``flock`` on the file (a critical section is a few
-microseconds of arithmetic; no I/O happens under the lock). The supervisor creates the file in
+microseconds of arithmetic; no I/O happens under the lock). Decisions that write nothing read
+a slot without the lock (`SharedTable.peek`): the admission on a route without limits (only the
+destination's backoff decides) and the recovery check after a delivery to a calm destination,
+so the common case takes no lock at all. The supervisor creates the file in
 a private temporary directory and names it in ``MAILRELAY_THROTTLE_FILE`` for its workers
 (relay.app); a relay with one process, and a scheduler built by a test, use an anonymous
 mapping. The clock is ``time.monotonic`` (CLOCK_MONOTONIC: one clock for every process of the
@@ -36,7 +39,8 @@ import os
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import astuple, replace
+from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
@@ -57,8 +61,19 @@ _SLOT = struct.Struct("<Q6d")
 _T = TypeVar("_T")
 
 
+@lru_cache(maxsize=SLOTS)
 def _hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") or 1
+
+
+def _fields(bucket: Bucket) -> tuple[float, ...]:
+    """A bucket's fields in slot order (dataclasses.astuple deep-copies: the most expensive step
+    of a delivery's bookkeeping before it was replaced)."""
+    b = bucket
+    return (b.second_tat, b.hour_tat, b.factor, b.paused_until, b.penalty, b.changed_at)
+
+
+_EMPTY = _fields(Bucket())
 
 
 class SharedTable:
@@ -110,12 +125,12 @@ class SharedTable:
             found, *fields = _SLOT.unpack_from(self._map, index * _SLOT.size)
             if found in (key, 0):
                 if found == 0:
-                    _SLOT.pack_into(self._map, index * _SLOT.size, key, *astuple(Bucket()))
+                    _SLOT.pack_into(self._map, index * _SLOT.size, key, *_EMPTY)
                 return index
             last = max(fields)
             if last < oldest_at:
                 oldest, oldest_at = index, last
-        _SLOT.pack_into(self._map, oldest * _SLOT.size, key, *astuple(Bucket()))
+        _SLOT.pack_into(self._map, oldest * _SLOT.size, key, *_EMPTY)
         return oldest
 
     def transact(self, keys: Sequence[str], change: Callable[[list[Bucket]], tuple[list[Bucket], _T]]) -> _T:
@@ -125,11 +140,25 @@ class SharedTable:
             buckets = [Bucket(*_SLOT.unpack_from(self._map, s * _SLOT.size)[1:]) for s in slots]
             updated, result = change(buckets)
             for slot, key, bucket in zip(slots, keys, updated, strict=True):
-                _SLOT.pack_into(self._map, slot * _SLOT.size, _hash(key), *astuple(bucket))
+                _SLOT.pack_into(self._map, slot * _SLOT.size, _hash(key), *_fields(bucket))
         return result
 
     def get(self, key: str) -> Bucket:
         return self.transact([key], lambda buckets: (buckets, buckets[0]))
+
+    def peek(self, key: str) -> Bucket:
+        """The bucket of `key` read without the lock and without taking a slot (a fresh bucket
+        when it has none). A hint for decisions that write nothing: another worker's concurrent
+        write can only make it one step old."""
+        key_hash = _hash(key)
+        start = key_hash % SLOTS
+        for probe in range(PROBES):
+            found, *fields = _SLOT.unpack_from(self._map, ((start + probe) % SLOTS) * _SLOT.size)
+            if found == key_hash:
+                return Bucket(*fields)
+            if found == 0:  # keys fill the first free slot of their probe run: no slot further on
+                break
+        return Bucket()
 
 
 class Limiter:
@@ -151,6 +180,7 @@ class Limiter:
         self.max_wait = max_wait
         self._waiting: dict[str, int] = {}
         self._inflight: dict[str, int] = {}
+        self._factors: dict[str, float] = {}  # the factor last exported per backoff key
         self._released = asyncio.Condition()
 
     @staticmethod
@@ -159,21 +189,28 @@ class Limiter:
         backoff = f"{route.name}|{destination}"
         return (backoff if route.limits.per_destination else f"{route.name}|*"), backoff
 
-    def _admit(self, route: RouteConfig, budget: str, backoff: str) -> throttle.Admission:
+    def _admit(self, route: RouteConfig, budget: str, backoff: str) -> tuple[throttle.Admission, float]:
+        """The admission of one delivery and the destination's adaptive factor."""
         now, limits, max_wait = self._clock(), route.limits, self.max_wait
+        if not limits.messages_per_second and not limits.messages_per_hour:
+            # No budget to reserve: only the destination's backoff decides, and nothing is
+            # written, so the lock-free read will do (the common case: most routes set no limit).
+            adaptive = self.table.peek(backoff)
+            return throttle.admit(adaptive, limits, now, max_wait)[1], adaptive.factor
         if budget == backoff:
 
-            def one(buckets: list[Bucket]) -> tuple[list[Bucket], throttle.Admission]:
+            def one(buckets: list[Bucket]) -> tuple[list[Bucket], tuple[throttle.Admission, float]]:
                 after, admission = throttle.admit(buckets[0], limits, now, max_wait)
-                return [after], admission
+                return [after], (admission, after.factor)
 
             return self.table.transact([budget], one)
 
-        def two(buckets: list[Bucket]) -> tuple[list[Bucket], throttle.Admission]:
+        def two(buckets: list[Bucket]) -> tuple[list[Bucket], tuple[throttle.Admission, float]]:
             rate, adaptive = buckets  # the route's budget, this destination's backoff
             view = replace(rate, factor=adaptive.factor, paused_until=adaptive.paused_until)
             after, admission = throttle.admit(view, limits, now, max_wait)
-            return [replace(rate, second_tat=after.second_tat, hour_tat=after.hour_tat), adaptive], admission
+            kept = replace(rate, second_tat=after.second_tat, hour_tat=after.hour_tat)
+            return [kept, adaptive], (admission, adaptive.factor)
 
         return self.table.transact([budget, backoff], two)
 
@@ -198,7 +235,7 @@ class Limiter:
             metrics.DESTINATION_THROTTLED.labels(**labels, reason="waiting").inc()
             yield f"too many deliveries wait for the budget of route {route.name}"
             return
-        admission = self._admit(route, budget, backoff)
+        admission, factor = self._admit(route, budget, backoff)
         if admission.wait is None:
             metrics.DESTINATION_THROTTLED.labels(**labels, reason=admission.reason).inc()
             yield f"{admission.reason} of route {route.name} for {destination} reached"
@@ -215,7 +252,7 @@ class Limiter:
         limit = connections
         if route.limits.connections:
             limit = min(limit, throttle.per_worker(route.limits.connections, self.workers))
-        cap = throttle.connection_cap(limit, self.table.get(backoff).factor)
+        cap = throttle.connection_cap(limit, factor)
         refusal: str | None = None
         if self._inflight.get(backoff, 0) >= cap:
             async with self._released:
@@ -267,10 +304,16 @@ class Limiter:
                 bucket.penalty,
             )
         elif any(o.disposition is Disposition.DELIVERED for o in outcomes):
-            bucket = self._adapt(backoff, throttle.succeeded)
+            calm = self.table.peek(backoff)
+            if calm.factor >= 1.0 and calm.penalty == 0.0:  # nothing to recover (throttle.succeeded)
+                bucket = calm
+            else:
+                bucket = self._adapt(backoff, throttle.succeeded)
         else:
             return
-        metrics.DESTINATION_FACTOR.labels(**labels).set(bucket.factor)
+        if self._factors.get(backoff) != bucket.factor:
+            self._factors[backoff] = bucket.factor
+            metrics.DESTINATION_FACTOR.labels(**labels).set(bucket.factor)
 
 
 def _defer_reason(status: str) -> str:

@@ -15,6 +15,7 @@ import pytest
 
 from relay.config import RouteConfig, RouteLimits, SenderLimits
 from relay.core import throttle
+from relay.core.model import Disposition, Recipient, RecipientOutcome
 from relay.core.throttle import Bucket
 from relay.throttle import Limiter, SharedTable
 from tests.relay.apphelp import RelayRun, free_port, http_get, relay_to_sink_config, until, write_config
@@ -105,6 +106,40 @@ def test_shared_table_is_one_state_for_every_mapping_of_the_file(tmp_path: Path)
     finally:
         first.close()
         second.close()
+
+
+def test_peek_reads_what_another_mapping_wrote_and_takes_no_slot(tmp_path: Path) -> None:
+    path = tmp_path / "buckets"
+    first, second = SharedTable(path), SharedTable(path)
+    try:
+        assert second.peek("r|d") == Bucket()
+        assert path.read_bytes().count(b"\0") == len(path.read_bytes())  # the peek wrote nothing
+        first.transact(["r|d"], lambda b: ([throttle.throttled(b[0], 5.0)], None))
+        assert second.peek("r|d") == first.get("r|d") and second.peek("r|d").factor == 0.5
+        assert second.peek("r|other") == Bucket()
+    finally:
+        first.close()
+        second.close()
+
+
+async def test_a_route_without_limits_at_a_calm_destination_writes_no_bucket() -> None:
+    """The common case costs no locked transaction: nothing to reserve and nothing to recover;
+    once the destination asks to slow down, its backoff is kept and honoured as before."""
+    table = SharedTable()
+    limiter = Limiter(table, workers=1)
+    route = RouteConfig(name="r", next_hop={"kind": "mx"})
+    delivered = [RecipientOutcome(Recipient("a@d.test"), Disposition.DELIVERED, 250, "2.0.0", "ok")]
+    for _ in range(3):
+        async with limiter.acquire(route, "d.test", 10) as refusal:
+            assert refusal is None
+        limiter.record(route, "d.test", delivered)
+    assert table._map[:] == bytes(len(table._map))  # no slot taken
+    slow = [RecipientOutcome(Recipient("a@d.test"), Disposition.DEFERRED, 421, "4.7.0", "slow down")]
+    limiter.record(route, "d.test", slow)
+    assert table.peek("r|d.test").factor == 0.5
+    limiter.max_wait = 0.0  # the pause now refuses rather than waits
+    async with limiter.acquire(route, "d.test", 10) as refusal:
+        assert refusal is not None and "backoff" in refusal
 
 
 async def test_limiter_defers_rather_than_holding_a_slot_for_long() -> None:
