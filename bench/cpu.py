@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import procs
-from bench.load import smtp_source
+from bench.load import add_load_options, smtp_source
 from bench.sinks import CountingSink
 from bench.systems import REPO, Hop, MailrelaySettings, one_mailrelay
 
@@ -414,11 +414,8 @@ def report(runs: list[Run]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu")
-    parser.add_argument("--size", type=int, default=2048)
-    parser.add_argument("--sessions", type=int, default=20)
-    parser.add_argument("--messages", type=int, default=6000)
+    add_load_options(parser, messages=6000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=None, help="spec.workers (default: the spec's auto)")
     parser.add_argument("--trees", default=f"this={REPO}", help="NAME=DIR,... source trees to compare")
     parser.add_argument("--profile", action="store_true", help="py-spy every worker (separate runs)")
     parser.add_argument("--perf", action="store_true", help="perf record the timed runs (kernel/user split)")

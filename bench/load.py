@@ -12,6 +12,7 @@ What it must not do: decide anything about what is run (bench.scenarios does).
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -53,6 +54,14 @@ def log(message: str) -> None:
 def load_average() -> float:
     with open("/proc/loadavg") as handle:
         return float(handle.read().split()[0])
+
+
+def add_load_options(parser: argparse.ArgumentParser, *, messages: int) -> None:
+    """--size, --sessions, --messages and --workers: the load one relay gets (bench.cpu, bench.profile)."""
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--messages", type=int, default=messages)
+    parser.add_argument("--workers", type=int, default=None, help="spec.workers (default: the spec's auto)")
 
 
 def smtp_source(port: int, size: int, sessions: int, messages: int, timeout: float) -> tuple[bool, str]:

@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 from bench import procs
-from bench.load import smtp_source
+from bench.load import add_load_options, smtp_source
 from bench.sinks import CountingSink
 from bench.systems import REPO, Hop, MailrelaySettings, one_mailrelay
 
@@ -51,11 +51,8 @@ def summarize(files: list[Path], top: int) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
-    parser.add_argument("--size", type=int, default=2048)
-    parser.add_argument("--sessions", type=int, default=20)
-    parser.add_argument("--messages", type=int, default=20000)
+    add_load_options(parser, messages=20000)
     parser.add_argument("--seconds", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=None, help="spec.workers (default: the spec's auto)")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--idle", action="store_true", help="py-spy --idle (include waiting threads)")
     args = parser.parse_args()

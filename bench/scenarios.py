@@ -46,6 +46,7 @@ from bench.systems import (
 SCENARIOS = ("ceiling", "one-hop", "chain", "variants", "queue", "recovery")
 SIZES = {"2KB": 2048, "100KB": 102400}
 SESSIONS = (1, 20)
+Case = tuple[str, int, int]  # size, sessions, repeat
 # messages per run (full); --quick divides by 5
 MESSAGES = {
     ("2KB", 1): 3000,
@@ -186,6 +187,29 @@ class Bench:
     def cases(self) -> list[tuple[str, int]]:
         return [(size, s) for size in self.o.sizes for s in self.o.sessions]
 
+    def _load(
+        self, scenario: str, label: str, system: System | None, sink: CountingSink, case: Case, **given: Any
+    ) -> None:
+        """One load run of `case` (size, sessions, repeat) through `system` (None: straight into
+        the sink), logged and kept. `given`: ``name`` (of the case), ``messages`` (the case's
+        count when not given), ``probe``."""
+        size, sessions, repeat = case
+        run = load_run(
+            scenario,
+            given.get("name") or f"{size} x{sessions}",
+            label,
+            system,
+            sink.port if system is None else system.port,
+            sink,
+            SIZES[size],
+            sessions,
+            given.get("messages") or self.messages(size, sessions),
+            repeat,
+            probe=given.get("probe"),
+            launcher=None if system is None else self.launcher(system),
+        )
+        self._log_run(run)
+
     def _log_run(self, run: Run) -> None:
         latency = (
             f" p50 {run.p50_ms} ms p99 {run.p99_ms} ms ({run.probes} probes)" if run.kind == "latency" else ""
@@ -202,20 +226,7 @@ class Bench:
         with self.started(CountingSink()) as sink:
             for repeat in range(self.o.repeat):
                 for size, sessions in self.cases():
-                    case = f"{size} x{sessions}"
-                    run = load_run(
-                        "ceiling",
-                        case,
-                        "direct",
-                        None,
-                        sink.port,
-                        sink,
-                        SIZES[size],
-                        sessions,
-                        self.messages(size, sessions),
-                        repeat,
-                    )
-                    self._log_run(run)
+                    self._load("ceiling", "direct", None, sink, (size, sessions, repeat))
 
     def one_hop(self) -> None:
         with self.started(CountingSink()) as sink, self.started(ProbeSink()) as probe_sink:
@@ -235,22 +246,8 @@ class Bench:
                     for repeat in range(self.o.repeat):
                         for size, sessions in self.cases():
                             for kind in self.order(repeat):
-                                system = systems[kind]
-                                run = load_run(
-                                    "one-hop",
-                                    f"{size} x{sessions}",
-                                    kind,
-                                    system,
-                                    system.port,
-                                    sink,
-                                    SIZES[size],
-                                    sessions,
-                                    self.messages(size, sessions),
-                                    repeat,
-                                    probe=probe,
-                                    launcher=self.launcher(system),
-                                )
-                                self._log_run(run)
+                                case = (size, sessions, repeat)
+                                self._load("one-hop", kind, systems[kind], sink, case, probe=probe)
 
     def chain(self) -> None:
         size, sessions = "2KB", 20
@@ -275,21 +272,9 @@ class Bench:
             with self.systems(factory, sink) as systems:
                 for repeat in range(self.o.repeat):
                     for kind in self.order(repeat):
-                        system = systems[kind]
-                        run = load_run(
-                            "chain",
-                            f"{size} x{sessions} 3 hops",
-                            kind,
-                            system,
-                            system.port,
-                            sink,
-                            SIZES[size],
-                            sessions,
-                            messages,
-                            repeat,
-                            launcher=self.launcher(system),
-                        )
-                        self._log_run(run)
+                        case = (size, sessions, repeat)
+                        name = f"{size} x{sessions} 3 hops"
+                        self._load("chain", kind, systems[kind], sink, case, name=name, messages=messages)
 
     # -- Postfix variants
 
@@ -312,20 +297,7 @@ class Bench:
                 for repeat in range(self.o.repeat):
                     for size, sessions in VARIANT_CASES:
                         for name in self.order(repeat, list(running)):
-                            system = running[name]
-                            run = load_run(
-                                "variants",
-                                f"{size} x{sessions}",
-                                name,
-                                system,
-                                system.port,
-                                sink,
-                                SIZES[size],
-                                sessions,
-                                self.messages(size, sessions),
-                                repeat,
-                            )
-                            self._log_run(run)
+                            self._load("variants", name, running[name], sink, (size, sessions, repeat))
             finally:
                 for system in running.values():
                     self.record_warnings("variant", system)

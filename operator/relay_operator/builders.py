@@ -412,6 +412,17 @@ def _quantity(value: str | int) -> str:
     return str(value)
 
 
+def _container_security() -> dict[str, Any]:
+    """The relay's and the drain Job's container: no privilege escalation, a read-only root
+    filesystem, not root, no capabilities."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
 def _resources(plan: RelayPlan) -> dict[str, dict[str, str]]:
     """The relay container's requests and limits: the spec's, else the defaults."""
     spec_resources = plan.relay.spec.resources
@@ -469,12 +480,7 @@ def _relay_container(
         },
         "lifecycle": {"preStop": {"exec": {"command": _pre_stop(plan)}}},
         "resources": _resources(plan),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": _container_security(),
         "volumeMounts": [
             {"name": "config", "mountPath": str(context.config_dir), "readOnly": True},
             {"name": naming.SPOOL_VOLUME, "mountPath": str(context.data_dir)},
@@ -649,12 +655,7 @@ def build_drain_job(
             HANDOFF_CREDENTIAL_FILE,
         ],
         "resources": _resources(plan),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": _container_security(),
         "volumeMounts": [
             {"name": naming.SPOOL_VOLUME, "mountPath": str(plan.context.data_dir)},
             {"name": "tmp", "mountPath": "/tmp"},
