@@ -76,7 +76,7 @@ from relay.health import HealthServer, metrics_registry, spool_writable
 from relay.http_api import HttpApi
 from relay.logs import LogFormat
 from relay.message_status import StatusBook
-from relay.open_relay import SelfCheck
+from relay.open_relay import SelfCheck, relay_safe_gauge
 from relay.queue_status import metrics_text, queue_status
 from relay.scheduler import Scheduler
 from relay.spool import Spool
@@ -189,6 +189,7 @@ class RelayProcess:
         self.drainer: Drainer | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self.front: Front | None = None
+        self.self_check: SelfCheck | None = None
         self.scheduler: Scheduler | None = None
         self.spool: Spool | None = None
         self.api: HttpApi | None = None
@@ -270,6 +271,7 @@ class RelayProcess:
             busy=front is not None and front.busy,
             handed_off=self.drainer.stats.handed_off if self.drainer is not None else 0,
             now=time.time(),
+            relay_safe=self.self_check.last if self.self_check is not None else None,
         )
 
     def queue_metrics(self) -> str:
@@ -357,9 +359,11 @@ class RelayProcess:
                 spool.close()
                 return 1
         await scheduler.start()
-        self_check = SelfCheck(config, front.addresses)
-        if config.self_check.interval > 0:
-            self_check.start(config.self_check.interval, config.self_check.first_after)
+        self_check = self.self_check = SelfCheck(config, front.addresses)
+        if self.serve_health:  # a worker leaves the self-check (and its gauge) to its supervisor
+            relay_safe_gauge().set(-1)  # "not tested" until a check ran (0 would mean open)
+            if config.self_check.interval > 0:
+                self_check.start(config.self_check.interval, config.self_check.first_after)
         outbox.start()
         if doorbell is not None:
             doorbell.listen(scheduler.notify)
@@ -511,6 +515,7 @@ class Supervisor:
         self.pod = pod_name()
         self._spool = Spool(config.queue.directory)
         self._registry: Any = None
+        self._self_check: SelfCheck | None = None
         self._stopping = False
         self._quiesced = False  # SIGUSR1 (preStop): every worker takes no new session
         self._stop: asyncio.Event | None = None
@@ -566,7 +571,12 @@ class Supervisor:
             busy=self._sample_sum("mailrelay_smtp_sessions") > 0,
             handed_off=int(self._sample_sum("mailrelay_handoff_messages_total", result="sent")),
             now=time.time(),
+            relay_safe=self._relay_safe(),
         )
+
+    def _relay_safe(self) -> bool | None:
+        """The supervisor's open-relay self-check (it runs it for the whole relay)."""
+        return self._self_check.last if self._self_check is not None else None
 
     def queue_metrics(self) -> str:
         return metrics_text(self._spool.snapshot(), time.time())
@@ -664,8 +674,15 @@ class Supervisor:
         watcher = ConfigWatcher(self.config_path, self.reload)
         watcher.start()
         monitor = asyncio.create_task(self._monitor())
+        relay_safe_gauge(registry).set(-1)  # "not tested" until a check ran (0 would mean open)
+        if self.config.self_check.interval > 0:  # once for the relay, not once per worker
+            addresses = {lc.name: (lc.host, lc.port) for lc in self.config.listeners}
+            self._self_check = SelfCheck(self.config, addresses, registry)
+            self._self_check.start(self.config.self_check.interval, self.config.self_check.first_after)
         await self._stop.wait()
         self._stopping = True
+        if self._self_check is not None:
+            await self._self_check.stop()
         # Every worker first: each stops taking sessions, and only once all have said so is
         # anything else done (a new session must not reach a worker not yet signalled).
         for process, _ready in self._workers:

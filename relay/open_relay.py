@@ -14,7 +14,9 @@ listener it connects from a loopback address in ``trustedFrom`` and announces
 192.0.2.1 (TEST-NET-1). A listener it cannot test that way (all of loopback trusted, or no
 loopback address in ``trustedFrom``) is skipped and logged; implicit-TLS listeners are not
 probed (the relay rules are the same on every listener). The result is the gauge
-``mailrelay_relay_safe`` (1 safe, 0 open, -1 not tested) and a log line (an error when open).
+``mailrelay_relay_safe`` (1 safe, 0 open, -1 not tested, which relay.app sets at start so a
+relay that never checked does not read as open; the chart's MailRelayOpenRelay alert fires on 0)
+and a log line (an error when open). With several workers the supervisor runs it, once per relay.
 It decides nothing about mail.
 """
 
@@ -27,7 +29,8 @@ import logging
 import struct
 from collections.abc import Sequence
 
-from relay import metrics
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge
+
 from relay.config import ListenerConfig, RelayConfig
 from relay.core import open_relay
 from relay.core.addresses import client_is_trusted
@@ -140,12 +143,38 @@ def _trusted_loopback(listener: ListenerConfig) -> str | None:
     return None
 
 
-class SelfCheck:
-    """The periodic open-relay self-check of one relay process."""
+RETRY_UNTESTED = 10.0  # seconds until a self-check that could not test tries again
+_GAUGES: dict[int, Gauge] = {}
 
-    def __init__(self, config: RelayConfig, addresses: dict[str, tuple[str, int]]) -> None:
+
+def relay_safe_gauge(registry: CollectorRegistry | None = None) -> Gauge:
+    """``mailrelay_relay_safe``, made on first use in the one process that runs the self-check
+    (the relay, or the supervisor of several workers: workers never make it, so no worker
+    exports a default 0 that would read as "open")."""
+    registry = registry or REGISTRY
+    gauge = _GAUGES.get(id(registry))
+    if gauge is None:
+        gauge = _GAUGES[id(registry)] = Gauge(
+            "mailrelay_relay_safe",
+            "The open-relay self-check: 1 no probe was relayed, 0 a probe was relayed (open relay), "
+            "-1 not tested",
+            registry=registry,
+        )
+    return gauge
+
+
+class SelfCheck:
+    """The periodic open-relay self-check of one relay (run by one process)."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        addresses: dict[str, tuple[str, int]],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.config = config
         self.addresses = addresses
+        self.registry = registry
         self._task: asyncio.Task[None] | None = None
         self.last: bool | None = None  # True safe, False open, None not tested
 
@@ -192,10 +221,10 @@ class SelfCheck:
                         log.error("self-check: listener %s %s", listener.name, line)
         if not tested:
             self.last = None
-            metrics.RELAY_SAFE.set(-1)
+            relay_safe_gauge(self.registry).set(-1)
             return None
         self.last = not open_listeners
-        metrics.RELAY_SAFE.set(1 if self.last else 0)
+        relay_safe_gauge(self.registry).set(1 if self.last else 0)
         if open_listeners:
             log.error("self-check: OPEN RELAY on listener(s) %s", ", ".join(open_listeners))
         else:
@@ -206,11 +235,13 @@ class SelfCheck:
         async def loop() -> None:
             await asyncio.sleep(first)
             while True:
+                result = None
                 try:
-                    await self.check()
+                    result = await self.check()
                 except Exception:  # a self-check never takes the relay down
                     log.exception("self-check failed")
-                await asyncio.sleep(interval)
+                # Not tested (listeners not up yet, a worker restarting): again soon.
+                await asyncio.sleep(interval if result is not None else min(interval, RETRY_UNTESTED))
 
         self._task = asyncio.create_task(loop())
 

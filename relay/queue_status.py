@@ -28,9 +28,17 @@ def oldest_age(snapshot: QueueSnapshot, now: float) -> float:
 
 
 def queue_status(
-    snapshot: QueueSnapshot, *, pod: str, draining: bool, busy: bool, handed_off: int, now: float
+    snapshot: QueueSnapshot,
+    *,
+    pod: str,
+    draining: bool,
+    busy: bool,
+    handed_off: int,
+    now: float,
+    relay_safe: bool | None = None,
 ) -> dict[str, Any]:
-    """The /queue document."""
+    """The /queue document (``relaySafe``: the last open-relay self-check, relay.open_relay;
+    null when none ran or it could not test)."""
     counts = snapshot.counts
     depth = snapshot.depth
     return {
@@ -45,6 +53,7 @@ def queue_status(
         "oldestAgeSeconds": oldest_age(snapshot, now),
         "handedOff": handed_off,
         "drained": draining and depth == 0 and not busy,
+        "relaySafe": relay_safe,
     }
 
 

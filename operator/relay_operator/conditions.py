@@ -141,9 +141,18 @@ def statefulset_rollout(statefulset: Mapping[str, Any] | None, desired: int) -> 
     return False, "Progressing", f"{ready}/{desired} replicas ready, {updated}/{desired} updated"
 
 
-def relay_safe(config: RelayConfig) -> tuple[bool, str, str]:
-    """``RelaySafe``: the open-relay probe set (relay.core.open_relay) judged by the relay's own
-    RCPT rule against the rendered configuration, for a client outside the cluster."""
+def relay_safe(config: RelayConfig, reports: Sequence[QueueReport] = ()) -> tuple[bool, str, str]:
+    """``RelaySafe``: False when a pod's own self-check (its /queue ``relaySafe``) relayed a
+    probe, or when the open-relay probe set (relay.core.open_relay), judged by the relay's own
+    RCPT rule against the rendered configuration, would be accepted from a client outside the
+    cluster; True otherwise (naming the pods whose self-check passed)."""
+    open_pods = sorted(r.pod for r in reports if r.ok and r.relay_safe is False)
+    if open_pods:
+        return (
+            False,
+            "OpenRelay",
+            f"the open-relay self-check of {', '.join(open_pods)} relayed a probe (see its log)",
+        )
     relayed = open_relay.relayed_by_config(config)
     if relayed:
         return (
@@ -152,10 +161,12 @@ def relay_safe(config: RelayConfig) -> tuple[bool, str, str]:
             f"an outside client could relay to any domain ({', '.join(relayed)}): check trustedNetworks",
         )
     probes = len(open_relay.probes(config.hostname))
+    checked = sorted(r.pod for r in reports if r.ok and r.relay_safe is True)
+    live = f"; the self-check of {', '.join(checked)} relayed none" if checked else ""
     return (
         True,
         "NoOpenRelay",
-        f"none of {probes} third-party relay probes is accepted from an outside client",
+        f"none of {probes} third-party relay probes is accepted from an outside client{live}",
     )
 
 
@@ -170,6 +181,7 @@ def mailrelay_status(
     draining: tuple[bool, str, str] | None = None,
     queue: Mapping[str, Any] | None = None,
     scale_down: Mapping[str, Any] | None = None,
+    self_checks: Sequence[QueueReport] = (),
 ) -> dict[str, Any]:
     """The status body of a MailRelay.
 
@@ -181,6 +193,7 @@ def mailrelay_status(
     grow): errors, or warnings for work still in progress. `draining` is the `Draining`
     condition (status, reason, message) from `scaledown.decide`, `queue` the pods' queues
     (`queue_status`) and `scale_down` the scale-down bookkeeping; each is left out when None.
+    `self_checks` are the pods' reports whose ``relaySafe`` feeds the `RelaySafe` condition.
     """
     previous = previous or {}
     conditions = previous.get("conditions") or []
@@ -227,7 +240,11 @@ def mailrelay_status(
     conditions = set_condition(conditions, "Ready", *ready_condition, observed_generation=generation, now=now)
     if not isinstance(plan, InvalidSpec) and plan.config is not None:
         conditions = set_condition(
-            conditions, "RelaySafe", *relay_safe(plan.config), observed_generation=generation, now=now
+            conditions,
+            "RelaySafe",
+            *relay_safe(plan.config, self_checks),
+            observed_generation=generation,
+            now=now,
         )
     if draining is not None:
         conditions = set_condition(conditions, "Draining", *draining, observed_generation=generation, now=now)

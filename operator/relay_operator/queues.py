@@ -33,6 +33,7 @@ class QueueReport:
     draining: bool = False
     drained: bool = False
     handed_off: int = 0
+    relay_safe: bool | None = None  # the pod's last open-relay self-check (None: none ran)
     error: str | None = None
 
     @property
@@ -59,6 +60,9 @@ class QueueReport:
             flags = {key: body.get(key, False) for key in ("draining", "drained")}
             if not all(isinstance(value, bool) for value in flags.values()):
                 raise ValueError("draining and drained must be booleans")
+            relay_safe = body.get("relaySafe")
+            if relay_safe is not None and not isinstance(relay_safe, bool):
+                raise ValueError("relaySafe must be a boolean or null")
         except ValueError as exc:
             return cls.failed(pod, f"the /queue answer is not usable: {exc}")
         return cls(
@@ -70,6 +74,7 @@ class QueueReport:
             oldest_age_seconds=float(age),
             draining=flags["draining"],
             drained=flags["drained"] and counts["depth"] == 0,
+            relay_safe=relay_safe,
         )
 
 

@@ -302,6 +302,7 @@ def _reconcile_relay(api: KubeApi, body: JSON, plan: NamespacePlan, context: _Pa
         draining=decision.condition if decision is not None else None,
         queue=conditions.queue_status(reports) if decision is not None else None,
         scale_down=decision.status if decision is not None else None,
+        self_checks=reports if decision is not None else (),
     )
     if decision is None:  # an unusable spec keeps the last queue and scale-down bookkeeping
         previous = body.get("status") or {}

@@ -6,6 +6,8 @@ self-check sets mailrelay_relay_safe to 1 and 0 for the same two, also behind PR
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,8 @@ from prometheus_client import REGISTRY
 
 from relay.core import open_relay
 from relay.open_relay import SelfCheck, run_probes
-from tests.relay.apphelp import free_port
+from tests.faults.harness import Relay, relay_config, relay_hop
+from tests.relay.apphelp import free_port, http_get, until
 from tests.relay.fronthelp import make_config, running_front
 
 ROUTES = [{"name": "all", "nextHop": {"kind": "relay", "name": "x", "host": "127.0.0.1", "port": 9}}]
@@ -99,3 +102,35 @@ def test_open_relay_command_usage_errors() -> None:
     port = free_port()  # nothing listens there
     done = cli("open-relay", f"127.0.0.1:{port}")
     assert done.returncode == 2 and "cannot probe" in done.stderr
+
+
+async def test_a_running_relay_reports_its_self_check_in_metrics_and_queue(tmp_path: Path) -> None:
+    """Two real workers: the supervisor runs the self-check once for the relay; /metrics has
+    mailrelay_relay_safe and /queue relaySafe (what the operator's RelaySafe condition reads)."""
+    for name, trusted, safe in (("safe", [], True), ("open", ["0.0.0.0/0"], False)):
+        config = relay_config(
+            tmp_path / name,
+            smtp_port=free_port(),
+            trusted=trusted,
+            routes=[{"name": "all", "nextHop": relay_hop("nowhere", free_port())}],
+            workers=2,
+            selfCheck={"interval": "1h", "firstAfter": "1s"},
+        )
+        (tmp_path / name).mkdir()
+        relay = Relay(tmp_path / name, config)
+        await relay.astart()
+        try:
+            port = config["metrics"]["port"]
+
+            def reported(port: int = port) -> bool:
+                status, body = http_get(port, "/queue")
+                return status == 200 and json.loads(body).get("relaySafe") is not None
+
+            await until(reported, timeout=60)
+            _status, body = http_get(port, "/queue")
+            assert json.loads(body)["relaySafe"] is safe
+            _status, text = http_get(port, "/metrics")
+            assert re.search(rf"^mailrelay_relay_safe {1.0 if safe else 0.0}$", text, re.M), text
+            assert ("OPEN RELAY on listener(s) smtp" in relay.run.log) is not safe
+        finally:
+            relay.stop()

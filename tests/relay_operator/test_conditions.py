@@ -269,3 +269,25 @@ def test_relay_safe_condition(spec: dict[str, Any], safe: str, reason: str) -> N
     assert (found["RelaySafe"]["status"], found["RelaySafe"]["reason"]) == (safe, reason)
     if safe == "False":
         assert "(plain, null-sender," in found["RelaySafe"]["message"]
+
+
+def test_relay_safe_follows_the_pods_self_checks() -> None:
+    """A pod whose own self-check relayed a probe (its /queue relaySafe false) makes RelaySafe
+    False even when the configuration looks safe; pods that passed are named."""
+    from relay_operator.queues import QueueReport
+
+    relay_plan = _plan([crd_tools.route_body(nextHop={"mx": {}})]).relays["edge"]
+    bodies = {"edge-0": {"pod": "edge-0", "relaySafe": True}, "edge-1": {"pod": "edge-1", "relaySafe": False}}
+    reports = [QueueReport.parse(pod, body) for pod, body in bodies.items()]
+    assert all(r.ok for r in reports) and [r.relay_safe for r in reports] == [True, False]
+    found = _by_type(
+        mailrelay_status(relay_plan, previous=None, statefulset=None, now=T0, self_checks=reports)
+    )
+    assert (found["RelaySafe"]["status"], found["RelaySafe"]["reason"]) == ("False", "OpenRelay")
+    assert "edge-1" in found["RelaySafe"]["message"]
+    found = _by_type(
+        mailrelay_status(relay_plan, previous=None, statefulset=None, now=T0, self_checks=reports[:1])
+    )
+    assert found["RelaySafe"]["status"] == "True" and "self-check of edge-0" in found["RelaySafe"]["message"]
+    assert not QueueReport.parse("edge-0", {"pod": "edge-0", "relaySafe": "yes"}).ok
+    assert QueueReport.parse("edge-0", {"pod": "edge-0", "relaySafe": None}).relay_safe is None
