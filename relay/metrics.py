@@ -130,12 +130,3 @@ MTA_STS_POLICIES = Counter(
     "MTA-STS policy lookups by result (fetched, cached, none, failed)",
     ["result"],
 )
-RELAY_SAFE = Gauge(
-    "mailrelay_relay_safe",
-    "The open-relay self-check: 1 no probe was relayed, 0 a probe was relayed (open relay), -1 not tested",
-    multiprocess_mode="livemin",
-)
-# A gauge starts at 0, which here means "open": until a self-check has run (or when it is off,
-# the default) the relay says "not tested", so the chart's MailRelayOpenRelay alert cannot fire
-# on a relay that was never probed.
-RELAY_SAFE.set(-1)

@@ -46,10 +46,12 @@ def _dashboard() -> dict[str, Any]:
 def exported_series() -> set[str]:
     """Every series name the relay and the operator export: their metric objects, and the queue
     gauges the relay writes at scrape time (relay.queue_status.metrics_text)."""
+    from prometheus_client import CollectorRegistry
     from prometheus_client.parser import text_string_to_metric_families
 
     import relay.metrics
     import relay_operator.metrics
+    from relay.open_relay import relay_safe_gauge
     from relay.queue_status import metrics_text
     from relay.spool import QueueSnapshot
 
@@ -66,6 +68,10 @@ def exported_series() -> set[str]:
                 continue
             for family in families:
                 names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
+    # Made only by the process that runs the open-relay self-check (relay.open_relay), so that
+    # no worker exports a default value.
+    for family in relay_safe_gauge(CollectorRegistry()).describe():
+        names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
     return names
 
 
