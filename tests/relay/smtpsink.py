@@ -26,6 +26,9 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 _DSN_MAIL = re.compile(r"\s+(RET|ENVID)=(\S+)", re.IGNORECASE)
 _DSN_RCPT = re.compile(r"\s+(NOTIFY|ORCPT)=(\S+)", re.IGNORECASE)
 
+# RCPT replies of a next hop where gone@example.com is unknown and later@example.com busy.
+GONE_AND_LATER = {"gone@example.com": "550 5.1.1 no such user", "later@example.com": "451 4.2.0 try later"}
+
 
 @dataclass
 class Received:
@@ -122,40 +125,30 @@ class _SinkSMTP(SMTP):  # type: ignore[misc]
         await super().smtp_RCPT(arg)
 
 
+@dataclass(kw_only=True, eq=False)
 class SmtpSink:
-    def __init__(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        rcpt_replies: dict[str, str] | None = None,
-        data_replies: list[str] | None = None,
-        dsn: bool = False,
-        eightbit: bool = True,
-        smtputf8: bool = True,
-        starttls_context: ssl.SSLContext | None = None,
-        implicit_tls_context: ssl.SSLContext | None = None,
-        users: dict[str, str] | None = None,
-        hostname: str = "sink.test",
-        data_delay: float = 0.0,
-    ) -> None:
-        assert host.startswith("127."), "test sinks listen on loopback only"
-        self.host = host
-        self.port = port
-        self.rcpt_replies = dict(rcpt_replies or {})
-        self.data_replies = list(data_replies or [])
-        self.dsn = dsn
-        self.eightbit = eightbit
-        self.smtputf8 = smtputf8
-        self.starttls_context = starttls_context
-        self.implicit_tls_context = implicit_tls_context
-        self.users = users
-        self.hostname = hostname
-        self.data_delay = data_delay
-        self.messages: list[Received] = []
-        self.connections = 0
-        self.arrived = asyncio.Event()
-        self._server: asyncio.base_events.Server | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_replies: list[str] = field(default_factory=list)
+    dsn: bool = False
+    eightbit: bool = True
+    smtputf8: bool = True
+    starttls_context: ssl.SSLContext | None = None
+    implicit_tls_context: ssl.SSLContext | None = None
+    users: dict[str, str] | None = None
+    hostname: str = "sink.test"
+    data_delay: float = 0.0
+    messages: list[Received] = field(default_factory=list, init=False)
+    connections: int = field(default=0, init=False)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _server: asyncio.base_events.Server | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        assert self.host.startswith("127."), "test sinks listen on loopback only"
+        # copies: data_replies are consumed, and a test may share its tables between sinks
+        self.rcpt_replies = dict(self.rcpt_replies or {})
+        self.data_replies = list(self.data_replies or [])
 
     def _authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any

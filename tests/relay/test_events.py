@@ -25,7 +25,7 @@ from relay.core import outcome
 from relay.core.model import Envelope, QueueEntry, Recipient
 from relay.core.settle import Attempted, settle
 from tests.relay.apphelp import free_port, in_process, relay_to_sink_config, until, write_config
-from tests.relay.smtpsink import SmtpSink
+from tests.relay.smtpsink import GONE_AND_LATER, SmtpSink
 
 KEY = b"event-signing-key-0123456789"
 MESSAGE = b"From: app@example.com\r\nSubject: events\r\n\r\nhello\r\n"
@@ -107,12 +107,7 @@ async def send(port: int, recipients: list[str], sender: str = "app@example.com"
 
 
 async def test_delivered_deferred_bounced_and_expired_events_are_signed(tmp_path: Path) -> None:
-    sink = await SmtpSink(
-        rcpt_replies={
-            "gone@example.com": "550 5.1.1 no such user",
-            "later@example.com": "451 4.2.0 mailbox busy",
-        }
-    ).start()
+    sink = await SmtpSink(rcpt_replies=GONE_AND_LATER).start()
     route_hook = await Receiver().start()
     relay_hook = await Receiver().start()
     async with relay(tmp_path, sink, route_hook.url, relay_hook.url) as port:

@@ -24,16 +24,8 @@ import trustme
 from aiohttp import web
 
 from relay.config import GatewayHop, RelayConfig, parse_config
-from relay.core.model import (
-    DeliveryRequest,
-    Disposition,
-    Envelope,
-    Message,
-    QueueEntry,
-    Recipient,
-    RecipientOutcome,
-    Transport,
-)
+from relay.core import model
+from relay.core.model import DeliveryRequest, Envelope, Message, QueueEntry, Recipient, RecipientOutcome
 from relay.gateways import MaildirTransport, build_gateway, folder_name, maildir_for
 
 CONTENT = (
@@ -73,11 +65,11 @@ def relay_config() -> RelayConfig:
     return parse_config({"hostname": "gw.example.org", "listeners": [{"name": "smtp", "port": 2525}]})
 
 
-def gateway(spec: dict[str, object]) -> Transport:
+def gateway(spec: dict[str, object]) -> model.Transport:
     return build_gateway(GatewayHop.model_validate(spec), relay_config())
 
 
-def dispositions(outcomes: object) -> list[Disposition]:
+def dispositions(outcomes: object) -> list[model.Disposition]:
     assert isinstance(outcomes, list | tuple)
     return [o.disposition for o in outcomes]
 
@@ -177,7 +169,7 @@ async def _post(hook_url: str, **options: object) -> list[RecipientOutcome]:
 async def test_webhook_json_2xx_delivers_with_envelope_headers_body_and_raw(hook: Hook) -> None:
     outcomes = await _post(hook.base + "/ok")
     assert [o.recipient.address for o in outcomes] == ["bob@example.net", "carol@example.net"]
-    assert dispositions(outcomes) == [Disposition.DELIVERED] * 2
+    assert dispositions(outcomes) == [model.Disposition.DELIVERED] * 2
     assert outcomes[0].code == 250 and outcomes[0].remote_mta == "127.0.0.1"
     assert "HTTP 202" in outcomes[0].text
     [(path, headers, body)] = hook.posts
@@ -204,7 +196,7 @@ async def test_webhook_rfc822_posts_the_raw_message_with_envelope_headers(hook: 
     request = make_request(recipients=(Recipient("bob@example.net"), Recipient("jörg@exämple.net")))
     outcomes = await transport.deliver(request)
     await transport.close()
-    assert dispositions(outcomes) == [Disposition.DELIVERED] * 2
+    assert dispositions(outcomes) == [model.Disposition.DELIVERED] * 2
     [(_, headers, body)] = hook.posts
     assert body == CONTENT
     assert headers["Content-Type"] == "message/rfc822"
@@ -215,14 +207,14 @@ async def test_webhook_rfc822_posts_the_raw_message_with_envelope_headers(hook: 
 
 async def test_webhook_4xx_bounces_with_the_http_status(hook: Hook) -> None:
     outcomes = await _post(hook.base + "/gone")
-    assert dispositions(outcomes) == [Disposition.BOUNCED] * 2
+    assert dispositions(outcomes) == [model.Disposition.BOUNCED] * 2
     assert outcomes[0].code == 550 and outcomes[0].status == "5.0.0"
     assert outcomes[0].text == "webhook answered HTTP 404 Not Found: no such mailbox"
 
 
 async def test_webhook_5xx_defers(hook: Hook) -> None:
     outcomes = await _post(hook.base + "/busy")
-    assert dispositions(outcomes) == [Disposition.DEFERRED] * 2
+    assert dispositions(outcomes) == [model.Disposition.DEFERRED] * 2
     assert outcomes[0].code == 451 and outcomes[0].status.startswith("4.")
     assert "HTTP 503" in outcomes[0].text and "try later" in outcomes[0].text
 
@@ -232,9 +224,9 @@ async def test_webhook_that_fails_then_recovers_delivers_on_the_second_attempt(h
     first = await transport.deliver(make_request())
     second = await transport.deliver(make_request())
     await transport.close()
-    assert dispositions(first) == [Disposition.DEFERRED] * 2
+    assert dispositions(first) == [model.Disposition.DEFERRED] * 2
     assert "HTTP 500" in first[0].text and "database down" in first[0].text
-    assert dispositions(second) == [Disposition.DELIVERED] * 2
+    assert dispositions(second) == [model.Disposition.DELIVERED] * 2
     assert len(hook.posts) == 2 and hook.posts[0][2] == hook.posts[1][2]
 
 
@@ -243,7 +235,7 @@ async def test_webhook_connection_refused_defers() -> None:
     port = _port(runner)
     await runner.cleanup()  # nothing listens on this port any more
     outcomes = await _post(f"http://127.0.0.1:{port}/ok")
-    assert dispositions(outcomes) == [Disposition.DEFERRED] * 2
+    assert dispositions(outcomes) == [model.Disposition.DEFERRED] * 2
     assert outcomes[0].status == "4.4.1" and "connection failed" in outcomes[0].text
 
 
@@ -253,19 +245,19 @@ async def test_webhook_sends_the_authorization_header_from_the_secret_file(
     secret = tmp_path / "authorization"
     secret.write_text("Bearer s3cret-token\n")
     outcomes = await _post(hook.base + "/private", authHeaderFile=str(secret))
-    assert dispositions(outcomes) == [Disposition.DELIVERED] * 2
+    assert dispositions(outcomes) == [model.Disposition.DELIVERED] * 2
     assert hook.posts[0][1]["Authorization"] == "Bearer s3cret-token"
     # Without it the endpoint answers 401: a bounce that names the status.
     refused = await _post(hook.base + "/private")
-    assert dispositions(refused) == [Disposition.BOUNCED] * 2 and "HTTP 401" in refused[0].text
+    assert dispositions(refused) == [model.Disposition.BOUNCED] * 2 and "HTTP 401" in refused[0].text
     # An unreadable secret is a configuration problem: defer, never bounce.
     missing = await _post(hook.base + "/private", authHeaderFile=str(tmp_path / "absent"))
-    assert dispositions(missing) == [Disposition.DEFERRED] * 2 and missing[0].status == "4.3.5"
+    assert dispositions(missing) == [model.Disposition.DEFERRED] * 2 and missing[0].status == "4.3.5"
 
 
 async def test_webhook_timeout_defers(hook: Hook) -> None:
     outcomes = await _post(hook.base + "/slow", timeout="300ms")
-    assert dispositions(outcomes) == [Disposition.DEFERRED] * 2
+    assert dispositions(outcomes) == [model.Disposition.DEFERRED] * 2
     assert "timed out" in outcomes[0].text
 
 
@@ -284,10 +276,10 @@ async def test_webhook_https_verifies_the_certificate(tmp_path: Path) -> None:
         skipped = await _post(url, insecureSkipVerify=True)
     finally:
         await runner.cleanup()
-    assert dispositions(untrusted) == [Disposition.DEFERRED] * 2
+    assert dispositions(untrusted) == [model.Disposition.DEFERRED] * 2
     assert "certificate" in untrusted[0].text
-    assert dispositions(trusted) == [Disposition.DELIVERED] * 2
-    assert dispositions(skipped) == [Disposition.DELIVERED] * 2
+    assert dispositions(trusted) == [model.Disposition.DELIVERED] * 2
+    assert dispositions(skipped) == [model.Disposition.DELIVERED] * 2
     assert len(state.posts) == 2
 
 
@@ -311,7 +303,7 @@ async def test_maildir_per_recipient_folders_read_back_with_mailbox(tmp_path: Pa
     transport = gateway({"maildir": {"path": str(tmp_path)}})
     recipients = (Recipient("bob@Example.NET"), Recipient("carol@example.net"), Recipient("dan@other.org"))
     outcomes = await transport.deliver(make_request(recipients=recipients))
-    assert dispositions(outcomes) == [Disposition.DELIVERED] * 3
+    assert dispositions(outcomes) == [model.Disposition.DELIVERED] * 3
     assert _names(tmp_path) == ["example.net", "other.org"]
     for address, folder in (
         ("bob@Example.NET", tmp_path / "example.net" / "bob"),
@@ -330,7 +322,7 @@ async def test_maildir_per_recipient_folders_read_back_with_mailbox(tmp_path: Pa
 async def test_maildir_single_layout_keeps_one_copy_per_recipient(tmp_path: Path) -> None:
     transport = gateway({"maildir": {"path": str(tmp_path / "box"), "layout": "single"}})
     outcomes = await transport.deliver(make_request())
-    assert dispositions(outcomes) == [Disposition.DELIVERED] * 2
+    assert dispositions(outcomes) == [model.Disposition.DELIVERED] * 2
     stored = _read_maildir(tmp_path / "box")
     assert len(stored) == 2
     delivered_to = sorted(mailbox.MaildirMessage(b)["Delivered-To"] for b in stored)
@@ -399,7 +391,7 @@ def test_maildir_on_a_full_disk_defers_and_leaves_no_partial_file(tmp_path: Path
     box = tmp_path / "box"
     outcomes, files = _in_mount_namespace(tmp_path, f"mount -t tmpfs -o size=64k tmpfs {box}", 256 * 1024)
     [outcome] = outcomes
-    assert outcome.disposition is Disposition.DEFERRED
+    assert outcome.disposition is model.Disposition.DEFERRED
     assert (outcome.code, outcome.status) == (452, "4.3.1")
     assert "full" in outcome.text and "No space left on device" in outcome.text
     assert files == []  # the partial tmp file was removed; nothing half-written in new/
@@ -413,7 +405,7 @@ def test_maildir_on_a_read_only_file_system_defers(tmp_path: Path) -> None:
     )
     [outcome] = outcomes
     assert files == []
-    assert outcome.disposition is Disposition.DEFERRED
+    assert outcome.disposition is model.Disposition.DEFERRED
     assert (outcome.code, outcome.status) == (451, "4.3.0")
     assert "Read-only file system" in outcome.text
     assert not list(box.iterdir())
@@ -431,7 +423,7 @@ async def test_maildir_write_errors_defer_every_recipient(tmp_path: Path) -> Non
             raise OSError(122, "Disk quota exceeded")
 
     outcomes = await Failing(config, hostname="gw").deliver(make_request())
-    assert dispositions(outcomes) == [Disposition.DEFERRED] * 2
+    assert dispositions(outcomes) == [model.Disposition.DEFERRED] * 2
     assert outcomes[0].status == "4.3.0" and "Input/output error" in outcomes[0].text
     assert outcomes[1].status == "4.3.1" and outcomes[1].code == 452
 
@@ -458,7 +450,7 @@ async def test_pipe_exit_0_delivers_with_message_on_stdin_and_envelope_in_enviro
     )
     transport = gateway({"pipe": {"command": [str(script), "--from={sender}"]}})
     outcomes = await transport.deliver(make_request())
-    assert dispositions(outcomes) == [Disposition.DELIVERED] * 2
+    assert dispositions(outcomes) == [model.Disposition.DELIVERED] * 2
     assert _read(f"{out}.msg") == CONTENT
     assert _read(f"{out}.env").decode() == (
         "alice@example.org|bob@example.net,carol@example.net|18B3F2A9C1D04E7A3F|--from=alice@example.org"
@@ -478,7 +470,7 @@ async def test_pipe_with_recipient_placeholder_runs_once_per_recipient(tmp_path:
     )
     transport = gateway({"pipe": {"command": [str(script), "{recipient}"]}})
     outcomes = await transport.deliver(make_request())
-    assert dispositions(outcomes) == [Disposition.DELIVERED, Disposition.DEFERRED]
+    assert dispositions(outcomes) == [model.Disposition.DELIVERED, model.Disposition.DEFERRED]
     assert "mailbox carol is locked" in outcomes[1].text
     assert log.read_text().splitlines() == [
         "bob@example.net bob@example.net",
@@ -489,7 +481,7 @@ async def test_pipe_with_recipient_placeholder_runs_once_per_recipient(tmp_path:
 async def test_pipe_exit_75_defers(tmp_path: Path) -> None:
     script = _script(tmp_path, "cat >/dev/null; echo 'backend busy' >&2; exit 75\n")
     outcomes = await gateway({"pipe": {"command": [str(script)]}}).deliver(make_request())
-    assert dispositions(outcomes) == [Disposition.DEFERRED] * 2
+    assert dispositions(outcomes) == [model.Disposition.DEFERRED] * 2
     assert outcomes[0].code == 451 and outcomes[0].status == "4.3.0"
     assert "exited 75" in outcomes[0].text and "backend busy" in outcomes[0].text
 
@@ -500,7 +492,7 @@ async def test_pipe_other_exit_bounces_with_truncated_stderr(tmp_path: Path) -> 
         "cat >/dev/null; echo 'user bob unknown' >&2; head -c 5000 /dev/zero | tr '\\0' 'y' >&2; exit 1\n",
     )
     outcomes = await gateway({"pipe": {"command": [str(script)]}}).deliver(make_request())
-    assert dispositions(outcomes) == [Disposition.BOUNCED] * 2
+    assert dispositions(outcomes) == [model.Disposition.BOUNCED] * 2
     assert outcomes[0].code == 554 and outcomes[0].status == "5.3.0"
     assert outcomes[0].text.startswith("pipe command exited 1: user bob unknown yyy")
     assert len(outcomes[0].text) < 500 and outcomes[0].text.endswith("...")
@@ -510,14 +502,14 @@ async def test_pipe_that_does_not_read_stdin_still_gets_an_outcome(tmp_path: Pat
     script = _script(tmp_path, "exit 0\n")
     big = CONTENT + b"z" * (4 * 1024 * 1024) + b"\r\n"
     outcomes = await gateway({"pipe": {"command": [str(script)]}}).deliver(make_request(content=big))
-    assert dispositions(outcomes) == [Disposition.DELIVERED] * 2
+    assert dispositions(outcomes) == [model.Disposition.DELIVERED] * 2
 
 
 async def test_pipe_timeout_kills_the_process_group_and_defers(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     script = _script(tmp_path, f"sleep 300 & echo $! > {pidfile}; wait\n")
     outcomes = await gateway({"pipe": {"command": [str(script)], "timeout": "500ms"}}).deliver(make_request())
-    assert dispositions(outcomes) == [Disposition.DEFERRED] * 2
+    assert dispositions(outcomes) == [model.Disposition.DEFERRED] * 2
     assert "timed out" in outcomes[0].text
     child = int(_read(pidfile))
     for _ in range(100):  # SIGKILL is delivered asynchronously: on a loaded machine, wait for it
@@ -537,4 +529,4 @@ def _gone_or_zombie(pid: int) -> bool:
 
 async def test_pipe_missing_command_defers(tmp_path: Path) -> None:
     outcomes = await gateway({"pipe": {"command": [str(tmp_path / "nope")]}}).deliver(make_request())
-    assert dispositions(outcomes) == [Disposition.DEFERRED] * 2 and outcomes[0].status == "4.3.5"
+    assert dispositions(outcomes) == [model.Disposition.DEFERRED] * 2 and outcomes[0].status == "4.3.5"

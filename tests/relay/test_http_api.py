@@ -26,7 +26,7 @@ from relay.core.compose import Attachment, compose
 from relay.http_api import OPENAPI, HttpApi
 from tests.relay.apphelp import RelayRun, free_port, in_process, relay_to_sink_config, until, write_config
 from tests.relay.fronthelp import RawClient, make_certs
-from tests.relay.smtpsink import SmtpSink
+from tests.relay.smtpsink import GONE_AND_LATER, SmtpSink
 
 TOKENS = "billing tok-billing-0001 *@billing.example.com\nops tok-ops-000002 *\n"
 BILLING = {"Authorization": "Bearer tok-billing-0001"}
@@ -246,12 +246,7 @@ async def test_raw_and_json_messages_arrive_byte_exact_with_their_envelope(tmp_p
 
 
 async def test_deferred_and_bounced_states_and_a_partly_refused_message(tmp_path: Path) -> None:
-    sink = await SmtpSink(
-        rcpt_replies={
-            "gone@example.com": "550 5.1.1 no such user",
-            "later@example.com": "451 4.2.0 try later",
-        }
-    ).start()
+    sink = await SmtpSink(rcpt_replies=GONE_AND_LATER).start()
     data = config_data(tmp_path, sink.port)
     async with running(tmp_path, data), aiohttp.ClientSession() as session:
         request = {

@@ -16,6 +16,15 @@ import jsonschema
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+# the kinds of the objects the operator builds for one MailRelay
+RELAY_OBJECT_KINDS = {
+    "ServiceAccount",
+    "ConfigMap",
+    "Service",
+    "StatefulSet",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+}
 CRD_DIR = ROOT / "crds"
 SAMPLES_DIR = CRD_DIR / "samples"
 CRD_FILES = {
