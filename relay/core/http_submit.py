@@ -2,8 +2,10 @@
 body becomes a message and its envelope, and the JSON the API answers with.
 
 - Tokens (`parse_tokens`): the tokens file holds one client per line, ``NAME TOKEN
-  SENDER-PATTERN[,SENDER-PATTERN...]`` (``#`` comments and blank lines ignored); a pattern is an
-  fnmatch-style address pattern, case-insensitive (``*@billing.example.com``, ``*``).
+  SENDER-PATTERN[,SENDER-PATTERN...]`` (``#`` comments and blank lines ignored); a pattern is a
+  mailbox pattern as the users file's ``senders`` (relay.core.addresses.address_matches: the
+  local part exact or ``*``, the domain ``name``, ``*.name`` or ``*``: ``*@billing.example.com``,
+  ``*@*.example.com``, ``*``).
   `authorize` compares in constant time. A client may send only from an envelope sender its
   patterns allow, as a submission user may (403 otherwise).
 - Bodies: ``message/rfc822`` is taken as is (relay.core.compose.load_eml: line ends made CRLF,
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import fnmatch
 import hmac
 import re
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from relay.core.addresses import address_matches
 from relay.core.compose import Attachment, ComposeError, Submission, compose, load_eml
 from relay.core.smtp_data import DataDecoder
 from relay.core.status import Reply
@@ -56,11 +58,10 @@ class ApiClient:
 
     name: str
     token: str
-    senders: tuple[str, ...]  # lower-cased fnmatch patterns
+    senders: tuple[str, ...]  # mailbox patterns (relay.core.addresses.address_matches)
 
     def may_send_as(self, sender: str) -> bool:
-        address = sender.lower()
-        return any(fnmatch.fnmatchcase(address, pattern) for pattern in self.senders)
+        return any(address_matches(sender, pattern) for pattern in self.senders)
 
 
 def parse_tokens(text: str) -> tuple[ApiClient, ...]:

@@ -34,6 +34,12 @@ def test_tokens_and_sender_patterns() -> None:
     assert billing.may_send_as("alerts@example.com")
     assert not billing.may_send_as("ceo@example.com")
     assert not billing.may_send_as("x@evil-billing.example.com.attacker.test")
+    # the same matcher as the users file's senders: a domain pattern is a name or *.name, never a
+    # substring (fnmatch let `*@*example.com` match evil-example.com)
+    (partners,) = parse_tokens("partners s3cr3t-partner *@*.example.com")
+    assert partners.may_send_as("a@mail.example.com")
+    assert not partners.may_send_as("a@evil-example.com")
+    assert not partners.may_send_as("a@example.com.evil.test")
     assert ops.may_send_as("anyone@anywhere.test")
 
 
