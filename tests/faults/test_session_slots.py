@@ -349,7 +349,7 @@ async def test_120_abandoned_starttls_sessions_against_a_relay_process(tmp_path:
             smtp_port=free_port(),
             next_hop_port=sink.port,
             submission_port=submission_port,
-            tls={"certFile": str(certs.cert_file), "keyFile": str(certs.key_file)},
+            tls=certs.tls,
             auth={"usersFile": str(users)},
             workers=1,  # one process: its per-address limit (50) is the whole limit
         )

@@ -81,7 +81,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         smtp_port=free_port(),
         trusted=[],
         next_hop_port=sink.port,
-        tls={"certFile": str(certs.cert_file), "keyFile": str(certs.key_file)},
+        tls=certs.tls,
         auth={"usersFile": str(users)},
         hostname="relay.clients.test",
         submission_port=submission_port,

@@ -102,7 +102,7 @@ async def peers(tmp_path: Path) -> AsyncIterator[Peers]:
                 },
             },
         ],
-        tls={"certFile": str(certs.cert_file), "keyFile": str(certs.key_file)},
+        tls=certs.tls,
         hostname="relay.peers.test",
     )
     config["listeners"][0]["tls"] = "starttls"

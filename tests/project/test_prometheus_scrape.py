@@ -20,7 +20,7 @@ import yaml
 
 from tests.doctor import find, require
 from tests.project.test_monitoring import _dashboard, _dashboard_expressions, _queried, _rules
-from tests.relay.apphelp import RelayRun, free_port, relay_to_sink_config, until, write_config
+from tests.relay.apphelp import RelayRun, free_port, ports, relay_to_sink_config, until, write_config
 from tests.relay.fronthelp import make_certs
 from tests.relay.smtpsink import SmtpSink
 
@@ -72,17 +72,11 @@ async def test_prometheus_scrapes_every_relay_series_the_rules_and_dashboard_use
     certs = make_certs(tmp_path)
     sink = SmtpSink(rcpt_replies={"later@d.test": "451 4.3.0 later", "bad@d.test": "550 5.1.1 no such user"})
     await sink.start()
-    port, metrics_port, prom_port = free_port(), free_port(), free_port()
+    domains = ["d.test", "s.test"]
     data = relay_to_sink_config(
-        tmp_path,
-        hostname="scraped.test",
-        domains=["d.test", "s.test"],
-        smtp_port=port,
-        metrics_port=metrics_port,
-        sink_port=sink.port,
-        workers=2,
-        tls={"certFile": str(certs.cert_file), "keyFile": str(certs.key_file)},
+        tmp_path, hostname="scraped.test", domains=domains, sink_port=sink.port, workers=2, tls=certs.tls
     )
+    (port, metrics_port), prom_port = ports(data), free_port()
     data["listeners"][0]["tls"] = "starttls"
     config = write_config(tmp_path, data)
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(_rules(), sort_keys=False))

@@ -77,6 +77,11 @@ def relay_to_sink_config(
     return data
 
 
+def ports(data: dict[str, Any]) -> tuple[int, int]:
+    """The SMTP port (the first listener's) and the metrics port of a relay_to_sink_config."""
+    return int(data["listeners"][0]["port"]), int(data["metrics"]["port"])
+
+
 def write_config(directory: Path, data: dict[str, Any], name: str = "relay.yaml") -> Path:
     """The config as YAML in directory/name (replacing what was there); returns its path."""
     path = directory / name

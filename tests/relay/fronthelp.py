@@ -31,6 +31,11 @@ class Certs:
     key_file: Path
     ca_file: Path
 
+    @property
+    def tls(self) -> dict[str, str]:
+        """The relay config's ``tls`` section for this certificate and key."""
+        return {"certFile": str(self.cert_file), "keyFile": str(self.key_file)}
+
 
 def make_certs(directory: Path) -> Certs:
     ca = trustme.CA()
@@ -100,7 +105,7 @@ def tls_config(tmp_path: Path, **overrides: Any) -> tuple[RelayConfig, ssl.SSLCo
     config = make_config(
         tmp_path,
         listeners=TLS_LISTENERS,
-        tls={"certFile": str(certs.cert_file), "keyFile": str(certs.key_file)},
+        tls=certs.tls,
         auth={"usersFile": str(users), "maxFailures": 3},
         **overrides,
     )

@@ -401,9 +401,7 @@ async def test_implicit_tls_listener_and_a_tokens_file_that_changes(tmp_path: Pa
     line in the tokens file is a new client without a restart."""
     certs = make_certs(tmp_path)
     sink = await SmtpSink().start()
-    data = config_data(
-        tmp_path, sink.port, tls={"certFile": str(certs.cert_file), "keyFile": str(certs.key_file)}
-    )
+    data = config_data(tmp_path, sink.port, tls=certs.tls)
     data["listeners"][1]["tls"] = "implicit"
     url = api_url(data, "/v1/messages").replace("http://", "https://")
     context = ssl.create_default_context(cafile=str(certs.ca_file))

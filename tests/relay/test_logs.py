@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from relay.logs import EVENTS
-from tests.relay.apphelp import RelayRun, free_port, relay_to_sink_config, write_config
+from tests.relay.apphelp import RelayRun, ports, relay_to_sink_config, write_config
 from tests.relay.smtpsink import SmtpSink
 
 COMMON = ("time", "level", "logger", "message", "relay", "pod")
@@ -41,16 +41,11 @@ def _send(port: int, sender: str, recipients: list[str]) -> None:
 
 
 def _config(tmp_path: Path, sink: SmtpSink, **extra: Any) -> tuple[Path, int]:
-    port = free_port()
+    domains = ["d.test", "s.test"]
     data = relay_to_sink_config(
-        tmp_path,
-        hostname="logs.test",
-        domains=["d.test", "s.test"],
-        smtp_port=port,
-        sink_port=sink.port,
-        workers=1,
-        **extra,
+        tmp_path, hostname="logs.test", domains=domains, sink_port=sink.port, workers=1, **extra
     )
+    port, _ = ports(data)
     data["queue"]["retry"] = {"minBackoff": "1s", "maxBackoff": "1s", "maxLifetime": "3s"}
     return write_config(tmp_path, data), port
 

@@ -14,7 +14,14 @@ from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.spool import new_queue_id, queue_id_time
-from tests.relay.apphelp import RelayRun, free_port, http_get, relay_to_sink_config, until, write_config
+from tests.relay.apphelp import (
+    RelayRun,
+    http_get,
+    ports,
+    relay_to_sink_config,
+    until,
+    write_config,
+)
 from tests.relay.fronthelp import make_certs
 from tests.relay.smtpsink import SmtpSink
 from tests.relay.test_logs import _send
@@ -44,17 +51,15 @@ async def test_oldest_message_age_and_certificate_expiry_are_exported(
     sink = SmtpSink(rcpt_replies={"later@d.test": "451 4.3.0 try again later"})
     await sink.start()
     try:
-        port, metrics_port = free_port(), free_port()
         data = relay_to_sink_config(
             tmp_path,
             hostname="metrics.test",
             domains=["d.test"],
-            smtp_port=port,
-            metrics_port=metrics_port,
             sink_port=sink.port,
             workers=1,
-            tls={"certFile": str(certs.cert_file), "keyFile": str(certs.key_file)},
+            tls=certs.tls,
         )
+        port, metrics_port = ports(data)
         data["listeners"][0]["tls"] = "starttls"
         data["queue"]["retry"] = {"minBackoff": "1h", "maxBackoff": "1h", "maxLifetime": "5d"}
         run = RelayRun(write_config(tmp_path, data))

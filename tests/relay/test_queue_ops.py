@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.relay.apphelp import RelayRun, free_port, relay_to_sink_config, until, write_config
+from tests.relay.apphelp import RelayRun, ports, relay_to_sink_config, until, write_config
 from tests.relay.smtpsink import SmtpSink
 from tests.relay.test_logs import _send
 
@@ -42,15 +42,11 @@ async def test_bulk_queue_commands_on_a_running_relay(tmp_path: Path, runs: list
     sink = SmtpSink(rcpt_replies=dict.fromkeys(addresses, LATER))
     await sink.start()
     try:
-        port = free_port()
+        domains = ["d.test", "s.test"]
         data = relay_to_sink_config(
-            tmp_path,
-            hostname="queue.test",
-            domains=["d.test", "s.test"],
-            smtp_port=port,
-            sink_port=sink.port,
-            workers=1,
+            tmp_path, hostname="queue.test", domains=domains, sink_port=sink.port, workers=1
         )
+        port, _ = ports(data)
         data["queue"]["retry"] = {"minBackoff": "1h", "maxBackoff": "1h", "maxLifetime": "5d"}
         config = write_config(tmp_path, data)
         run = RelayRun(config)

@@ -189,6 +189,23 @@ def relay_body(**spec: Any) -> dict[str, Any]:
     return base
 
 
+def edge_relay(replicas: int, **spec: Any) -> dict[str, Any]:
+    """MailRelay edge as the e2e tests create it (in the namespace they create it in): relay
+    mode on port 2525, taking the RelayRoutes labelled relay=edge; `spec` adds to its spec."""
+    return {
+        "apiVersion": "mailrelay.dev/v1alpha1",
+        "kind": "MailRelay",
+        "metadata": {"name": "edge"},
+        "spec": {
+            "replicas": replicas,
+            "hostname": "edge.mail.example.com",
+            "listeners": [{"name": "smtp", "port": 2525, "mode": "relay"}],
+            "routeSelector": {"matchLabels": {"relay": "edge"}},
+            **spec,
+        },
+    }
+
+
 def route_body(**spec: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "apiVersion": "mailrelay.dev/v1alpha1",

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from relay_operator import k8s, naming
+from tests.relay_operator import crd_tools
 from tests.relay_operator.conftest import OperatorProcess
 
 PVCS = k8s.PERSISTENTVOLUMECLAIMS
@@ -97,18 +98,7 @@ def pod_queues() -> Iterator[PodQueues]:
 
 
 def mailrelay(replicas: int, **scale_down: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": naming.API_VERSION,
-        "kind": naming.MAILRELAY_KIND,
-        "metadata": {"name": "edge"},
-        "spec": {
-            "replicas": replicas,
-            "hostname": "edge.mail.example.com",
-            "listeners": [{"name": "smtp", "port": 2525, "mode": "relay"}],
-            "routeSelector": {"matchLabels": {"relay": "edge"}},
-            "scaleDown": scale_down,
-        },
-    }
+    return crd_tools.edge_relay(replicas, scaleDown=scale_down)
 
 
 def condition(kube: Any, namespace: str, type_: str) -> dict[str, Any] | None:

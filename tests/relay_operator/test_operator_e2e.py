@@ -765,10 +765,8 @@ def test_namespace_scoped_operator_leaves_other_namespaces_alone(tmp_path: Path)
     grants = {OPERATOR_TOKEN: [*cluster_rules, *role_rules]}  # the emulator binds rules everywhere
     with EmulatorThread(KubernetesApiEmulator(token=TOKEN, grants=grants)) as server:
         server.call(lambda: server.emulator.load_crds(CRDS))
-        http = RawHttp(server.url)
-        for name in ("mail", "other"):
-            assert http("POST", "/api/v1/namespaces", {"metadata": {"name": name}})[0] == 201
-        admin = k8s.ClientKubeApi.from_environment(kubeconfig=str(server.kubeconfig(tmp_path / "admin")))
+        with_namespaces(server, "mail", "other")
+        admin = admin_of(server, tmp_path)
         config = server.kubeconfig(tmp_path / "operator", token=OPERATOR_TOKEN)
         process = OperatorProcess(config, tmp_path / "operator.log", "--namespace", "mail")
         try:
@@ -796,7 +794,7 @@ def quiet(tmp_path: Path) -> Iterator[tuple[EmulatorThread, Any]]:
     grants = {OPERATOR_TOKEN: operator_rules(all_namespaces=True, peering=False)[0]}
     with EmulatorThread(KubernetesApiEmulator(token=TOKEN, grants=grants, controllers=False)) as server:
         server.call(lambda: server.emulator.load_crds(CRDS))
-        admin = k8s.ClientKubeApi.from_environment(kubeconfig=str(server.kubeconfig(tmp_path / "admin")))
+        admin = admin_of(server, tmp_path)
         try:
             yield server, admin
         finally:
@@ -934,6 +932,26 @@ def test_an_expired_watch_is_relisted(
     )
 
 
+def with_namespaces(server: EmulatorThread, *names: str) -> RawHttp:
+    """Create the namespaces (201 each); a raw HTTP client of the emulator."""
+    http = RawHttp(server.url)
+    for name in names:
+        assert http("POST", "/api/v1/namespaces", {"metadata": {"name": name}})[0] == 201
+    return http
+
+
+def admin_of(server: EmulatorThread, tmp_path: Path) -> k8s.ClientKubeApi:
+    """A client of the emulator with the admin token."""
+    return k8s.ClientKubeApi.from_environment(kubeconfig=str(server.kubeconfig(tmp_path / "admin")))
+
+
+def operator_of(server: EmulatorThread, tmp_path: Path) -> OperatorProcess:
+    """The operator run with its own token, logging to tmp_path/op.log."""
+    return OperatorProcess(
+        server.kubeconfig(tmp_path / "operator", token=OPERATOR_TOKEN), tmp_path / "op.log"
+    )
+
+
 def test_the_lowest_supported_kubernetes_version(tmp_path: Path) -> None:
     """Kubernetes 1.25 (the floor README and the chart claim): the server drops the StatefulSet's
     persistentVolumeClaimRetentionPolicy, so the operator must not send it, or every resync would
@@ -941,10 +959,8 @@ def test_the_lowest_supported_kubernetes_version(tmp_path: Path) -> None:
     grants = {OPERATOR_TOKEN: operator_rules(all_namespaces=True, peering=False)[0]}
     with EmulatorThread(KubernetesApiEmulator(token=TOKEN, grants=grants, version="1.25")) as server:
         server.call(lambda: server.emulator.load_crds(CRDS))
-        admin = k8s.ClientKubeApi.from_environment(kubeconfig=str(server.kubeconfig(tmp_path / "admin")))
-        process = OperatorProcess(
-            server.kubeconfig(tmp_path / "operator", token=OPERATOR_TOKEN), tmp_path / "op.log"
-        )
+        admin = admin_of(server, tmp_path)
+        process = operator_of(server, tmp_path)
         try:
             process.wait_alive()
             admin.create(k8s.MAILRELAYS, "default", mailrelay("edge"))
@@ -979,16 +995,12 @@ def test_after_uninstall_mailrelays_their_namespace_and_the_crd_can_be_deleted(t
     grants = {OPERATOR_TOKEN: operator_rules(all_namespaces=True, peering=False)[0]}
     with EmulatorThread(KubernetesApiEmulator(token=TOKEN, grants=grants)) as server:
         server.call(lambda: server.emulator.load_crds(CRDS))
-        http = RawHttp(server.url)
-        for name in ("mail", "more"):
-            assert http("POST", "/api/v1/namespaces", {"metadata": {"name": name}})[0] == 201
-        admin = k8s.ClientKubeApi.from_environment(kubeconfig=str(server.kubeconfig(tmp_path / "admin")))
+        http = with_namespaces(server, "mail", "more")
+        admin = admin_of(server, tmp_path)
         old = mailrelay("old")
         old["metadata"]["finalizers"] = [f"{naming.GROUP}/operator"]  # what the per-MailRelay timer left
         admin.create(k8s.MAILRELAYS, "more", old)
-        process = OperatorProcess(
-            server.kubeconfig(tmp_path / "operator", token=OPERATOR_TOKEN), tmp_path / "op.log"
-        )
+        process = operator_of(server, tmp_path)
         try:
             process.wait_alive()
             admin.create(k8s.MAILRELAYS, "mail", mailrelay("edge"))
@@ -1025,7 +1037,7 @@ def test_two_peered_operators_only_the_higher_priority_one_acts(tmp_path: Path) 
             "metadata": {"name": "mailrelay"},
         }
         assert http("POST", "/apis/kopf.dev/v1/clusterkopfpeerings", peering)[0] == 201
-        admin = k8s.ClientKubeApi.from_environment(kubeconfig=str(server.kubeconfig(tmp_path / "admin")))
+        admin = admin_of(server, tmp_path)
         sts_path = "/apis/apps/v1/namespaces/default/statefulsets/edge"
 
         def operator(token: str, priority: int) -> OperatorProcess:

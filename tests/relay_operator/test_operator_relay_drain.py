@@ -38,29 +38,22 @@ from relay.spool import read_header
 from relay_operator import k8s, naming
 from tests.relay.apphelp import ConfigMapDir, RelayRun, free_port
 from tests.relay.smtpsink import SmtpSink
+from tests.relay_operator import crd_tools
 from tests.relay_operator.conftest import OperatorProcess
 
 PVCS = k8s.PERSISTENTVOLUMECLAIMS
-SMTP_PORT = 2525
+SMTP_PORT = 2525  # the port of crd_tools.edge_relay
 STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 
 
 def mailrelay(replicas: int, drain_timeout: str) -> dict[str, Any]:
-    return {
-        "apiVersion": naming.API_VERSION,
-        "kind": naming.MAILRELAY_KIND,
-        "metadata": {"name": "edge"},
-        "spec": {
-            "replicas": replicas,
-            "hostname": "edge.mail.example.com",
-            "listeners": [{"name": "smtp", "port": SMTP_PORT, "mode": "relay"}],
-            "acceptDomains": ["example.com"],
-            "workers": 1,
-            "queue": {"retry": {"minBackoff": "1s", "maxBackoff": "3s", "maxLifetime": "1h"}},
-            "routeSelector": {"matchLabels": {"relay": "edge"}},
-            "scaleDown": {"drainTimeout": drain_timeout},
-        },
-    }
+    return crd_tools.edge_relay(
+        replicas,
+        acceptDomains=["example.com"],
+        workers=1,
+        queue={"retry": {"minBackoff": "1s", "maxBackoff": "3s", "maxLifetime": "1h"}},
+        scaleDown={"drainTimeout": drain_timeout},
+    )
 
 
 def route(sink_port: int) -> dict[str, Any]:

@@ -80,6 +80,12 @@ def _maildir(tmp_path: Path, name: str) -> Path:
     return tmp_path / ".mailrelay" / "life" / "back" / "maildir" / name
 
 
+def _delivered(up: Up, port: int, maildir: Path, subject: str, what: str) -> None:
+    """Send a message with `subject` to `port`; wait (30 s) until it is in `maildir`."""
+    send(port, "a@life.test", "someone@example.org", subject)
+    wait_for(lambda: find_by_subject(maildir, subject), 30, what, up.output)
+
+
 def test_crash_restart_scale_up_and_route_reload(tmp_path: Path) -> None:
     front_port, back_port = free_ports(2)
     manifest = write_documents(tmp_path / "life.yaml", _topology(front_port, back_port, back_replicas=0))
@@ -123,12 +129,8 @@ def test_crash_restart_scale_up_and_route_reload(tmp_path: Path) -> None:
             "back-0 to reload its config",
             up.output,
         )
-        send(front_port, "a@life.test", "someone@example.org", "after the route edit")
-        wait_for(
-            lambda: find_by_subject(_maildir(tmp_path, "inbox-v2"), "after the route edit"),
-            30,
-            "the new route's maildir",
-            up.output,
+        _delivered(
+            up, front_port, _maildir(tmp_path, "inbox-v2"), "after the route edit", "the new route's maildir"
         )
         after = {p["name"]: (p["pid"], p["restarts"]) for p in up.processes()}
         assert after == before
@@ -143,12 +145,12 @@ def test_crash_restart_scale_up_and_route_reload(tmp_path: Path) -> None:
         up.wait_ready()
         assert "[up] life/back: listeners changed, restarting its processes" in up.output()
         assert up.pids("front") == [after["front-0"][0]]
-        send(front_port, "a@life.test", "someone@example.org", "to the moved listener")
-        wait_for(
-            lambda: find_by_subject(_maildir(tmp_path, "inbox-v2"), "to the moved listener"),
-            30,
+        _delivered(
+            up,
+            front_port,
+            _maildir(tmp_path, "inbox-v2"),
+            "to the moved listener",
             "delivery to back's new port",
-            up.output,
         )
         after = {p["name"]: (p["pid"], p["restarts"]) for p in up.processes()}
 

@@ -61,6 +61,15 @@ def _received_by(mail: Any) -> list[str]:
     return [" ".join(header.split()).split(" by ")[1].split()[0] for header in mail.get_all("Received")]
 
 
+# the hops before the last (edge, then internal), as the Received headers list them: newest first
+THROUGH_THE_EDGE = ["internal.quickstart.test", "edge.quickstart.test"]
+
+
+def _arrived(up: Up, maildir: Path, subject: str, what: str) -> Any:
+    """The message with `subject` once it is in `maildir` (30 s at the most)."""
+    return wait_for(lambda: find_by_subject(maildir, subject), 30, what, up.output)
+
+
 def test_quickstart_chain_smarthost_replicas_and_clean_stop(tmp_path: Path) -> None:
     manifest, ports = relocated_example("quickstart", tmp_path)
     state = tmp_path / ".mailrelay"
@@ -72,30 +81,16 @@ def test_quickstart_chain_smarthost_replicas_and_clean_stop(tmp_path: Path) -> N
         assert [r["status"] for r in answer["recipients"]] == ["accepted"]
 
         capture = state / "quickstart/capture/maildir/capture/example.com/alice"
-        mail = wait_for(
-            lambda: find_by_subject(capture, "through three relays"), 30, "the capture maildir", up.output
-        )
-        assert _received_by(mail) == [
-            "capture.quickstart.test",
-            "internal.quickstart.test",
-            "edge.quickstart.test",
-        ]
+        mail = _arrived(up, capture, "through three relays", "the capture maildir")
+        assert _received_by(mail) == ["capture.quickstart.test", *THROUGH_THE_EDGE]
         assert mail["Delivered-To"] == "alice@example.com"
-        from_app = wait_for(
-            lambda: find_by_subject(capture, "through the API"), 30, "the API's message", up.output
-        )
+        from_app = _arrived(up, capture, "through the API", "the API's message")
         assert _received_by(from_app)[-1] == "edge.quickstart.test"
         assert f"with HTTP id {answer['queueId']}" in " ".join(from_app.get_all("Received")[-1].split())
 
         outbox = state / "quickstart/provider/maildir/outbox/example.net/bob"
-        outside = wait_for(
-            lambda: find_by_subject(outbox, "via the smarthost"), 30, "the provider", up.output
-        )
-        assert _received_by(outside) == [
-            "smtp.provider.test",
-            "internal.quickstart.test",
-            "edge.quickstart.test",
-        ]
+        outside = _arrived(up, outbox, "via the smarthost", "the provider")
+        assert _received_by(outside) == ["smtp.provider.test", *THROUGH_THE_EDGE]
         assert "ESMTPSA" in " ".join(outside.get_all("Received")[0].split())  # logged in to the smarthost
 
         # Replicas share the port: sixteen separate connections to the edge's relay listener
