@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -17,3 +18,18 @@ def dns_server() -> Iterator[DnsServer]:
     server = DnsServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files os.fsync is called on (read through /proc, so the name the file
+    had when it was synced), in order; the fsyncs still happen."""
+    names: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return names

@@ -1,9 +1,28 @@
-"""Small, structurally valid media files for attachment tests (no external fixtures)."""
+"""Small, structurally valid media files for attachment tests (no external fixtures), and
+the parsing those tests share."""
 
 from __future__ import annotations
 
 import struct
 import zlib
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+
+
+def parse(content: bytes) -> EmailMessage:
+    """The message as the email package's default policy parses it."""
+    message = BytesParser(policy=policy.default).parsebytes(content)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def mixed_parts(content: bytes) -> tuple[EmailMessage, list[EmailMessage], list[str]]:
+    """A multipart/mixed message (asserted), its parts and their content types."""
+    message = parse(content)
+    assert message.get_content_type() == "multipart/mixed"
+    parts = list(message.iter_parts())
+    return message, parts, [part.get_content_type() for part in parts]
 
 
 def png(width: int = 2, height: int = 2) -> bytes:

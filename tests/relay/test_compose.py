@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from email import policy
-from email.message import EmailMessage
-from email.parser import BytesParser
 
 import pytest
 
@@ -20,12 +17,6 @@ from relay.core.compose import (
 from tests.relay import media
 
 DATE = datetime(2025, 3, 14, 15, 9, 26, tzinfo=UTC)
-
-
-def parse(content: bytes) -> EmailMessage:
-    message = BytesParser(policy=policy.default).parsebytes(content)
-    assert isinstance(message, EmailMessage)
-    return message
 
 
 def full_submission() -> tuple[bytes, tuple[str, ...], str]:
@@ -52,16 +43,8 @@ def full_submission() -> tuple[bytes, tuple[str, ...], str]:
 
 def test_structure_is_mixed_with_alternative_and_typed_attachments() -> None:
     content, _, _ = full_submission()
-    message = parse(content)
-    assert message.get_content_type() == "multipart/mixed"
-    parts = list(message.iter_parts())
-    assert [p.get_content_type() for p in parts] == [
-        "multipart/alternative",
-        "image/png",
-        "audio/mpeg",
-        "audio/ogg",
-        "video/mp4",
-    ]
+    message, parts, types = media.mixed_parts(content)
+    assert types == ["multipart/alternative", "image/png", "audio/mpeg", "audio/ogg", "video/mp4"]
     alternative = list(parts[0].iter_parts())
     assert [p.get_content_type() for p in alternative] == ["text/plain", "text/html"]
     assert alternative[0].get_content().replace("\r\n", "\n") == "Hi all,\nsee the attachments.\n"
@@ -86,7 +69,7 @@ def test_non_ascii_filename_uses_rfc2231_and_headers_stay_7bit() -> None:
     assert content.isascii()
     assert b"filename*=utf-8''Stra%C3%9Fe%20am%20Meer.png" in content
     assert b"From: Alice =?utf-8?q?=C3=84rger?= <alice@example.org>\r\n" in content
-    assert parse(content)["From"] == "Alice Ärger <alice@example.org>"
+    assert media.parse(content)["From"] == "Alice Ärger <alice@example.org>"
     assert b"\r\n" in content and b"\n" not in content.replace(b"\r\n", b"")
     assert content.endswith(b"\r\n")
 
@@ -95,7 +78,7 @@ def test_bcc_is_in_the_envelope_only() -> None:
     content, recipients, sender = full_submission()
     assert sender == "alice@example.org"
     assert recipients == ("bob@example.net", "carol@example.net", "dave@example.com", "eve@example.com")
-    message = parse(content)
+    message = media.parse(content)
     assert "Bcc" not in message
     assert b"eve@example.com" not in content
     assert message["To"] == "Bob <bob@example.net>, carol@example.net"
@@ -104,24 +87,24 @@ def test_bcc_is_in_the_envelope_only() -> None:
 
 def test_date_message_id_and_extra_headers() -> None:
     content, _, _ = full_submission()
-    message = parse(content)
+    message = media.parse(content)
     assert message["Date"] == "Fri, 14 Mar 2025 15:09:26 +0000"
     assert message["Message-ID"] == "<fixed.1@example.org>"
     assert message["X-Campaign"] == "spring"
-    generated = parse(compose(mail_from="a@example.org", to=["b@example.net"], text="x").content)
+    generated = media.parse(compose(mail_from="a@example.org", to=["b@example.net"], text="x").content)
     assert generated["Message-ID"].endswith("@example.org>") and generated["Date"]
     overridden = compose(
         mail_from="a@example.org",
         to=["b@example.net"],
         headers=[("Message-ID", "<mine@example.org>"), ("Date", "Mon, 1 Jan 2024 00:00:00 +0000")],
     )
-    assert parse(overridden.content).get_all("Message-ID") == ["<mine@example.org>"]
-    assert parse(overridden.content).get_all("Date") == ["Mon, 01 Jan 2024 00:00:00 +0000"]
+    assert media.parse(overridden.content).get_all("Message-ID") == ["<mine@example.org>"]
+    assert media.parse(overridden.content).get_all("Date") == ["Mon, 01 Jan 2024 00:00:00 +0000"]
 
 
 def test_plain_text_message_is_a_single_part() -> None:
     submission = compose(mail_from="a@example.org", to=["b@example.net"], subject="Grüße", text="schön\n")
-    message = parse(submission.content)
+    message = media.parse(submission.content)
     assert message.get_content_type() == "text/plain"
     assert message["Content-Transfer-Encoding"] == "quoted-printable"
     assert message.get_content().replace("\r\n", "\n") == "schön\n"
@@ -134,7 +117,7 @@ def test_non_ascii_addresses_need_smtputf8_and_use_utf8_headers() -> None:
     assert submission.smtputf8
     assert submission.recipients == ("zoë@example.net",)
     assert "From: jörg@exämple.org\r\n".encode() in submission.content
-    assert parse(submission.content)["Message-ID"].endswith("@xn--exmple-cua.org>")
+    assert media.parse(submission.content)["Message-ID"].endswith("@xn--exmple-cua.org>")
 
 
 @pytest.mark.parametrize(
@@ -171,7 +154,7 @@ def test_explicit_attachment_type_wins_and_message_types_are_kept_as_bytes() -> 
             Attachment("forwarded.eml", b"Subject: x\r\n\r\nbody\r\n"),
         ],
     )
-    parts = list(parse(submission.content).iter_parts())
+    parts = list(media.parse(submission.content).iter_parts())
     assert [p.get_content_type() for p in parts[1:]] == ["application/x-custom", "application/octet-stream"]
     assert parts[2].get_payload(decode=True) == b"Subject: x\r\n\r\nbody\r\n"
 

@@ -12,19 +12,6 @@ from relay import durable
 from relay.gateways.maildir import write_maildir
 
 
-@pytest.fixture
-def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    names: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        names.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return names
-
-
 @pytest.mark.parametrize(("before", "after"), [(False, True), (True, True), (True, False), (False, False)])
 def test_commit_fsyncs_where_asked(tmp_path: Path, synced: list[str], before: bool, after: bool) -> None:
     (tmp_path / "a").mkdir()

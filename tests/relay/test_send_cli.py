@@ -15,9 +15,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from email import policy
-from email.message import EmailMessage
-from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -144,12 +141,6 @@ def starttls_auth(tmp_path: Path) -> Iterator[Tls]:
     server.stop()
 
 
-def parse(content: bytes) -> EmailMessage:
-    message = BytesParser(policy=policy.default).parsebytes(content)
-    assert isinstance(message, EmailMessage)
-    return message
-
-
 def run(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = None) -> Any:
     return CliRunner().invoke(main, ["send", *args], env=env, input=stdin, catch_exceptions=False)
 
@@ -243,15 +234,8 @@ def test_send_three_recipients_with_media_is_received_byte_exact(
     assert received.rcpt_tos == ["bob@example.net", "carol@example.net", "secret@example.com"]
     assert received.content == composed  # byte-exact: the server got what was composed
 
-    message = parse(received.content)
-    assert message.get_content_type() == "multipart/mixed"
-    parts = list(message.iter_parts())
-    assert [p.get_content_type() for p in parts] == [
-        "multipart/alternative",
-        "image/png",
-        "audio/mpeg",
-        "video/mp4",
-    ]
+    message, parts, types = media.mixed_parts(received.content)
+    assert types == ["multipart/alternative", "image/png", "audio/mpeg", "video/mp4"]
     assert [p.get_filename() for p in parts[1:]] == ["Straße am Meer.png", "song.mp3", "clip.mp4"]
     assert [p.get_payload(decode=True) for p in parts[1:]] == [media.png(), media.mp3(), media.mp4()]
     alternative = [p.get_content_type() for p in parts[0].iter_parts()]
@@ -404,7 +388,7 @@ def test_dry_run_prints_envelope_and_message() -> None:
         b"RCPT TO:<bob@example.net>",
         b"RCPT TO:<hidden@example.com>",
     ]
-    parsed = parse(message)
+    parsed = media.parse(message)
     assert parsed["Subject"] == "preview" and parsed["X-Tag"] == "demo" and "Bcc" not in parsed
     assert parsed.get_content().replace("\r\n", "\n") == "body from stdin\n"
 
@@ -446,7 +430,7 @@ def test_the_body_as_an_argument_is_delivered(plain: Server) -> None:
     )
     assert done.returncode == 0, done.stderr
     [received] = plain.recorder.messages
-    parsed = parse(received.content)
+    parsed = media.parse(received.content)
     assert parsed["Subject"] == "s"
     assert parsed.get_content().replace("\r\n", "\n") == "hello body\n"
 
@@ -473,7 +457,7 @@ def test_console_script_in_a_subprocess_with_progress(plain: Server, tmp_path: P
     assert b"accepted bob@example.net" in done.stdout
     assert b": 100%" in done.stderr
     [received] = plain.recorder.messages
-    [_, attachment] = parse(received.content).iter_parts()
+    [_, attachment] = media.parse(received.content).iter_parts()
     assert attachment.get_payload(decode=True) == big.read_bytes()
 
 
@@ -593,7 +577,7 @@ async def test_send_through_a_real_relay_to_smtp_and_every_gateway(
     assert one_received(piped) == composed
 
     for delivered in (smtp.content, stored, raw, piped):
-        message = parse(delivered.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+        message = media.parse(delivered.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
         assert all("secret" not in str(v) for part in message.walk() for v in part.values())
         assert [p.get_content_type() for p in message.iter_parts()][1:] == [
             "image/png",

@@ -62,21 +62,11 @@ async def test_concurrent_stores_are_all_durable(spool: Spool) -> None:
     assert sorted(spool.ids("incoming")) == sorted(e.queue_id for e in entries)
 
 
-async def test_store_fsyncs_the_file_once_it_has_its_final_name(
-    spool: Spool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_store_fsyncs_the_file_once_it_has_its_final_name(spool: Spool, synced: list[str]) -> None:
     """One fsync per stored message, issued after the rename into incoming/: that fsync makes
     the name durable too (the rename changed the inode), so no directory fsync is needed. An
     fsync before the rename would leave the name to the next journal commit: a 250 could be
     answered for mail a power loss then takes away."""
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
     entry = make_entry()
     await spool.store(entry, CONTENT)
     assert synced == [str(spool.path("incoming", entry.queue_id))]

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from relay_operator.local import table
 from relay_operator.local.layout import (
     StateDir,
     StateDirBusyError,
@@ -23,15 +24,7 @@ from relay_operator.local.layout import (
     write_secret,
 )
 from relay_operator.local.plan import LocalOptions, Plan, PortBook, build_plan
-from relay_operator.local.table import (
-    ListenerView,
-    MetricsSample,
-    ProcessView,
-    RelayView,
-    build_rows,
-    parse_metrics,
-    render_table,
-)
+from relay_operator.local.table import ListenerView, MetricsSample, ProcessView, RelayView
 from relay_operator.local.up import Console
 
 
@@ -56,10 +49,10 @@ def _exposition() -> str:
 
 
 def test_parse_metrics_sums_the_series_the_table_shows() -> None:
-    assert parse_metrics(_exposition()) == MetricsSample(
+    assert table.parse_metrics(_exposition()) == MetricsSample(
         queued=6, held=4, accepted=5, delivered=5, deferred=2, bounced=1, sessions=7
     )
-    assert parse_metrics("") == MetricsSample()
+    assert table.parse_metrics("") == MetricsSample()
 
 
 def test_rows_sum_processes_and_count_ready_ones() -> None:
@@ -79,7 +72,7 @@ def test_rows_sum_processes_and_count_ready_ones() -> None:
     down = RelayView(
         "mail/x", [ListenerView("smtp", "relay", "127.0.0.1:1")], [ProcessView("x-0", None, False, 1)]
     )
-    lines = render_table(build_rows([view, down]))
+    lines = table.render_table(table.build_rows([view, down]))
     assert lines[0].split() == [
         "RELAY",
         "LISTENER",
