@@ -14,6 +14,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -21,6 +22,7 @@ from relay.core.compose import Attachment, ComposeError, Submission, compose, lo
 from relay.submit import Progress, ServerOptions, SubmitError, TlsChoice, submit
 
 PROGRESS_THRESHOLD = 1024 * 1024  # show progress for messages of at least 1 MiB
+_EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 def _parse_server(value: str) -> tuple[str, int]:
@@ -112,23 +114,14 @@ def _progress_printer() -> Progress:
 @click.option(
     "--body-file", type=click.Path(dir_okay=False, path_type=Path, allow_dash=True), help="Text body file."
 )
-@click.option(
-    "--html-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="HTML alternative to the text body.",
-)
-@click.option(
-    "--attach",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Attach a file of any type (repeatable).",
-)
+@click.option("--html-file", type=_EXISTING_FILE, help="HTML alternative to the text body.")
+@click.option("--attach", multiple=True, type=_EXISTING_FILE, help="Attach a file of any type (repeatable).")
 @click.option(
     "--header", "headers", multiple=True, metavar="'NAME: VALUE'", help="Extra header (repeatable)."
 )
 @click.option(
     "--eml",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_EXISTING_FILE,
     help="Send this existing message as is; the envelope comes from its headers unless --from/--to given.",
 )
 @click.option(
@@ -144,9 +137,7 @@ def _progress_printer() -> Progress:
     default=None,
     help="starttls (default), implicit (default on port 465) or none.",
 )
-@click.option(
-    "--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="CA bundle (PEM)."
-)
+@click.option("--ca-file", type=_EXISTING_FILE, help="CA bundle (PEM).")
 @click.option("--insecure", is_flag=True, help="Do not verify the server certificate.")
 @click.option("--user", help="Authenticate as this user (password from --password-env or a prompt).")
 @click.option(
@@ -165,17 +156,6 @@ def _progress_printer() -> Progress:
 @click.option("--dry-run", is_flag=True, help="Print the envelope and message instead of sending.")
 @click.argument("body_argument", metavar="[BODY]", required=False)
 def send_command(
-    sender: str | None,
-    to: tuple[str, ...],
-    cc: tuple[str, ...],
-    bcc: tuple[str, ...],
-    subject: str,
-    body: str | None,
-    body_file: Path | None,
-    html_file: Path | None,
-    attach: tuple[Path, ...],
-    headers: tuple[str, ...],
-    eml: Path | None,
     server: str,
     tls: TlsChoice | None,
     ca_file: Path | None,
@@ -186,6 +166,7 @@ def send_command(
     progress: bool | None,
     dry_run: bool,
     body_argument: str | None,
+    **message: Any,
 ) -> None:
     """Compose a message (or take an .eml) and submit it to a relay over SMTP.
 
@@ -204,11 +185,11 @@ def send_command(
     """
     host, port = _parse_server(server)
     chosen_tls: TlsChoice = tls or ("implicit" if port == 465 else "starttls")
-    if body_argument is not None and body is not None:
+    if body_argument is not None and message["body"] is not None:
         raise click.UsageError("give the body once: BODY or --body TEXT, not both")
     if body_argument is not None:
-        body = body_argument
-    submission = _submission(sender, to, cc, bcc, subject, body, body_file, html_file, attach, headers, eml)
+        message["body"] = body_argument
+    submission = _submission(**message)  # the message options, as _submission names them
     if dry_run:
         _dry_run(submission)
         return
@@ -240,6 +221,7 @@ def send_command(
 
 
 def _submission(
+    *,
     sender: str | None,
     to: tuple[str, ...],
     cc: tuple[str, ...],

@@ -34,6 +34,7 @@ from email import policy
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, getaddresses, make_msgid, parseaddr
+from typing import TypedDict, Unpack
 
 from relay.core.addresses import split_address
 from relay.core.headers import header_end
@@ -41,6 +42,7 @@ from relay.core.headers import header_end
 __all__ = [
     "Attachment",
     "ComposeError",
+    "MessageFields",
     "Submission",
     "compose",
     "compose_message",
@@ -235,20 +237,27 @@ def _domain_for_id(address: str) -> str:
         return domain
 
 
-def compose_message(
-    *,
-    mail_from: str,
-    to: Sequence[str] = (),
-    cc: Sequence[str] = (),
-    subject: str = "",
-    text: str = "",
-    html: str | None = None,
-    attachments: Sequence[Attachment] = (),
-    headers: Sequence[tuple[str, str]] = (),
-    date: datetime | None = None,
-    message_id: str | None = None,
-) -> EmailMessage:
+class MessageFields(TypedDict, total=False):
+    """What a composed message says besides its From (each optional; the defaults: no To or
+    Cc, no Subject, an empty text body, no HTML, no attachments or extra headers, the Date of
+    now and a generated Message-ID)."""
+
+    to: Sequence[str]
+    cc: Sequence[str]
+    subject: str
+    text: str
+    html: str | None
+    attachments: Sequence[Attachment]
+    headers: Sequence[tuple[str, str]]
+    date: datetime | None
+    message_id: str | None
+
+
+def compose_message(*, mail_from: str, **fields: Unpack[MessageFields]) -> EmailMessage:
     """The message alone (no Bcc: that lives only in the envelope, see `compose`)."""
+    to, cc, subject = fields.get("to", ()), fields.get("cc", ()), fields.get("subject", "")
+    text, html, attachments = fields.get("text", ""), fields.get("html"), fields.get("attachments", ())
+    headers, date, message_id = fields.get("headers", ()), fields.get("date"), fields.get("message_id")
     senders = _mailboxes([mail_from], "--from")
     if len(senders) != 1:
         raise ComposeError(f"--from {mail_from!r} must be exactly one address")
@@ -310,33 +319,15 @@ def compose_message(
 def compose(
     *,
     mail_from: str,
-    to: Sequence[str] = (),
-    cc: Sequence[str] = (),
     bcc: Sequence[str] = (),
-    subject: str = "",
-    text: str = "",
-    html: str | None = None,
-    attachments: Sequence[Attachment] = (),
-    headers: Sequence[tuple[str, str]] = (),
-    date: datetime | None = None,
-    message_id: str | None = None,
     envelope_from: str | None = None,
+    **fields: Unpack[MessageFields],
 ) -> Submission:
     """A composed message with its envelope: To, Cc and Bcc are the recipients."""
     if not mail_from:
         raise ComposeError("a sender is needed: --from you@example.com")
-    message = compose_message(
-        mail_from=mail_from,
-        to=to,
-        cc=cc,
-        subject=subject,
-        text=text,
-        html=html,
-        attachments=attachments,
-        headers=headers,
-        date=date,
-        message_id=message_id,
-    )
+    message = compose_message(mail_from=mail_from, **fields)
+    to, cc = fields.get("to", ()), fields.get("cc", ())
     sender = _addr_spec(envelope_from or mail_from, "--from")
     recipients = _unique(
         spec
