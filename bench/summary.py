@@ -110,12 +110,15 @@ QUEUE_HEAD = [
 ]
 
 
+def _which(row: Mapping[str, Any]) -> list[str]:
+    """The columns every table starts with: scenario, case, system."""
+    return [row["scenario"], row["case"], row["system"]]
+
+
 def load_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     return [
         [
-            r["scenario"],
-            r["case"],
-            r["system"],
+            *_which(r),
             _fmt(r["rate"], 0),
             _fmt(r.get("share_of_ceiling"), 2),
             _fmt(r["cpu_ms_per_msg"], 2),
@@ -132,9 +135,7 @@ def load_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
 def queue_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     return [
         [
-            r["scenario"],
-            r["case"],
-            r["system"],
+            *_which(r),
             _fmt(r["peak_pss_mb"], 1),
             _fmt(r.get("bytes_per_queued_msg"), 0),
             _fmt(r["rate"] if r["scenario"] == "queue" else None, 0),

@@ -232,13 +232,18 @@ class Runtime:
             self._was_acting = acting
         if not acting:
             return
-        for namespace in sorted(self.known()):
+        self._converge_each(sorted(self.known()), "resync")
+
+    def _converge_each(self, namespaces: list[str], what: str) -> None:
+        """Converge the namespaces in turn until told to stop; a temporary failure is logged
+        (as `what` of that namespace) and the next one goes on."""
+        for namespace in namespaces:
             if self._stop.is_set():
                 return
             try:
                 self.converge(namespace, LOG)
             except kopf.TemporaryError as exc:
-                LOG.warning(f"resync of namespace {namespace}: {exc}")
+                LOG.warning(f"{what} of namespace {namespace}: {exc}")
 
     def quick_passes(self) -> None:
         """The passes over namespaces with a scale-down under way whose time has come."""
@@ -249,13 +254,7 @@ class Runtime:
                 del self._soon[namespace]
         if not due or not self.acting():
             return
-        for namespace in due:
-            if self._stop.is_set():
-                return
-            try:
-                self.converge(namespace, LOG)
-            except kopf.TemporaryError as exc:
-                LOG.warning(f"scale-down pass of namespace {namespace}: {exc}")
+        self._converge_each(due, "scale-down pass")
 
     def start_resync(self) -> None:
         def loop() -> None:

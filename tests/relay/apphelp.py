@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -167,28 +168,23 @@ class ConfigMapDir:
         return RelayRun(self.path, **options).start()
 
 
+@dataclass(eq=False)
 class RelayRun:
     """A relay subprocess whose combined output is collected line by line."""
 
-    def __init__(
-        self,
-        config_path: Path,
-        *,
-        grace: float = 10.0,
-        cwd: Path | None = None,
-        cpus: set[int] | None = None,
-        args: tuple[str, ...] = (),
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.args = args  # more `mailrelay relay` options, e.g. ("--log-format", "json")
-        self.config_path = config_path
-        self.env = env or {}  # added to the environment (MAILRELAY_POD_NAME, say)
-        self.cpus = cpus  # the affinity mask of the relay process (and of its workers)
-        self.grace = grace
-        self.cwd = cwd
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.process: subprocess.Popen[str] | None = None
+    config_path: Path
+    _: KW_ONLY
+    grace: float = 10.0
+    cwd: Path | None = None
+    cpus: set[int] | None = None  # the affinity mask of the relay process (and of its workers)
+    args: tuple[str, ...] = ()  # more `mailrelay relay` options, e.g. ("--log-format", "json")
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment (MAILRELAY_POD_NAME, say)
+    lines: list[str] = field(default_factory=list, init=False)
+    _cond: threading.Condition = field(default_factory=threading.Condition, init=False)
+    process: subprocess.Popen[str] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.env = self.env or {}  # None is taken for no additions too
 
     def start(self) -> RelayRun:
         env = dict(os.environ)

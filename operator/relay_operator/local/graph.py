@@ -19,18 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.config import (
-    GatewayHop,
-    ListenerConfig,
-    MatchConfig,
-    MxHop,
-    NextHop,
-    RejectHop,
-    RelayConfig,
-    RelayHop,
-    RouteConfig,
-    SmarthostHop,
-)
+from relay import config as schema
+from relay.config import GatewayHop, MxHop, RejectHop, RelayConfig, RelayHop, RouteConfig, SmarthostHop
 
 
 class GraphvizError(Exception):
@@ -54,7 +44,7 @@ class GraphRelay:
 # --------------------------------------------------------------------------- words
 
 
-def describe_listener(listener: ListenerConfig) -> str:
+def describe_listener(listener: schema.ListenerConfig) -> str:
     extras = []
     if listener.tls != "none":
         extras.append(f"tls {listener.tls}")
@@ -64,7 +54,7 @@ def describe_listener(listener: ListenerConfig) -> str:
     return f"{listener.name} :{listener.port} {listener.mode}{suffix}"
 
 
-def describe_match(match: MatchConfig) -> str:
+def describe_match(match: schema.MatchConfig) -> str:
     parts = []
     if match.recipient_domains:
         parts.append("to " + ", ".join(match.recipient_domains))
@@ -73,7 +63,7 @@ def describe_match(match: MatchConfig) -> str:
     return "; ".join(parts) if parts else "every message"
 
 
-def describe_hop(hop: NextHop, namespace: str) -> str:
+def describe_hop(hop: schema.NextHop, namespace: str) -> str:
     if isinstance(hop, RelayHop):
         return f"relay {namespace}/{hop.name}"
     if isinstance(hop, SmarthostHop):
@@ -133,7 +123,7 @@ def _attributes(**attributes: str) -> str:
     return "[" + ", ".join(f"{key}={_quote(value)}" for key, value in attributes.items()) + "]"
 
 
-def _target(hop: NextHop, relay: GraphRelay, route: RouteConfig) -> tuple[str, dict[str, str]]:
+def _target(hop: schema.NextHop, relay: GraphRelay, route: RouteConfig) -> tuple[str, dict[str, str]]:
     """The node id a hop points at, and its attributes."""
     if isinstance(hop, RelayHop):
         return f"relay:{relay.namespace}/{hop.name}", {}
