@@ -13,11 +13,12 @@ Called by relay.app; the callback loads and validates (and keeps the old config 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+from relay.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,8 @@ class ConfigWatcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="config-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def check(self) -> bool:
         """Poll once; True (and the callback called) when the file changed."""

@@ -39,6 +39,7 @@ from relay.config import EventWebhookConfig, RelayConfig
 from relay.core import events as rules
 from relay.core.model import QueueEntry
 from relay.core.settle import Settlement
+from relay.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +130,8 @@ class Outbox:
         self._task = asyncio.create_task(self.run(), name="event-outbox")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -28,6 +28,7 @@ from typing import Literal
 import aiosmtplib
 
 from relay.core.compose import Submission
+from relay.tasks import cancel_and_wait
 
 TlsChoice = Literal["none", "starttls", "implicit"]
 Progress = Callable[[int, int], None]  # (bytes sent, total bytes)
@@ -208,9 +209,7 @@ async def _send_data(
     try:
         response = await client.data(content)
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        await cancel_and_wait(watcher)
     progress(len(content), len(content))
     return response
 

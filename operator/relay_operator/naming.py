@@ -61,6 +61,7 @@ def configmap_name(relay: str) -> str:
 
 
 def statefulset_name(relay: str) -> str:
+    """The StatefulSet (and its PodDisruptionBudget and NetworkPolicy) is named after the relay."""
     return relay
 
 
@@ -114,12 +115,7 @@ def drain_job_name(relay: str, ordinal: int, claim_uid: str) -> str:
     return f"{relay}-drain-{ordinal}-{claim_uid.replace('-', '')[:8]}"
 
 
-def pdb_name(relay: str) -> str:
-    return relay
-
-
-def networkpolicy_name(relay: str) -> str:
-    return relay
+pdb_name = networkpolicy_name = statefulset_name
 
 
 def serviceaccount_name(relay: str) -> str:

@@ -268,8 +268,6 @@ def kubelet(cluster: Cluster) -> Iterator[Callable[[], None]]:
 @contextlib.asynccontextmanager
 async def relay_pods(
     cluster: Cluster,
-    kube: Any,
-    namespace: str,
     operator: OperatorProcess,
     sink_port: int,
     replicas: int,
@@ -277,8 +275,8 @@ async def relay_pods(
 ) -> AsyncIterator[Callable[[], None]]:
     """A MailRelay of `replicas` running pods (the kubelet stand-in at work) whose route goes to
     sink_port (where nothing listens yet: the next hop is down); yields the kubelet's check."""
-    kube.create(k8s.RELAYROUTES, namespace, route(sink_port))
-    kube.create(k8s.MAILRELAYS, namespace, mailrelay(replicas, drain_timeout))
+    cluster.kube.create(k8s.RELAYROUTES, cluster.namespace, route(sink_port))
+    cluster.kube.create(k8s.MAILRELAYS, cluster.namespace, mailrelay(replicas, drain_timeout))
 
     def running() -> bool:
         return len(cluster.pods) == replicas
@@ -394,7 +392,7 @@ async def test_three_to_one_with_mail_on_every_pod_and_the_next_hop_down(
     cluster: Cluster, kube: Any, namespace: str, operator_process: OperatorProcess
 ) -> None:
     sink_port = free_port()
-    async with relay_pods(cluster, kube, namespace, operator_process, sink_port, 3, "10m") as check:
+    async with relay_pods(cluster, operator_process, sink_port, 3, "10m") as check:
         tokens = await queue_everywhere(cluster, check, operator_process, per_pod=4)
         before = {name: cluster.headers(name) for name in ("edge-1", "edge-2")}
 
@@ -448,7 +446,7 @@ async def test_a_removed_pods_claim_with_mail_is_drained_by_the_job_then_deleted
     cluster: Cluster, kube: Any, namespace: str, operator_process: OperatorProcess
 ) -> None:
     sink_port = free_port()
-    async with relay_pods(cluster, kube, namespace, operator_process, sink_port, 2, "3s") as check:
+    async with relay_pods(cluster, operator_process, sink_port, 2, "3s") as check:
         tokens = await queue_everywhere(cluster, check, operator_process, per_pod=3)
         # edge-1's relay dies (its node is gone): it cannot drain, its claim keeps its mail.
         cluster.pods["edge-1"].run.kill()
@@ -477,8 +475,7 @@ async def test_a_removed_pods_claim_with_mail_is_drained_by_the_job_then_deleted
 async def test_scaling_to_zero_keeps_every_claim_with_its_mail(
     cluster: Cluster, kube: Any, namespace: str, operator_process: OperatorProcess
 ) -> None:
-    sink_port = free_port()
-    async with relay_pods(cluster, kube, namespace, operator_process, sink_port, 2, "8s") as check:
+    async with relay_pods(cluster, operator_process, free_port(), 2, "8s") as check:
         await queue_everywhere(cluster, check, operator_process, per_pod=2)
         started = time.monotonic()
         kube.merge_patch(k8s.MAILRELAYS, namespace, "edge", {"spec": {"replicas": 0}})
