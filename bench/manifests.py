@@ -20,15 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 NAMESPACE = "bench"
 API_VERSION = "mailrelay.dev/v1alpha1"
 PROBE_DOMAIN = "probe.test"
 
 
-@dataclass(frozen=True)
-class Hop:
+class Hop(NamedTuple):
     """Where a relay sends mail next (always loopback)."""
 
     host: str

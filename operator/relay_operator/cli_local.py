@@ -17,7 +17,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import click
 
@@ -113,6 +113,14 @@ def startup_lines(plan: Plan, state: StateDir, bind: str) -> list[str]:
     return lines + hints
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _seconds_option(name: str, default: float, text: str) -> Callable[[_F], _F]:
+    """A click option for a number of seconds (0 or more), its default shown in --help."""
+    return click.option(name, type=click.FloatRange(min=0), default=default, show_default=True, help=text)
+
+
 @click.command("up")
 @manifest_options(stdin=False)
 @click.option("--bind", default="127.0.0.1", show_default=True, help="Address every listener binds.")
@@ -130,19 +138,11 @@ def startup_lines(plan: Plan, state: StateDir, bind: str) -> list[str]:
     show_default=True,
     help="Spools, rendered configs, Secrets as files, maildirs.",
 )
-@click.option(
-    "--drain-timeout",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    help="Seconds a relay may take to drain on stop before it is killed.",
-)
-@click.option(
+@_seconds_option("--drain-timeout", 30.0, "Seconds a relay may take to drain on stop before it is killed.")
+@_seconds_option(
     "--scale-down-timeout",
-    type=click.FloatRange(min=0),
-    default=600.0,
-    show_default=True,
-    help="Seconds a replica removed by lowering replicas may take to hand its queue to the others "
+    600.0,
+    "Seconds a replica removed by lowering replicas may take to hand its queue to the others "
     "before it is stopped anyway (its queue then stays in its spool).",
 )
 @click.option("--check-only", is_flag=True, help="Validate and show what would run; start nothing.")
