@@ -47,7 +47,7 @@ from typing import Literal
 
 from relay import metrics
 from relay.config import QueueConfig, RelayHop, SmarthostHop
-from relay.core.model import DeliveryRequest, RecipientOutcome
+from relay.core.model import DeliveryRequest, Recipient, RecipientOutcome
 from relay.dkim import DkimKeyError, Signer
 from relay.smtp_client import SmtpConnection, SmtpError, SmtpReplyError, SmtpTlsError, TransactionReplies
 from relay.smtp_pool import ConnectionPool, PooledConnection
@@ -329,26 +329,12 @@ class SmtpClient:
             return Verdict(error=TransactionError(451, "4.3.5", f"cannot sign the message: {exc}"))
         if not isinstance(prepared, Prepared):
             return prepared
-        smtp = connection.smtp
-        replies = TransactionReplies()
-        failure: SmtpError | None = None
-        try:
-            await smtp.send_mail(
-                prepared.mail,
-                prepared.rcpts,
-                prepared.payload,
-                replies,
-                command_timeout=self.queue.command_timeout,
-                data_timeout=self.queue.data_timeout,
-            )
-        except SmtpError as exc:
-            failure = exc
-        return interpret(
+        return await send_prepared(
+            connection.smtp,
             prepared,
             request.recipients,
-            replies,
-            failure=failure,
-            connected=smtp.is_connected,
+            command_timeout=self.queue.command_timeout,
+            data_timeout=self.queue.data_timeout,
             remote=target.name,
         )
 
@@ -360,3 +346,31 @@ class SmtpClient:
             return (await connection.smtp.rset(self.queue.command_timeout)).code == 250
         except SmtpError:
             return False
+
+
+async def send_prepared(
+    smtp: SmtpConnection,
+    prepared: Prepared,
+    pending: tuple[Recipient, ...],
+    *,
+    command_timeout: float,
+    data_timeout: float,
+    remote: str,
+) -> Verdict:
+    """The one await of a transaction (relay.smtp_transaction's prepare and interpret around
+    it): send `prepared` on `smtp`, then what became of each of `pending`. Delivery and the
+    scale-down hand-off (relay.handoff) both send this way."""
+    replies = TransactionReplies()
+    failure: SmtpError | None = None
+    try:
+        await smtp.send_mail(
+            prepared.mail,
+            prepared.rcpts,
+            prepared.payload,
+            replies,
+            command_timeout=command_timeout,
+            data_timeout=data_timeout,
+        )
+    except SmtpError as exc:
+        failure = exc
+    return interpret(prepared, pending, replies, failure=failure, connected=smtp.is_connected, remote=remote)

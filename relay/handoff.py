@@ -37,9 +37,10 @@ from relay import metrics
 from relay.config import HandoffPeer
 from relay.core import handoff
 from relay.core.model import DeliveryRequest, Disposition, Message, Recipient
+from relay.delivery import send_prepared
 from relay.handoff_server import read_credential
-from relay.smtp_client import SmtpConnection, SmtpError, SmtpReplyError, TransactionReplies
-from relay.smtp_transaction import Prepared, Verdict, interpret, prepare
+from relay.smtp_client import SmtpConnection, SmtpError, SmtpReplyError
+from relay.smtp_transaction import Prepared, Verdict, prepare
 from relay.spool import CorruptEntryError, Spool, SpoolError
 
 log = logging.getLogger("relay.handoff")
@@ -127,21 +128,13 @@ class HandoffClient:
     ) -> Verdict:
         """Send one prepared transaction and read what became of it; a session unfit for the
         next one is closed."""
-        replies = TransactionReplies()
-        failure: SmtpError | None = None
-        try:
-            await smtp.send_mail(
-                prepared.mail,
-                prepared.rcpts,
-                prepared.payload,
-                replies,
-                command_timeout=self.timeouts.command,
-                data_timeout=self.timeouts.data,
-            )
-        except SmtpError as exc:
-            failure = exc
-        verdict = interpret(
-            prepared, pending, replies, failure=failure, connected=smtp.is_connected, remote=peer.host
+        verdict = await send_prepared(
+            smtp,
+            prepared,
+            pending,
+            command_timeout=self.timeouts.command,
+            data_timeout=self.timeouts.data,
+            remote=peer.host,
         )
         if verdict.after != "reuse":
             if verdict.after == "rset" and smtp.is_connected:
