@@ -104,7 +104,15 @@ class Scheduler:
             self._limiter,
             MtaSts(lambda: self.resolver),
         )
-        self._dispatcher = Dispatcher(self._run, lambda: self._config.queue.max_concurrency)
+        self._dispatcher = Dispatcher(
+            self._run,
+            lambda: self._config.queue.max_concurrency,
+            intake_room=lambda: min(
+                self._config.queue.max_concurrency, self._config.queue.max_per_destination
+            ),
+            waiting=lambda: self._limiter.connection_waiters,
+        )
+        self._limiter.on_waiters = self._dispatcher.check_room
         self._scanner = Scanner(spool, self._clock, scan_interval)
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -148,8 +156,9 @@ class Scheduler:
         self._dispatcher.notify(queue_id)
 
     async def room_for_intake(self, timeout: float = IN_FLOW_DELAY) -> bool:  # noqa: ASYNC109
-        """Return once fewer than ``maxConcurrency`` new messages wait for a delivery slot, or
-        after `timeout` seconds; False when it timed out (the caller answers anyway)."""
+        """Return once fewer than ``maxPerDestination`` (or ``maxConcurrency``, the smaller)
+        messages wait to be sent (relay.dispatch), or after `timeout` seconds; False when it
+        timed out (the caller answers anyway)."""
         return await self._dispatcher.room_for_intake(timeout)
 
     def wake(self) -> None:

@@ -17,8 +17,10 @@ mapping. The clock is ``time.monotonic`` (CLOCK_MONOTONIC: one clock for every p
 machine). A table that is full evicts the slot idle for the longest time.
 
 What stays per process: the number of deliveries waiting for one bucket (at most half of
-``queue.maxConcurrency``, so one slow destination cannot take every delivery slot) and the
-connections in use per destination: a route's ``connections`` is split over the workers
+``queue.maxConcurrency``, so one slow destination cannot take every delivery slot), the
+deliveries queued for a destination's connections (first come, first served, one woken per
+connection released; their number, `connection_waiters`, counts against the intake room of
+relay.dispatch) and the connections in use per destination: a route's ``connections`` is split over the workers
 (`relay.core.throttle.per_worker`; the number of workers comes from ``MAILRELAY_WORKERS``),
 and backoff scales it down. A delivery that would wait longer than `MAX_WAIT` seconds is not
 held: its recipients are deferred with 451 4.7.0 and retried with the queue's backoff.
@@ -30,6 +32,7 @@ the front asks it before it accepts MAIL FROM and answers 450 4.7.0 over the cap
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -181,7 +184,10 @@ class Limiter:
         self._waiting: dict[str, int] = {}
         self._inflight: dict[str, int] = {}
         self._factors: dict[str, float] = {}  # the factor last exported per backoff key
-        self._released = asyncio.Condition()
+        # deliveries waiting for a connection, per backoff key, in arrival order: (future, cap)
+        self._queues: dict[str, collections.deque[tuple[asyncio.Future[bool], int]]] = {}
+        self.connection_waiters = 0  # of this process, all destinations (the intake gate counts them)
+        self.on_waiters: Callable[[], None] | None = None  # told when connection_waiters changes
 
     @staticmethod
     def keys(route: RouteConfig, destination: str) -> tuple[str, str]:
@@ -253,28 +259,63 @@ class Limiter:
         if route.limits.connections:
             limit = min(limit, throttle.per_worker(route.limits.connections, self.workers))
         cap = throttle.connection_cap(limit, factor)
-        refusal: str | None = None
-        if self._inflight.get(backoff, 0) >= cap:
-            async with self._released:
-                try:
-                    await asyncio.wait_for(
-                        self._released.wait_for(lambda: self._inflight.get(backoff, 0) < cap), self.max_wait
-                    )
-                except TimeoutError:
-                    metrics.DESTINATION_THROTTLED.labels(**labels, reason="connections").inc()
-                    refusal = f"connections of route {route.name} for {destination} in use"
-        if refusal is not None:
-            yield refusal
+        if self._inflight.get(backoff, 0) < cap:
+            self._inflight[backoff] = self._inflight.get(backoff, 0) + 1
+        elif not await self._wait_for_connection(backoff, cap):
+            metrics.DESTINATION_THROTTLED.labels(**labels, reason="connections").inc()
+            yield f"connections of route {route.name} for {destination} in use"
             return
-        self._inflight[backoff] = self._inflight.get(backoff, 0) + 1
         try:
             yield None
         finally:
-            async with self._released:
-                self._inflight[backoff] -= 1
-                if not self._inflight[backoff]:
-                    del self._inflight[backoff]
-                self._released.notify_all()
+            self._release(backoff)
+
+    async def _wait_for_connection(self, backoff: str, cap: int) -> bool:
+        """Queue for a connection to `backoff`'s destination (first come, first served) for at
+        most `max_wait` seconds; True once `_release` handed this delivery its connection.
+
+        One waiter is woken per connection released (a condition variable woke every waiter
+        of the process on every release: with a hundred deliveries queued behind ten
+        connections that was a hundred task wake-ups per delivery)."""
+        loop = asyncio.get_running_loop()
+        granted: asyncio.Future[bool] = loop.create_future()
+        timer = loop.call_later(self.max_wait, _expire, granted)
+        self._queues.setdefault(backoff, collections.deque()).append((granted, cap))
+        self._count_waiters(+1)
+        try:
+            return await granted
+        except BaseException:
+            if granted.done() and not granted.cancelled() and granted.result():
+                self._release(backoff)  # handed a connection in the moment this task was cancelled
+            raise
+        finally:
+            timer.cancel()
+            self._count_waiters(-1)
+
+    def _release(self, backoff: str) -> None:
+        """Give a connection back: to the first waiter its cap admits, or to the pool."""
+        inflight = self._inflight.get(backoff, 0) - 1
+        queue = self._queues.get(backoff)
+        if queue is not None:
+            while queue:
+                granted, cap = queue[0]
+                if not granted.done():  # else it timed out or was cancelled
+                    if inflight >= cap:
+                        break
+                    inflight += 1
+                    granted.set_result(True)
+                queue.popleft()
+            if not queue:
+                del self._queues[backoff]
+        if inflight > 0:
+            self._inflight[backoff] = inflight
+        else:
+            self._inflight.pop(backoff, None)
+
+    def _count_waiters(self, change: int) -> None:
+        self.connection_waiters += change
+        if self.on_waiters is not None:
+            self.on_waiters()
 
     def record(self, route: RouteConfig, destination: str, outcomes: Sequence[RecipientOutcome]) -> None:
         """Adapt to what the destination answered: slow down after a throttling reply, recover
@@ -314,6 +355,11 @@ class Limiter:
         if self._factors.get(backoff) != bucket.factor:
             self._factors[backoff] = bucket.factor
             metrics.DESTINATION_FACTOR.labels(**labels).set(bucket.factor)
+
+
+def _expire(granted: asyncio.Future[bool]) -> None:
+    if not granted.done():
+        granted.set_result(False)
 
 
 def _defer_reason(status: str) -> str:

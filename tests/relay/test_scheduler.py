@@ -752,6 +752,31 @@ async def test_room_closes_when_new_mail_waits_for_slots_and_opens_when_one_is_t
     assert await scheduler.room_for_intake(timeout=30) is True
 
 
+async def test_room_closes_while_dispatched_mail_waits_for_a_connection(
+    h: Harness, silent: tuple[SilentServer, int]
+) -> None:
+    """Delivery slots to spare (maxConcurrency 100) but one connection per destination: the
+    messages dispatched and waiting for that connection count against the intake room, so new
+    mail is held rather than piling up behind the destination."""
+    _server, port = silent
+    config = make_config(
+        h.tmp_path,
+        [{"name": "all", "nextHop": relay_hop(port)}],
+        maxConcurrency=100,
+        maxPerDestination=2,
+        commandTimeout="2s",
+    )
+    scheduler = await h.scheduler(config)
+    ids = [await store(h.spool, ["a@dest.test"]) for _ in range(4)]
+    for queue_id in ids:
+        scheduler.notify(queue_id)  # all four dispatched: two hang on the connections, two wait
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert await scheduler.room_for_intake(timeout=0.05) is False
+    # the hung transactions time out (2 s) and hand their connections on: nobody waits
+    assert await scheduler.room_for_intake(timeout=30) is True
+
+
 async def test_a_backlog_of_due_deferred_mail_does_not_hold_new_mail(
     h: Harness, silent: tuple[SilentServer, int]
 ) -> None:

@@ -154,6 +154,84 @@ async def test_limiter_defers_rather_than_holding_a_slot_for_long() -> None:
     assert results[2] is not None and "messagesPerSecond of route r for d.test" in results[2]
 
 
+async def test_connection_waiters_are_served_one_per_release_in_arrival_order() -> None:
+    """Deliveries queue for a destination's connections first come, first served; each release
+    hands its connection to exactly one waiter, and the count of waiters (which the intake gate
+    reads) follows."""
+    limiter = Limiter(SharedTable(), workers=1)
+    changes: list[int] = []
+    limiter.on_waiters = lambda: changes.append(limiter.connection_waiters)
+    route = RouteConfig(name="r", next_hop={"kind": "mx"})
+    order: list[int] = []
+    release = [asyncio.Event() for _ in range(4)]
+
+    async def delivery(n: int) -> None:
+        async with limiter.acquire(route, "d.test", 2) as refusal:
+            assert refusal is None
+            order.append(n)
+            await release[n].wait()
+
+    tasks = [asyncio.create_task(delivery(n)) for n in range(4)]
+    await until_true(lambda: limiter.connection_waiters == 2)
+    assert order == [0, 1]  # two connections; 2 and 3 wait
+    release[1].set()
+    await until_true(lambda: order == [0, 1, 2])
+    await asyncio.sleep(0.01)
+    assert order == [0, 1, 2] and limiter.connection_waiters == 1  # one release, one served
+    release[0].set()
+    release[2].set()
+    release[3].set()
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3]
+    assert changes == [1, 2, 1, 0]
+    assert limiter._inflight == {} and limiter._queues == {}
+
+
+async def test_a_connection_wait_ends_in_a_refusal_or_a_cancellation_without_leaking_a_slot() -> None:
+    limiter = Limiter(SharedTable(), workers=1, max_wait=0.05)
+    route = RouteConfig(name="r", next_hop={"kind": "mx"})
+    hold = asyncio.Event()
+
+    async def holder() -> None:
+        async with limiter.acquire(route, "d.test", 1) as refusal:
+            assert refusal is None
+            await hold.wait()
+
+    then: list[asyncio.Task[None]] = []
+
+    async def first_holder() -> None:
+        await holder()
+        for task in then:  # in the same step as the release that handed `task` the connection
+            task.cancel()
+
+    first = asyncio.create_task(first_holder())
+    await asyncio.sleep(0)
+    async with limiter.acquire(route, "d.test", 1) as refusal:  # waits 0.05 s, then refused
+        assert refusal is not None and "connections of route r for d.test in use" in refusal
+    limiter.max_wait = 30.0
+    waiter = asyncio.create_task(holder())
+    await until_true(lambda: limiter.connection_waiters == 1)
+    waiter.cancel()  # cancelled while waiting: nothing held
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    granted = asyncio.create_task(holder())
+    then.append(granted)
+    await until_true(lambda: limiter.connection_waiters == 1)
+    hold.set()
+    await first  # its release hands the connection to `granted`, cancelled in the same moment
+    with pytest.raises(asyncio.CancelledError):
+        await granted
+    assert limiter.connection_waiters == 0
+    assert limiter._inflight == {}, "the handed-over connection went back"
+
+
+async def until_true(check: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
 # --------------------------------------------------------------------------- a running relay
 
 MESSAGE = "From: a@sender.org\r\nTo: {rcpt}\r\nSubject: n{n}\r\n\r\nhello\r\n"
