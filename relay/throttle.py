@@ -19,11 +19,12 @@ machine). A table that is full evicts the slot idle for the longest time.
 What stays per process: the number of deliveries waiting for one bucket (at most half of
 ``queue.maxConcurrency``, so one slow destination cannot take every delivery slot), the
 deliveries queued for a destination's connections (first come, first served, one woken per
-connection released; their number, `connection_waiters`, counts against the intake room of
-relay.dispatch) and the connections in use per destination: a route's ``connections`` is split over the workers
-(`relay.core.throttle.per_worker`; the number of workers comes from ``MAILRELAY_WORKERS``),
-and backoff scales it down. A delivery that would wait longer than `MAX_WAIT` seconds is not
-held: its recipients are deferred with 451 4.7.0 and retried with the queue's backoff.
+connection released; their number, `connection_waiters`, counts against the intake room
+of relay.dispatch) and the connections in use per destination: a route's ``connections``
+is split over the workers (`relay.core.throttle.per_worker`; the number of workers comes
+from ``MAILRELAY_WORKERS``), and backoff scales it down. A delivery that would wait longer
+than `MAX_WAIT` seconds is not held: its recipients are deferred with 451 4.7.0 and retried
+with the queue's backoff.
 
 `SenderCaps` keeps the per-sender caps of the listeners (``senderLimits``) in the same table:
 the front asks it before it accepts MAIL FROM and answers 450 4.7.0 over the cap.

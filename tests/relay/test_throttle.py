@@ -172,10 +172,10 @@ async def test_connection_waiters_are_served_one_per_release_in_arrival_order() 
             await release[n].wait()
 
     tasks = [asyncio.create_task(delivery(n)) for n in range(4)]
-    await until_true(lambda: limiter.connection_waiters == 2)
+    await until(lambda: limiter.connection_waiters == 2)
     assert order == [0, 1]  # two connections; 2 and 3 wait
     release[1].set()
-    await until_true(lambda: order == [0, 1, 2])
+    await until(lambda: order == [0, 1, 2])
     await asyncio.sleep(0.01)
     assert order == [0, 1, 2] and limiter.connection_waiters == 1  # one release, one served
     release[0].set()
@@ -210,26 +210,19 @@ async def test_a_connection_wait_ends_in_a_refusal_or_a_cancellation_without_lea
         assert refusal is not None and "connections of route r for d.test in use" in refusal
     limiter.max_wait = 30.0
     waiter = asyncio.create_task(holder())
-    await until_true(lambda: limiter.connection_waiters == 1)
+    await until(lambda: limiter.connection_waiters == 1)
     waiter.cancel()  # cancelled while waiting: nothing held
     with pytest.raises(asyncio.CancelledError):
         await waiter
     granted = asyncio.create_task(holder())
     then.append(granted)
-    await until_true(lambda: limiter.connection_waiters == 1)
+    await until(lambda: limiter.connection_waiters == 1)
     hold.set()
     await first  # its release hands the connection to `granted`, cancelled in the same moment
     with pytest.raises(asyncio.CancelledError):
         await granted
     assert limiter.connection_waiters == 0
     assert limiter._inflight == {}, "the handed-over connection went back"
-
-
-async def until_true(check: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.001)
 
 
 # --------------------------------------------------------------------------- a running relay
