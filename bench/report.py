@@ -5,8 +5,8 @@ Without an argument: the newest file in bench/results/.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,23 @@ def markdown(data: dict[str, Any], source: str = "") -> str:
     return "\n".join(out)
 
 
-def main() -> int:
-    if len(sys.argv) > 1:
-        path = Path(sys.argv[1])
-    else:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report",
+        description="Print a bench.run raw results file as Markdown for bench/RESULTS.md.",
+    )
+    parser.add_argument(
+        "results", nargs="?", type=Path, help="raw results (default: the newest in bench/results/)"
+    )
+    args = parser.parse_args(argv)
+    path: Path | None = args.results
+    if path is None:
         found = sorted(RESULTS.glob("*.json"), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise SystemExit("no results in bench/results/: run python -m bench.run first")
+            parser.exit(2, "no results in bench/results/: run python -m bench.run first\n")
         path = found[-1]
+    if not path.is_file():
+        parser.exit(2, f"{path}: no such results file (python -m bench.run writes them to bench/results/)\n")
     source = str(path.resolve().relative_to(REPO)) if path.resolve().is_relative_to(REPO) else str(path)
     print(markdown(json.loads(path.read_text()), source))
     return 0
