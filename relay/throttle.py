@@ -294,7 +294,8 @@ class Limiter:
             self._count_waiters(-1)
 
     def _release(self, backoff: str) -> None:
-        """Give a connection back: to the first waiter its cap admits, or to the pool."""
+        """Give a connection back: to the longest waiting delivery when its cap admits one
+        more (strictly in arrival order), else to the pool."""
         inflight = self._inflight.get(backoff, 0) - 1
         queue = self._queues.get(backoff)
         if queue is not None:
