@@ -54,9 +54,6 @@ log = logging.getLogger("relay.front")
 
 IDENT = "ESMTP mailrelay"
 READ_CHUNK = 64 * 1024  # DATA is read in chunks, not line by line
-# Replies never held back for pipelined input: the greeting and STARTTLS's go-ahead, AUTH
-# challenges, the 354 before the content, and the ones that end the session.
-_FLUSHED_AT_ONCE = frozenset({"220", "221", "334", "354", "421"})
 
 
 class _NoHooks:
@@ -94,7 +91,6 @@ class SmtpdSession(SMTP):
         self._handshake: asyncio.Future[None] | None = None  # implicit TLS: before the banner
         self._idle_deadline = 0.0
         self._idle_timer_armed = False
-        self._held: list[bytes] = []  # replies held while pipelined commands wait (`push`)
         super().__init__(
             _NoHooks(),
             data_size_limit=limits.max_message_size,
@@ -263,8 +259,7 @@ class SmtpdSession(SMTP):
         if transport is None or transport.is_closing():
             return
         with contextlib.suppress(Exception):
-            transport.write(b"".join(self._held) + f"{reply}\r\n".encode())
-        self._held.clear()
+            transport.write(f"{reply}\r\n".encode())
         transport.close()
 
     async def push(self, status_line: str | bytes) -> None:
@@ -275,35 +270,14 @@ class SmtpdSession(SMTP):
         line = with_enhanced_code(status_line)
         if line[:1] == "5":
             self._errors += 1
-        data = line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + b"\r\n"
-        if line[:3] not in _FLUSHED_AT_ONCE and self._pipelined_input():
-            # RFC 2920 section 3: the client sent the next commands already; their replies
-            # go out with this one in one send once no complete command is left to read
-            # (one loopback send costs about as much CPU as parsing the command)
-            self._held.append(data)
-            return
-        self._send(data)
-        await self._writer.drain()
-
-    def _pipelined_input(self) -> bool:
-        """A complete command line is already buffered (the reader's buffer, as _read_data
-        uses it)."""
-        return b"\n" in self._reader._buffer  # type: ignore[attr-defined]
-
-    def _send(self, data: bytes = b"") -> None:
-        """Write the held replies, then `data`, in one send."""
-        if self._held:
-            data = b"".join(self._held) + data
-            self._held.clear()
-        if data:
-            self._writer.write(data)
+        await super().push(line)
 
     async def reply(self, reply: Reply | str) -> None:
         await self.push(str(reply))
 
     async def _write_raw(self, lines: list[str]) -> None:
         """Replies that carry no enhanced code: the greeting and the EHLO response."""
-        self._send("".join(f"{line}\r\n" for line in lines).encode("utf-8"))
+        self._writer.write("".join(f"{line}\r\n" for line in lines).encode("utf-8"))
         await self._writer.drain()
 
     async def handle_exception(self, error: Exception) -> str:
@@ -312,8 +286,6 @@ class SmtpdSession(SMTP):
 
     def _close(self) -> None:
         if self.transport is not None:
-            if self._held and not self.transport.is_closing():
-                self._send()
             self.transport.close()
 
     # ------------------------------------------------------------------ the command loop
@@ -436,9 +408,6 @@ class SmtpdSession(SMTP):
     async def _next_line(self) -> bytes | None:
         """The next command line, CRLF included; None when it was too long (skipped and
         answered). IncompleteReadError when the client went away."""
-        if self._held and not self._pipelined_input():
-            self._send()  # nothing left to read without waiting: the held replies go now
-            await self._writer.drain()
         try:
             return await self._reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as error:

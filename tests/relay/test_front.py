@@ -133,40 +133,6 @@ async def test_pipelined_commands_are_answered_in_order(tmp_path: Path) -> None:
         assert b"for <" not in content  # two recipients: no "for" clause
 
 
-async def test_replies_to_a_pipelined_group_go_out_in_one_send(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """RFC 2920 section 3: while the next commands are already buffered their replies are
-    held, and the group's replies leave in one send (ending with the 354, which is never held);
-    a client that waits for each reply gets each at once."""
-    sends: list[bytes] = []
-    original = asyncio.StreamWriter.write
-
-    def counting(writer: asyncio.StreamWriter, data: bytes) -> None:
-        if data[:1].isdigit():  # the server's replies (the client's commands start with a letter)
-            sends.append(bytes(data))
-        original(writer, data)
-
-    monkeypatch.setattr(asyncio.StreamWriter, "write", counting)
-    async with running_front(make_config(tmp_path)) as front:
-        client = await session(front)
-        await client.cmd("EHLO client.test")
-        sends.clear()
-        await client.send(
-            b"MAIL FROM:<a@sender.org>\r\nRCPT TO:<one@example.com>\r\n"
-            b"RCPT TO:<victim@evil.com>\r\nRCPT TO:<two@example.com>\r\nDATA\r\n"
-        )
-        assert [(await client.reply())[0] for _ in range(5)] == [250, 250, 554, 250, 354]
-        assert len(sends) == 1 and sends[0].startswith(b"250 2.1.0") and b"354 " in sends[0]
-        await client.send(MESSAGE + b".\r\n")
-        assert (await client.reply())[0] == 250
-        assert (await client.cmd("NOOP"))[0] == 250  # lockstep: answered at once
-        assert len(sends) == 3
-        await client.send(b"RSET\r\nQUIT\r\n")
-        assert [(await client.reply())[0] for _ in range(2)] == [250, 221]
-        assert len(sends) == 4, sends[3:]
-
-
 # ----------------------------------------------------------------------------- no open relay
 
 
