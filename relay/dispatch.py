@@ -44,12 +44,12 @@ class Dispatcher:
         deliver: Callable[[str], Coroutine[Any, Any, None]],
         max_concurrency: Callable[[], int],
         *,
-        intake_room: Callable[[], int] | None = None,
-        waiting: Callable[[], int] = lambda: 0,
+        intake_room: Callable[[], int],
+        waiting: Callable[[], int],
     ) -> None:
         self._deliver = deliver
         self._max_concurrency = max_concurrency  # the current setting (reloads change it)
-        self._intake_room = intake_room or max_concurrency  # messages waiting that shut the gate
+        self._intake_room = intake_room  # messages waiting that shut the gate
         self._waiting = waiting  # dispatched deliveries waiting for a connection
         self._ready: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
